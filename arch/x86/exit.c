@@ -1,0 +1,38 @@
+#include "exit.h"
+#include "io.h"
+#include "../../kernel/printf.h"
+
+const char *exit_code_name(enum exit_code code)
+{
+    switch (code) {
+    case EXIT_SUCCESS_CODE:
+        return "success";
+    case EXIT_TEST_FAILED:
+        return "test-failed";
+    case EXIT_BAD_CMDLINE:
+        return "bad-cmdline";
+    case EXIT_PANIC:
+        return "panic";
+    case EXIT_CPU_EXCEPTION:
+        return "cpu-exception";
+    case EXIT_PROTOCOL_ERROR:
+        return "protocol-error";
+    case EXIT_OUT_OF_MEMORY:
+        return "out-of-memory";
+    case EXIT_NO_DEVICE:
+        return "no-device";
+    }
+    return "unknown";
+}
+
+void machine_exit(enum exit_code code, const char *reason)
+{
+    char esc[160];
+    json_escape(esc, sizeof(esc), reason ? reason : "");
+    kprintf("{\"event\":\"exit\",\"code\":%d,\"name\":\"%s\",\"reason\":\"%s\"}\n", (int)code,
+            exit_code_name(code), esc);
+    outl(0xf4, (uint32_t)code);
+    /* No isa-debug-exit (another VMM, or QEMU without the device): stop here, visibly. */
+    kprintf("blimp: halted (no isa-debug-exit device at port 0xf4)\n");
+    cpu_halt_forever();
+}

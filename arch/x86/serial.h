@@ -1,0 +1,17 @@
+#ifndef ARCH_X86_SERIAL_H
+#define ARCH_X86_SERIAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define COM1 0x3f8
+#define COM2 0x2f8
+
+/* Program a 16550 UART for 115200 8N1; returns false if no UART answers at that port. */
+bool serial_init(uint16_t port);
+void serial_write(uint16_t port, const char *s, size_t n);
+/* Non-blocking read: returns -1 when no byte is waiting. */
+int serial_getc(uint16_t port);
+
+#endif

@@ -1,0 +1,17 @@
+/*
+ * The agent: a line-based command channel on the second serial port (COM2) through which a
+ * host-side program drives guest workloads while the balloon runs. One command per line, one
+ * JSON reply per line; docs/agent.md documents the commands.
+ */
+#ifndef KERNEL_AGENT_H
+#define KERNEL_AGENT_H
+
+#include <stdbool.h>
+#include "../virtio/balloon.h"
+
+/* Returns false when there is no second UART (the agent is then off). */
+bool agent_init(struct balloon *b);
+/* Handles any complete command lines waiting on COM2; never blocks. */
+void agent_poll(void);
+
+#endif

@@ -1,0 +1,47 @@
+#include "balloon_mode.h"
+#include "agent.h"
+#include "cmdline.h"
+#include "mem.h"
+#include "printf.h"
+#include "../arch/x86/exit.h"
+#include "../virtio/balloon.h"
+#include "../virtio/virtio_pci.h"
+
+#define DEVICE_POLL_NS (1000ull * 1000) /* re-read the ISR and num_pages every millisecond */
+
+static struct virtio_pci vpci;
+static struct virtio_transport transport;
+static struct balloon balloon;
+
+void balloon_mode_run(void)
+{
+    if (virtio_pci_find(VIRTIO_ID_BALLOON, (enum virtio_pci_choice)options.virtio, &vpci,
+                        &transport) != 0) {
+        kprintf("blimp: error: no usable virtio balloon device found "
+                "(QEMU: -device virtio-balloon-pci)\n");
+        machine_exit(EXIT_NO_DEVICE, "no balloon device");
+    }
+    struct balloon_config cfg;
+    balloon_default_config(&cfg);
+    cfg.pfns_per_buffer = (unsigned)options.balloon_pfns;
+    cfg.buffers = (unsigned)options.balloon_buffers;
+    cfg.deflate_on_oom = options.balloon_oom;
+    cfg.ack_timeout_ns = options.balloon_timeout_ms * 1000000ull;
+    if (balloon_init(&balloon, &transport, &kernel_buddy, &cfg) != 0) {
+        if (balloon.violation[0])
+            machine_exit(EXIT_PROTOCOL_ERROR, balloon.violation);
+        machine_exit(EXIT_NO_DEVICE, "balloon device could not be brought up");
+    }
+    agent_init(&balloon);
+    uint64_t last_poll = 0;
+    for (;;) {
+        uint64_t now = platform_now_ns();
+        bool poll_device = now - last_poll >= DEVICE_POLL_NS;
+        if (poll_device)
+            last_poll = now;
+        balloon_poll(&balloon, poll_device);
+        if (balloon.state == BALLOON_BROKEN)
+            machine_exit(EXIT_PROTOCOL_ERROR, balloon.violation);
+        agent_poll();
+    }
+}

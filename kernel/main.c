@@ -1,0 +1,103 @@
+/*
+ * blimp's C entry: bring up the console, timer and traps, turn the loader's information into one
+ * struct boot_info, build the page allocator over all RAM, print the boot report, then run the
+ * mode the command line asks for.
+ */
+#include "balloon_mode.h"
+#include "cmdline.h"
+#include "console.h"
+#include "mem.h"
+#include "panic.h"
+#include "printf.h"
+#include "selftest.h"
+#include "../arch/x86/cpu.h"
+#include "../arch/x86/exit.h"
+#include "../arch/x86/tsc.h"
+#include "../boot/boot_info.h"
+
+#define BLIMP_VERSION "0.1"
+
+static struct boot_info boot_info;
+
+static void print_boot_event(const struct boot_info *bi)
+{
+    char esc[BOOT_CMDLINE_MAX * 2];
+    json_escape(esc, sizeof(esc), bi->cmdline);
+    kprintf("blimp %s: booted via %s, cmdline \"%s\"\n", BLIMP_VERSION,
+            boot_protocol_name(bi->protocol), bi->cmdline);
+    kprintf("{\"event\":\"boot\",\"version\":\"%s\",\"protocol\":\"%s\",\"cmdline\":\"%s\","
+            "\"tsc_khz\":%lu}\n",
+            BLIMP_VERSION, boot_protocol_name(bi->protocol), esc, tsc_khz());
+    if (bi->cmdline_truncated)
+        kprintf("blimp: warning: command line truncated to %u bytes\n", BOOT_CMDLINE_MAX - 1);
+}
+
+static void print_memory_map(const struct boot_info *bi)
+{
+    kprintf("memory map (%u entries%s):\n", bi->nregions, bi->dropped ? ", some dropped" : "");
+    for (unsigned i = 0; i < bi->nregions; i++) {
+        const struct mem_region *r = &bi->regions[i];
+        kprintf("  %016lx-%016lx %-8s %lu KiB\n", r->base, r->base + r->size - 1,
+                mem_type_name(r->type), r->size >> 10);
+    }
+    kprintf("{\"event\":\"memmap\",\"entries\":[");
+    for (unsigned i = 0; i < bi->nregions; i++) {
+        const struct mem_region *r = &bi->regions[i];
+        kprintf("%s{\"base\":%lu,\"size\":%lu,\"type\":\"%s\"}", i ? "," : "", r->base, r->size,
+                mem_type_name(r->type));
+    }
+    kprintf("],\"ram_bytes\":%lu,\"dropped\":%u}\n", boot_ram_bytes(bi), bi->dropped);
+}
+
+static void print_allocator(void)
+{
+    struct buddy_stats st;
+    buddy_get_stats(&kernel_buddy, &st);
+    kprintf("buddy: %lu pages managed (%lu MiB), %lu free, metadata %lu bytes at 0x%lx, "
+            "%lu pages excluded\n",
+            st.total_pages, st.total_pages >> 8, st.free_pages, st.meta_bytes,
+            mem_layout.meta_phys, mem_layout.excluded_pages);
+    kprintf("buddy: free blocks per order:");
+    for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++)
+        kprintf(" %u:%lu", k, st.free_blocks[k]);
+    kprintf("\n{\"event\":\"buddy\",\"total_pages\":%lu,\"free_pages\":%lu,\"meta_bytes\":%lu,"
+            "\"excluded_pages\":%lu,\"free_blocks\":[",
+            st.total_pages, st.free_pages, st.meta_bytes, mem_layout.excluded_pages);
+    for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++)
+        kprintf("%s%lu", k ? "," : "", st.free_blocks[k]);
+    kprintf("]}\n");
+}
+
+void kmain(uint32_t magic, uint32_t info_phys);
+void kmain(uint32_t magic, uint32_t info_phys)
+{
+    console_init();
+    traps_init();
+    tsc_calibrate();
+    if (boot_info_parse(magic, info_phys, &boot_info) != 0)
+        panic("unknown boot magic 0x%x (info at 0x%x)", magic, info_phys);
+    print_boot_event(&boot_info);
+    if (cmdline_parse(boot_info.cmdline) != 0)
+        machine_exit(EXIT_BAD_CMDLINE, "bad command line");
+    print_memory_map(&boot_info);
+    if (mem_init(&boot_info) != 0)
+        machine_exit(EXIT_OUT_OF_MEMORY, "memory setup failed");
+    print_allocator();
+
+    uint64_t boot_us = tsc_ns_since_boot() / 1000;
+    kprintf("blimp: ready in %lu us (mode %s)\n", boot_us, kernel_mode_name(options.mode));
+    kprintf("{\"event\":\"ready\",\"boot_us\":%lu,\"mode\":\"%s\"}\n", boot_us,
+            kernel_mode_name(options.mode));
+
+    switch (options.mode) {
+    case MODE_BOOT:
+        machine_exit(EXIT_SUCCESS_CODE, "boot report done");
+    case MODE_SELFTEST: {
+        int code = selftest_run(&boot_info);
+        machine_exit((enum exit_code)code, "selftest done");
+    }
+    case MODE_BALLOON:
+        break;
+    }
+    balloon_mode_run();
+}

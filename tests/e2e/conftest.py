@@ -1,0 +1,94 @@
+"""pytest setup of blimp's end-to-end tests.
+
+    /usr/bin/python3 -m pytest tests/e2e                 # all, TCG, one QEMU at a time
+    /usr/bin/python3 -m pytest tests/e2e --jobs 2           # two QEMUs at a time
+    /usr/bin/python3 -m pytest tests/e2e -k microvm
+
+Options (or environment): --build-dir (BLIMP_BUILD_DIR, default build/),
+--accel (BLIMP_ACCEL, default tcg), --jobs (BLIMP_E2E_JOBS, default 1),
+--timeout-scale (BLIMP_TIMEOUT_SCALE, default 1).  Serial logs of every run
+land in pytest's temp dir (printed in failures).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+for p in (os.path.join(REPO, "tools"), HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import guest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("blimp")
+    g.addoption("--build-dir", default=os.environ.get("BLIMP_BUILD_DIR",
+                                                      os.path.join(REPO, "build")),
+                help="directory with blimp.elf and blimp-mb1.elf")
+    g.addoption("--accel", default=os.environ.get("BLIMP_ACCEL", "tcg"),
+                choices=("auto", "tcg", "kvm"), help="QEMU accelerator (default tcg)")
+    g.addoption("--jobs", type=int, default=int(os.environ.get("BLIMP_E2E_JOBS", "1")),
+                help="QEMU runs in parallel (default 1)")
+    g.addoption("--timeout-scale", type=float,
+                default=float(os.environ.get("BLIMP_TIMEOUT_SCALE", "1")),
+                help="multiply every QEMU timeout by this")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Remember, in collection order, which boot specs the selected tests need,
+    so the runner can start them early when running in parallel."""
+    specs = []
+    seen = set()
+    for item in items:
+        cs = getattr(item, "callspec", None)
+        if cs is None:
+            continue
+        for v in cs.params.values():
+            if isinstance(v, guest.Spec) and v not in seen:
+                seen.add(v)
+                specs.append(v)
+    config._blimp_specs = specs
+
+
+@pytest.fixture(scope="session")
+def build_dir(pytestconfig):
+    return os.path.abspath(pytestconfig.getoption("build_dir"))
+
+
+@pytest.fixture(scope="session")
+def images(build_dir):
+    """Paths of both images; a missing image is a test failure, not a skip."""
+    paths = {k: os.path.join(build_dir, v) for k, v in guest.IMAGES.items()}
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        pytest.fail("kernel image(s) missing: %s (build with `ninja` at the repo root)"
+                    % ", ".join(missing), pytrace=False)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def runner(pytestconfig, build_dir, images, tmp_path_factory):
+    r = guest.BootRunner(build_dir, pytestconfig.getoption("accel"),
+                         jobs=pytestconfig.getoption("jobs"),
+                         timeout_scale=pytestconfig.getoption("timeout_scale"),
+                         log_dir=str(tmp_path_factory.mktemp("serial")))
+    r.prefetch(getattr(pytestconfig, "_blimp_specs", []))
+    yield r
+    r.shutdown()
+
+
+@pytest.fixture
+def boot(runner, spec):
+    """The finished run of the test's `spec` parameter (each spec boots once)."""
+    return runner.get(spec)
+
+
+@pytest.fixture(scope="session")
+def kernel_bytes(images):
+    return {k: guest.image_footprint(p) for k, p in images.items()}

@@ -1,0 +1,513 @@
+/*
+ * virtio-balloon driver. Init follows the spec's order (3.1.1, 5.5.5): reset, ACKNOWLEDGE,
+ * DRIVER, features, FEATURES_OK (re-read), queues, stats buffer, DRIVER_OK, then the first kick.
+ * Queue indices are compacted by the *offered* features, as QEMU numbers them; we accept
+ * STATS_VQ whenever it is offered so Linux-style numbering by negotiated features agrees.
+ *
+ * Inflate takes buddy blocks no larger than what is still needed (so it never over-takes), sends
+ * their 4 KiB PFNs sorted and contiguous, and counts pages as ballooned only when the device has
+ * used the buffer. Deflate always tells the host first and frees the pages only after the
+ * device used the buffer (what MUST_TELL_HOST requires, and harmless without it). Pages in the
+ * balloon are never read or written: the records live in separate pages (mm/blocklist.c).
+ */
+#include "balloon.h"
+#include "../include/platform.h"
+
+#define MAX_QUEUE_SIZE   256
+#define STATS_ENTRY_SIZE 10
+
+/* Stats tags (spec 5.5.6.3). */
+enum {
+    S_SWAP_IN = 0, S_SWAP_OUT = 1, S_MAJFLT = 2, S_MINFLT = 3, S_MEMFREE = 4, S_MEMTOT = 5,
+    S_AVAIL = 6, S_CACHES = 7, S_HTLB_PGALLOC = 8, S_HTLB_PGFAIL = 9,
+};
+
+void balloon_default_config(struct balloon_config *cfg)
+{
+    *cfg = (struct balloon_config){
+        .pfns_per_buffer = 256,
+        .buffers = 4,
+        .ack_timeout_ns = 5000ull * 1000 * 1000,
+        .reserve_pages = 512,
+        .deflate_on_oom = true,
+    };
+}
+
+bool balloon_negotiated(const struct balloon *b, unsigned bit)
+{
+    return (b->features >> bit) & 1;
+}
+
+static void violation(struct balloon *b, const char *what)
+{
+    if (b->state == BALLOON_BROKEN)
+        return;
+    b->state = BALLOON_BROKEN;
+    unsigned n = 0;
+    for (; what[n] && n + 1 < sizeof(b->violation); n++)
+        b->violation[n] = what[n];
+    b->violation[n] = '\0';
+    platform_log("balloon: protocol violation: %s", b->violation);
+    platform_log("{\"event\":\"violation\",\"device\":\"balloon\",\"message\":\"%s\"}",
+                 b->violation);
+}
+
+/* Physically contiguous zeroed memory from the allocator for rings and buffers. */
+static void *alloc_zeroed(struct buddy *mm, uint64_t bytes)
+{
+    unsigned order = 0;
+    while ((PAGE_SIZE << order) < bytes)
+        order++;
+    uint64_t pfn = buddy_alloc(mm, order);
+    if (pfn == BUDDY_NONE)
+        return NULL;
+    void *p = phys_to_virt(pfn << PAGE_SHIFT);
+    __builtin_memset(p, 0, PAGE_SIZE << order);
+    return p;
+}
+
+static uint32_t read_num_pages(struct balloon *b)
+{
+    /* A generation-stable read (spec 2.5.1); bounded so a device that keeps bumping the
+     * generation cannot hold us. */
+    uint32_t v = 0;
+    for (int tries = 0; tries < 16; tries++) {
+        uint32_t g = b->t->ops->config_generation(b->t);
+        b->t->ops->config_read(b->t, BALLOON_CFG_NUM_PAGES, 4, &v);
+        if (b->t->ops->config_generation(b->t) == g)
+            break;
+    }
+    return v;
+}
+
+static void write_actual(struct balloon *b)
+{
+    if (b->actual_written == b->actual)
+        return;
+    b->t->ops->config_write(b->t, BALLOON_CFG_ACTUAL, 4, b->actual);
+    b->actual_written = b->actual;
+}
+
+static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name, unsigned index)
+{
+    struct virtio_transport *t = b->t;
+    uint16_t max = t->ops->queue_max_size(t, index);
+    char msg[128];
+    if (max == 0 || (max & (max - 1)) || max > 32768) {
+        /* The device offered the feature that creates this queue, so it must exist. */
+        platform_log("balloon: queue %u (%s) has size %u: absent or not a power of two", index,
+                     name, max);
+        violation(b, "a queue the offered features imply is absent or has an invalid size");
+        (void)msg;
+        return -1;
+    }
+    bool legacy = t->ops->queue_needs_legacy_layout(t);
+    uint16_t size = legacy || max <= MAX_QUEUE_SIZE ? max : MAX_QUEUE_SIZE;
+    bool indirect = balloon_negotiated(b, VIRTIO_F_INDIRECT_DESC);
+    bool event_idx = balloon_negotiated(b, VIRTIO_F_EVENT_IDX);
+    void *mem = alloc_zeroed(b->mm, vq_mem_bytes(size, legacy, 0));
+    if (!mem) {
+        platform_log("balloon: no memory for queue %s", name);
+        return -1;
+    }
+    if (vq_init(vq, name, index, size, mem, legacy, 0, indirect, event_idx) != 0)
+        return -1;
+    struct vq_addrs a;
+    vq_addrs(vq, &a);
+    if (t->ops->queue_enable(t, index, size, &a) != 0) {
+        platform_log("balloon: the transport refused queue %u (%s)", index, name);
+        return -1;
+    }
+    return 0;
+}
+
+unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out)
+{
+    struct buddy_stats st;
+    buddy_get_stats(b->mm, &st);
+    /* Every tag we can state truthfully, the same set each time (spec 5.5.6.3.1): blimp has no
+     * swap, page faults, page cache or huge pages, so those are truly zero. */
+    const struct {
+        uint16_t tag;
+        uint64_t val;
+    } s[BALLOON_NUM_STATS] = {
+        {S_SWAP_IN, 0},
+        {S_SWAP_OUT, 0},
+        {S_MAJFLT, 0},
+        {S_MINFLT, 0},
+        {S_MEMFREE, st.free_pages * PAGE_SIZE},
+        {S_MEMTOT, st.total_pages * PAGE_SIZE},
+        {S_AVAIL, st.free_pages * PAGE_SIZE},
+        {S_CACHES, 0},
+        {S_HTLB_PGALLOC, 0},
+        {S_HTLB_PGFAIL, 0},
+    };
+    for (unsigned i = 0; i < BALLOON_NUM_STATS; i++) {
+        uint8_t *e = out + i * STATS_ENTRY_SIZE;
+        e[0] = (uint8_t)s[i].tag;
+        e[1] = (uint8_t)(s[i].tag >> 8);
+        for (unsigned k = 0; k < 8; k++)
+            e[2 + k] = (uint8_t)(s[i].val >> (8 * k));
+    }
+    return BALLOON_NUM_STATS * STATS_ENTRY_SIZE;
+}
+
+static int post_stats(struct balloon *b)
+{
+    unsigned len = balloon_fill_stats(b, b->stats_buf);
+    struct vq_seg seg = {virt_to_phys(b->stats_buf), len};
+    return vq_add(&b->stats_vq, &seg, 1, 0, b->stats_buf);
+}
+
+static void kick(struct balloon *b, struct virtqueue *vq)
+{
+    if (vq_kick_prepare(vq))
+        b->t->ops->notify(b->t, vq->index);
+}
+
+int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm,
+                 const struct balloon_config *cfg)
+{
+    __builtin_memset(b, 0, sizeof(*b));
+    b->t = t;
+    b->mm = mm;
+    b->cfg = *cfg;
+    if (b->cfg.buffers == 0 || b->cfg.buffers > BALLOON_MAX_BUFFERS || b->cfg.pfns_per_buffer == 0)
+        return -1;
+    blocklist_init(&b->held, mm);
+
+    if (t->ops->reset(t) != 0) {
+        violation(b, "device status did not read 0 after reset");
+        return -1;
+    }
+    t->ops->set_status(t, VIRTIO_STATUS_ACKNOWLEDGE);
+    t->ops->set_status(t, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+
+    b->offered = t->ops->get_features(t);
+    uint64_t wanted = 1ull << VIRTIO_BALLOON_F_MUST_TELL_HOST | 1ull << VIRTIO_BALLOON_F_STATS_VQ |
+                      1ull << VIRTIO_F_VERSION_1 | 1ull << VIRTIO_F_EVENT_IDX;
+    if (cfg->deflate_on_oom)
+        wanted |= 1ull << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+    /* Not accepted (yet): PAGE_POISON (we do not write poison_val into deflated pages),
+     * FREE_PAGE_HINT and PAGE_REPORTING, and QEMU's bit-30 sentinel. */
+    b->features = b->offered & wanted;
+    if (!t->legacy && !balloon_negotiated(b, VIRTIO_F_VERSION_1)) {
+        violation(b, "modern interface without VIRTIO_F_VERSION_1");
+        t->ops->set_status(t, VIRTIO_STATUS_FAILED);
+        return -1;
+    }
+    t->ops->set_features(t, b->features);
+    uint8_t status = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER;
+    if (!t->legacy) {
+        status |= VIRTIO_STATUS_FEATURES_OK;
+        t->ops->set_status(t, status);
+        if (!(t->ops->get_status(t) & VIRTIO_STATUS_FEATURES_OK)) {
+            platform_log("balloon: device refused our features 0x%lx (offered 0x%lx)",
+                         (unsigned long)b->features, (unsigned long)b->offered);
+            t->ops->set_status(t, status | VIRTIO_STATUS_FAILED);
+            return -1;
+        }
+    }
+    platform_log("balloon: %s, features offered 0x%lx, accepted 0x%lx", t->name,
+                 (unsigned long)b->offered, (unsigned long)b->features);
+    platform_log("{\"event\":\"balloon_features\",\"transport\":\"%s\",\"offered\":%lu,"
+                 "\"accepted\":%lu}",
+                 t->name, (unsigned long)b->offered, (unsigned long)b->features);
+
+    /* Indices by offered features (see the file comment). */
+    b->has_stats = (b->offered >> VIRTIO_BALLOON_F_STATS_VQ) & 1;
+    if (setup_queue(b, &b->inflate_vq, "inflateq", 0) != 0 ||
+        setup_queue(b, &b->deflate_vq, "deflateq", 1) != 0 ||
+        (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2) != 0)) {
+        t->ops->set_status(t, status | VIRTIO_STATUS_FAILED);
+        return -1;
+    }
+
+    /* PFN arrays and block lists for the buffers, one contiguous area. */
+    uint64_t per = (uint64_t)b->cfg.pfns_per_buffer * (4 + 8);
+    uint8_t *area = alloc_zeroed(mm, per * b->cfg.buffers);
+    if (b->has_stats)
+        b->stats_buf = alloc_zeroed(mm, PAGE_SIZE);
+    if (!area || (b->has_stats && !b->stats_buf)) {
+        platform_log("balloon: no memory for buffers");
+        t->ops->set_status(t, status | VIRTIO_STATUS_FAILED);
+        return -1;
+    }
+    for (unsigned i = 0; i < b->cfg.buffers; i++) {
+        b->bufs[i].pfns = (uint32_t *)(area + i * per);
+        b->bufs[i].blocks = (uint64_t *)(area + i * per + (uint64_t)b->cfg.pfns_per_buffer * 4);
+    }
+    if (b->has_stats)
+        post_stats(b); /* primed with real values; kicked only after DRIVER_OK */
+
+    t->ops->set_status(t, status | VIRTIO_STATUS_DRIVER_OK);
+    if (b->has_stats)
+        kick(b, &b->stats_vq);
+    b->state = BALLOON_RUNNING;
+    balloon_poll(b, true);
+    return 0;
+}
+
+static struct balloon_buf *free_buf(struct balloon *b)
+{
+    for (unsigned i = 0; i < b->cfg.buffers; i++)
+        if (!b->bufs[i].busy)
+            return &b->bufs[i];
+    return NULL;
+}
+
+static unsigned floor_log2(uint64_t v)
+{
+    return 63 - (unsigned)__builtin_clzll(v);
+}
+
+static void inflate_step(struct balloon *b)
+{
+    bool added = false;
+    struct balloon_buf *buf;
+    while (b->actual + b->inflight_inflate < b->target && (buf = free_buf(b))) {
+        uint64_t want = b->target - b->actual - b->inflight_inflate;
+        if (want > b->cfg.pfns_per_buffer)
+            want = b->cfg.pfns_per_buffer;
+        unsigned n = 0, pushed = 0;
+        while (n < want) {
+            struct buddy_stats st;
+            buddy_get_stats(b->mm, &st);
+            uint64_t room = want - n;
+            if (st.free_pages <= b->cfg.reserve_pages)
+                break;
+            if (room > st.free_pages - b->cfg.reserve_pages)
+                room = st.free_pages - b->cfg.reserve_pages;
+            unsigned max_order = floor_log2(room);
+            if (max_order > BUDDY_MAX_ORDER)
+                max_order = BUDDY_MAX_ORDER;
+            unsigned order;
+            uint64_t pfn = buddy_alloc_largest(b->mm, max_order, &order);
+            if (pfn == BUDDY_NONE)
+                break;
+            if (pfn + (1ull << order) > 0x100000000ull || blocklist_push(&b->held, pfn, order)) {
+                buddy_free(b->mm, pfn, order); /* PFNs are 32-bit on the wire */
+                break;
+            }
+            pushed++;
+            for (uint64_t i = 0; i < (1ull << order); i++)
+                buf->pfns[n++] = (uint32_t)(pfn + i);
+        }
+        if (n == 0) {
+            if (!b->exhausted_logged) {
+                platform_log("balloon: cannot inflate further: guest memory exhausted "
+                             "(actual %u of target %u pages)",
+                             b->actual, b->target);
+                platform_log("{\"event\":\"balloon_exhausted\",\"actual_pages\":%u,"
+                             "\"target_pages\":%u}",
+                             b->actual, b->target);
+                b->exhausted_logged = true;
+            }
+            break;
+        }
+        struct vq_seg seg = {virt_to_phys(buf->pfns), n * 4};
+        if (vq_add(&b->inflate_vq, &seg, 1, 0, buf) != 0) {
+            /* Undo: the blocks just recorded are on top of the list. */
+            for (unsigned i = 0; i < pushed; i++) {
+                uint64_t pfn;
+                unsigned order;
+                blocklist_pop(&b->held, &pfn, &order);
+                buddy_free(b->mm, pfn, order);
+            }
+            break;
+        }
+        buf->busy = true;
+        buf->inflate = true;
+        buf->n_pfns = n;
+        buf->sent_ns = platform_now_ns();
+        b->inflight_inflate += n;
+        b->inflate_buffers++;
+        added = true;
+    }
+    if (added)
+        kick(b, &b->inflate_vq);
+}
+
+static void deflate_step(struct balloon *b)
+{
+    bool added = false;
+    struct balloon_buf *buf;
+    while (b->actual > b->target + b->inflight_deflate && (buf = free_buf(b))) {
+        uint64_t want = b->actual - b->inflight_deflate - b->target;
+        if (want > b->cfg.pfns_per_buffer)
+            want = b->cfg.pfns_per_buffer;
+        unsigned n = 0, nb = 0;
+        uint64_t pfn;
+        unsigned order;
+        while (n < want && blocklist_pop(&b->held, &pfn, &order)) {
+            /* Too big: keep the lower half in the balloon, continue with the upper half. */
+            while ((1ull << order) > want - n) {
+                buddy_split(b->mm, pfn, order);
+                order--;
+                blocklist_push(&b->held, pfn, order); /* a record was just popped: room */
+                pfn += 1ull << order;
+            }
+            buf->blocks[nb++] = pfn << 8 | order;
+            for (uint64_t i = 0; i < (1ull << order); i++)
+                buf->pfns[n++] = (uint32_t)(pfn + i);
+        }
+        if (n == 0)
+            break;
+        struct vq_seg seg = {virt_to_phys(buf->pfns), n * 4};
+        if (vq_add(&b->deflate_vq, &seg, 1, 0, buf) != 0) {
+            for (unsigned i = nb; i-- > 0;)
+                blocklist_push(&b->held, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
+            break;
+        }
+        buf->busy = true;
+        buf->inflate = false;
+        buf->n_pfns = n;
+        buf->n_blocks = nb;
+        buf->sent_ns = platform_now_ns();
+        b->inflight_deflate += n;
+        b->deflate_buffers++;
+        added = true;
+    }
+    if (added)
+        kick(b, &b->deflate_vq);
+}
+
+/* Collect used buffers; returns whether `actual` changed. */
+static bool collect(struct balloon *b)
+{
+    bool changed = false;
+    uint32_t len;
+    struct balloon_buf *buf;
+    while ((buf = vq_get_used(&b->inflate_vq, &len))) {
+        b->inflight_inflate -= buf->n_pfns;
+        b->actual += buf->n_pfns;
+        buf->busy = false;
+        changed = true;
+    }
+    while ((buf = vq_get_used(&b->deflate_vq, &len))) {
+        /* Only now, after the host has seen the PFNs, do the pages return to the guest. */
+        for (unsigned i = 0; i < buf->n_blocks; i++)
+            buddy_free(b->mm, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
+        b->inflight_deflate -= buf->n_pfns;
+        b->actual -= buf->n_pfns;
+        buf->busy = false;
+        changed = true;
+    }
+    if (b->has_stats && vq_get_used(&b->stats_vq, &len)) {
+        /* The host asks for fresh numbers by returning the buffer (spec 5.5.6.3). */
+        b->stats_updates++;
+        if (post_stats(b) == 0)
+            kick(b, &b->stats_vq);
+    }
+    return changed;
+}
+
+static void check_queues(struct balloon *b)
+{
+    struct virtqueue *q[3] = {&b->inflate_vq, &b->deflate_vq, &b->stats_vq};
+    for (unsigned i = 0; i < (b->has_stats ? 3u : 2u); i++)
+        if (vq_is_broken(q[i]))
+            violation(b, vq_violation(q[i]));
+}
+
+static void check_stall(struct balloon *b)
+{
+    uint64_t now = platform_now_ns(), oldest = now;
+    for (unsigned i = 0; i < b->cfg.buffers; i++)
+        if (b->bufs[i].busy && b->bufs[i].sent_ns < oldest)
+            oldest = b->bufs[i].sent_ns;
+    if (now - oldest > b->cfg.ack_timeout_ns && b->state == BALLOON_RUNNING) {
+        b->state = BALLOON_STALLED;
+        platform_log("balloon: device has not used a buffer for %lu ms (inflate %u, deflate %u "
+                     "pages in flight); waiting",
+                     (unsigned long)((now - oldest) / 1000000), b->inflight_inflate,
+                     b->inflight_deflate);
+        platform_log("{\"event\":\"balloon_stalled\",\"inflight_inflate\":%u,"
+                     "\"inflight_deflate\":%u}",
+                     b->inflight_inflate, b->inflight_deflate);
+    } else if (b->state == BALLOON_STALLED && now - oldest <= b->cfg.ack_timeout_ns) {
+        b->state = BALLOON_RUNNING;
+        platform_log("balloon: device is answering again");
+        platform_log("{\"event\":\"balloon_recovered\"}");
+    }
+}
+
+static void update_target(struct balloon *b)
+{
+    uint32_t dev = read_num_pages(b);
+    if (dev == b->device_target && b->target_changed_ns)
+        return;
+    b->device_target = dev;
+    struct buddy_stats st;
+    buddy_get_stats(b->mm, &st);
+    uint64_t can = st.total_pages; /* an upper bound on what the balloon could ever hold */
+    b->target = dev > can ? (uint32_t)can : dev;
+    b->target_changed_ns = platform_now_ns();
+    b->reached_logged = false;
+    b->exhausted_logged = false;
+    platform_log("balloon: target %u pages (%u MiB), actual %u", dev, dev >> 8, b->actual);
+    platform_log("{\"event\":\"balloon_target\",\"target_pages\":%u,\"actual_pages\":%u}", dev,
+                 b->actual);
+    if (dev != b->target)
+        platform_log("balloon: target exceeds the guest's %lu managed pages; aiming at %u",
+                     (unsigned long)can, b->target);
+}
+
+void balloon_poll(struct balloon *b, bool poll_device)
+{
+    if (b->state == BALLOON_BROKEN)
+        return;
+    if (poll_device) {
+        b->t->ops->read_isr(b->t); /* acknowledge; we poll everything anyway */
+        update_target(b);
+    }
+    if (collect(b))
+        write_actual(b);
+    check_queues(b);
+    if (b->state == BALLOON_BROKEN)
+        return;
+    if (b->inflight_deflate == 0 && b->actual + b->inflight_inflate < b->target)
+        inflate_step(b);
+    else if (b->inflight_inflate == 0 && b->actual > b->target + b->inflight_deflate)
+        deflate_step(b);
+    check_stall(b);
+    if (!b->reached_logged && b->actual == b->target && !b->inflight_inflate &&
+        !b->inflight_deflate) {
+        uint64_t ms = (platform_now_ns() - b->target_changed_ns) / 1000000;
+        platform_log("balloon: reached %u pages (%u MiB) in %lu ms", b->actual, b->actual >> 8,
+                     (unsigned long)ms);
+        platform_log("{\"event\":\"balloon_reached\",\"actual_pages\":%u,\"ms\":%lu}", b->actual,
+                     (unsigned long)ms);
+        b->reached_logged = true;
+    }
+}
+
+uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t timeout_ns)
+{
+    if (!balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM) || b->state != BALLOON_RUNNING)
+        return 0;
+    uint64_t deadline = platform_now_ns() + timeout_ns;
+    /* Let inflation in flight finish first: deflating needs acknowledged pages. */
+    while (b->inflight_inflate && platform_now_ns() < deadline)
+        balloon_poll(b, false);
+    uint32_t before = b->actual;
+    uint32_t saved = b->target;
+    b->target = b->actual > pages ? (uint32_t)(b->actual - pages) : 0;
+    while ((b->actual > b->target || b->inflight_deflate) && platform_now_ns() < deadline &&
+           b->state == BALLOON_RUNNING) {
+        if (collect(b))
+            write_actual(b);
+        check_queues(b);
+        if (!b->inflight_deflate)
+            deflate_step(b);
+    }
+    b->target = saved; /* the host's wish stands; we re-inflate when memory allows */
+    uint64_t released = before - b->actual;
+    b->oom_deflated_pages += released;
+    b->reached_logged = false;
+    platform_log("balloon: deflated %lu pages on guest OOM (actual now %u, target %u)",
+                 (unsigned long)released, b->actual, b->target);
+    platform_log("{\"event\":\"balloon_oom_deflate\",\"pages\":%lu,\"actual_pages\":%u}",
+                 (unsigned long)released, b->actual);
+    return released;
+}

@@ -1,0 +1,87 @@
+/*
+ * The virtio memory balloon driver (device type 5), portable: it reaches the device only through
+ * struct virtio_transport and takes memory only from the buddy allocator, so the same code runs
+ * against QEMU and against the device model in tests/unit. It is a non-blocking state machine:
+ * balloon_poll() does one round of work and returns, and every wait has a deadline.
+ * Protocol reference: docs/balloon.md and the virtio spec 5.5.
+ */
+#ifndef VIRTIO_BALLOON_H
+#define VIRTIO_BALLOON_H
+
+#include "transport.h"
+#include "virtqueue.h"
+#include "../mm/blocklist.h"
+
+#define VIRTIO_ID_BALLOON 5
+
+#define VIRTIO_BALLOON_F_MUST_TELL_HOST 0
+#define VIRTIO_BALLOON_F_STATS_VQ       1
+#define VIRTIO_BALLOON_F_DEFLATE_ON_OOM 2
+#define VIRTIO_BALLOON_F_FREE_PAGE_HINT 3
+#define VIRTIO_BALLOON_F_PAGE_POISON    4
+#define VIRTIO_BALLOON_F_PAGE_REPORTING 5
+
+/* Device config offsets (spec 5.5.4); always little-endian, also on legacy. */
+#define BALLOON_CFG_NUM_PAGES 0
+#define BALLOON_CFG_ACTUAL    4
+
+#define BALLOON_MAX_BUFFERS 64
+#define BALLOON_NUM_STATS   10
+
+struct balloon_config {
+    unsigned pfns_per_buffer; /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
+    unsigned buffers;         /* buffers in flight at once (QEMU accepts many) */
+    uint64_t ack_timeout_ns;  /* a buffer unanswered this long marks the device stalled */
+    uint64_t reserve_pages;   /* free pages never given to the balloon (kernel's own needs) */
+    bool deflate_on_oom;      /* accept DEFLATE_ON_OOM when offered */
+};
+
+struct balloon_buf {
+    uint32_t *pfns;          /* the PFN array the device reads */
+    uint64_t *blocks;        /* deflate: the (pfn << 8 | order) blocks this buffer returns */
+    unsigned n_pfns, n_blocks;
+    bool busy, inflate;
+    uint64_t sent_ns;
+};
+
+enum balloon_state { BALLOON_RUNNING, BALLOON_STALLED, BALLOON_BROKEN };
+
+struct balloon {
+    struct virtio_transport *t;
+    struct buddy *mm;
+    struct balloon_config cfg;
+    uint64_t offered, features;
+    struct virtqueue inflate_vq, deflate_vq, stats_vq;
+    bool has_stats;
+    struct balloon_buf bufs[BALLOON_MAX_BUFFERS];
+    struct blocklist held;      /* every block given to the balloon (acked or in flight) */
+    uint32_t target;            /* num_pages as last read, clamped to what we can give */
+    uint32_t device_target;     /* num_pages exactly as the device said */
+    uint32_t actual;            /* pages the device has acknowledged as ballooned */
+    uint32_t actual_written;    /* last value written to the config's `actual` */
+    uint32_t inflight_inflate, inflight_deflate; /* pages in buffers not yet used */
+    enum balloon_state state;
+    uint8_t *stats_buf;
+    uint64_t target_changed_ns; /* when the current target was first seen */
+    bool reached_logged, exhausted_logged;
+    char violation[160];
+    /* counters */
+    uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
+};
+
+void balloon_default_config(struct balloon_config *cfg);
+/* Negotiates features, sets up the queues, primes the stats buffer and sets DRIVER_OK.
+ * Returns 0, or -1 (the reason is logged; b->violation is set for a protocol violation). */
+int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm,
+                 const struct balloon_config *cfg);
+/* One non-blocking round: collect acknowledgements, follow the target, answer stats requests.
+ * poll_device: also re-read the interrupt status and num_pages (rate-limited by the caller). */
+void balloon_poll(struct balloon *b, bool poll_device);
+/* Deflate-on-OOM: give back at least `pages` to the guest (telling the host first) when
+ * DEFLATE_ON_OOM was negotiated. Returns the pages released (0 without the feature). */
+uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t timeout_ns);
+bool balloon_negotiated(const struct balloon *b, unsigned bit);
+/* Fills the 10-byte stats entries; returns the byte count. */
+unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out);
+
+#endif

@@ -1,0 +1,78 @@
+/*
+ * The virtio transport interface: everything the device-independent code (virtqueue, balloon)
+ * needs from a bus. Implementations: virtio/pci_modern.c, virtio/pci_legacy.c, (later)
+ * virtio/mmio.c, and tests/unit/fake_transport.c for host unit tests. Values read through it
+ * come from the device and are untrusted: callers validate them.
+ */
+#ifndef VIRTIO_TRANSPORT_H
+#define VIRTIO_TRANSPORT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Device status bits (virtio spec 2.1). */
+#define VIRTIO_STATUS_ACKNOWLEDGE 0x01
+#define VIRTIO_STATUS_DRIVER      0x02
+#define VIRTIO_STATUS_DRIVER_OK   0x04
+#define VIRTIO_STATUS_FEATURES_OK 0x08
+#define VIRTIO_STATUS_NEEDS_RESET 0x40
+#define VIRTIO_STATUS_FAILED      0x80
+
+/* Transport feature bits (virtio spec 6). */
+#define VIRTIO_F_NOTIFY_ON_EMPTY 24
+#define VIRTIO_F_ANY_LAYOUT      27
+#define VIRTIO_F_INDIRECT_DESC   28
+#define VIRTIO_F_EVENT_IDX       29
+#define VIRTIO_F_QEMU_BAD        30 /* QEMU's legacy-negotiation sentinel: never accept */
+#define VIRTIO_F_VERSION_1       32
+#define VIRTIO_F_ACCESS_PLATFORM 33
+#define VIRTIO_F_RING_PACKED     34
+#define VIRTIO_F_RING_RESET      40
+
+/* ISR bits (PCI ISR register, MMIO InterruptStatus). */
+#define VIRTIO_ISR_QUEUE  0x1
+#define VIRTIO_ISR_CONFIG 0x2
+
+/* Where a queue's three parts live (guest-physical). */
+struct vq_addrs {
+    uint64_t desc, avail, used;
+};
+
+struct virtio_transport;
+
+struct virtio_transport_ops {
+    /* Write 0 to the status and wait (with a deadline) until the device reads back 0.
+     * Returns 0, or -1 if the device never finished resetting. */
+    int (*reset)(struct virtio_transport *t);
+    uint8_t (*get_status)(struct virtio_transport *t);
+    void (*set_status)(struct virtio_transport *t, uint8_t status);
+    uint64_t (*get_features)(struct virtio_transport *t); /* legacy: bits 0-31 only */
+    void (*set_features)(struct virtio_transport *t, uint64_t features);
+    /* Device-specific configuration; off and width (1, 2, 4) are checked against the
+     * transport's known config size. Returns false when out of range. */
+    bool (*config_read)(struct virtio_transport *t, unsigned off, unsigned width, uint32_t *val);
+    bool (*config_write)(struct virtio_transport *t, unsigned off, unsigned width, uint32_t val);
+    uint32_t (*config_generation)(struct virtio_transport *t); /* legacy: always 0 */
+    /* The size the device offers for queue index (0 = no such queue). */
+    uint16_t (*queue_max_size)(struct virtio_transport *t, unsigned index);
+    /* Whether the ring must use the legacy contiguous layout (one area, 4096-aligned used
+     * ring) and the device's fixed size. */
+    bool (*queue_needs_legacy_layout)(struct virtio_transport *t);
+    /* Program and enable queue index with size entries at addrs. Returns 0 or -1. */
+    int (*queue_enable)(struct virtio_transport *t, unsigned index, uint16_t size,
+                        const struct vq_addrs *addrs);
+    void (*notify)(struct virtio_transport *t, unsigned index);
+    /* Read (and so acknowledge) the interrupt status: VIRTIO_ISR_* bits. */
+    uint8_t (*read_isr)(struct virtio_transport *t);
+};
+
+struct virtio_transport {
+    const struct virtio_transport_ops *ops;
+    const char *name;     /* "virtio-pci-modern", "virtio-pci-legacy", "virtio-mmio", ... */
+    bool legacy;          /* legacy interface: no FEATURES_OK, 32 feature bits */
+    uint16_t device_id;   /* virtio device type, 5 = balloon */
+    unsigned config_size; /* bytes of device config the transport exposes (0 = unknown) */
+    void *priv;           /* implementation state */
+};
+
+#endif
