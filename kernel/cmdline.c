@@ -19,7 +19,8 @@ static const struct option_def option_defs[] = {
     {"blimp.poison", OPT_BOOL, &options.poison, "0 (default) | 1: poison free pages", 0, 0},
     {"blimp.poison_pattern", OPT_U64, &options.poison_pattern,
      "64-bit fill pattern for blimp.poison (default 0xaaaaaaaaaaaaaaaa)", 0, UINT64_MAX},
-    {"blimp.virtio", OPT_VIRTIO, &options.virtio, "auto (default: modern if offered) | modern | legacy", 0, 0},
+    {"blimp.virtio", OPT_VIRTIO, &options.virtio,
+     "auto (default: modern if offered) | modern | legacy", 0, 0},
     {"blimp.balloon.pfns", OPT_U64, &options.balloon_pfns,
      "PFNs per inflate/deflate buffer, 1..65536 (default 256)", 1, 65536},
     {"blimp.balloon.buffers", OPT_U64, &options.balloon_buffers,
@@ -110,8 +111,8 @@ static void error(const char *word, const char *why)
     json_escape(esc, sizeof(esc), word);
     json_escape(esc_why, sizeof(esc_why), why);
     kprintf("blimp: error: bad command-line option '%s': %s\n", word, why);
-    kprintf("{\"event\":\"error\",\"kind\":\"cmdline\",\"option\":\"%s\",\"message\":\"%s\"}\n", esc,
-            esc_why);
+    kprintf("{\"event\":\"error\",\"kind\":\"cmdline\",\"option\":\"%s\",\"message\":\"%s\"}\n",
+            esc, esc_why);
 }
 
 static void list_known(void)

@@ -24,9 +24,9 @@ struct options {
     bool balloon_oom;            /* blimp.balloon.deflate_on_oom: accept DEFLATE_ON_OOM */
     uint64_t balloon_timeout_ms; /* blimp.balloon.timeout_ms: ack deadline before "stalled" */
     enum kernel_mode mode;
-    bool poison;                 /* blimp.poison: fill free pages with a pattern, check on alloc */
-    uint64_t poison_pattern;     /* blimp.poison_pattern */
-    char virtio_mmio[4][64];     /* virtio_mmio.device=<size>@<base>:<irq>, as Linux spells it */
+    bool poison;             /* blimp.poison: fill free pages with a pattern, check on alloc */
+    uint64_t poison_pattern; /* blimp.poison_pattern */
+    char virtio_mmio[4][64]; /* virtio_mmio.device=<size>@<base>:<irq>, as Linux spells it */
     unsigned n_virtio_mmio;
 };
 

@@ -55,8 +55,8 @@ static void print_allocator(void)
     buddy_get_stats(&kernel_buddy, &st);
     kprintf("buddy: %lu pages managed (%lu MiB), %lu free, metadata %lu bytes at 0x%lx, "
             "%lu pages excluded\n",
-            st.total_pages, st.total_pages >> 8, st.free_pages, st.meta_bytes,
-            mem_layout.meta_phys, mem_layout.excluded_pages);
+            st.total_pages, st.total_pages >> 8, st.free_pages, st.meta_bytes, mem_layout.meta_phys,
+            mem_layout.excluded_pages);
     kprintf("buddy: free blocks per order:");
     for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++)
         kprintf(" %u:%lu", k, st.free_blocks[k]);

@@ -108,8 +108,8 @@ int mem_init(const struct boot_info *bi)
     for (unsigned i = 0; i < bi->nregions; i++) {
         const struct mem_region *r = &bi->regions[i];
         if (r->type == MEM_RAM)
-            add_usable(align_up(r->base, PAGE_SIZE), align_down(r->base + r->size, PAGE_SIZE),
-                       excl, 3);
+            add_usable(align_up(r->base, PAGE_SIZE), align_down(r->base + r->size, PAGE_SIZE), excl,
+                       3);
     }
 
     /* Map RAM above 4 GiB before anything can touch it (poisoning, the workload). */

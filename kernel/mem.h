@@ -14,7 +14,7 @@ struct mem_layout {
     uint64_t excluded_pages; /* RAM pages kept out: page 0, the kernel image, allocator metadata */
     uint64_t meta_phys, meta_bytes;
     uint64_t span_base_pfn, span_pages;
-    uint64_t table_pages;    /* page-table pages taken to map RAM above 4 GiB */
+    uint64_t table_pages; /* page-table pages taken to map RAM above 4 GiB */
 };
 
 extern struct mem_layout mem_layout;

@@ -101,8 +101,8 @@ static void check_all_ram(void)
         pages += 1ull << order;
         blocks++;
     }
-    report(pages == before.free_pages, "allocated every free page (%lu pages in %lu blocks)",
-           pages, blocks);
+    report(pages == before.free_pages, "allocated every free page (%lu pages in %lu blocks)", pages,
+           blocks);
     report(buddy_alloc(&kernel_buddy, 0) == BUDDY_NONE, "allocator is exhausted afterwards");
 
     for (uint64_t b = head; b != BUDDY_NONE; b = block_at(b)->next_pfn)

@@ -18,54 +18,86 @@ HOT bool bm_test(const struct buddy_bitmap *m, uint64_t i)
     return (m->lv[0][i >> 6] >> (i & 63)) & 1;
 }
 
+/*
+ * Summary bits are exact except along one "pending" path per bitmap: when a clear empties a word,
+ * the summary bits above it are left set and only cleared (flushed) when another word empties.
+ * Alternating set/clear in one area, the common pattern, then costs one or two word updates
+ * instead of a walk to the top. Invariants: a non-zero word always has its summary bit set (so
+ * set can stop at the first word that was non-zero); a set summary bit over a zero word exists
+ * only on the pending path (so a search meets at most one such dead end per level).
+ *
+ * lv[nlv] points at a sentinel word that is never zero, so the loops stop there without checking
+ * the level count: the top level's index is always 0, so only the sentinel's bit 0 moves.
+ */
 HOT void bm_set(struct buddy_bitmap *m, uint64_t i)
 {
     if (i < m->hint)
         m->hint = i;
-    for (unsigned l = 0;;) {
-        uint64_t *w = &m->lv[l][i >> 6];
+    uint64_t *const *lv = m->lv;
+    for (;;) {
+        uint64_t *w = &(*lv++)[i >> 6];
         uint64_t old = *w;
         *w = old | (1ULL << (i & 63));
-        if (old || ++l == m->nlv) /* the summary above already has this word's bit */
+        if (old) /* the summary above already has this word's bit */
             return;
         i >>= 6;
+    }
+}
+
+/* Clear the summary bits above the pending path's words that are (still) empty. */
+static void bm_flush(struct buddy_bitmap *m)
+{
+    uint64_t i = m->pend;
+    uint64_t *const *lv = m->lv;
+    while (!(*lv)[i >> 6]) {
+        i >>= 6;
+        (*++lv)[i >> 6] &= ~(1ULL << (i & 63));
     }
 }
 
 HOT void bm_clear(struct buddy_bitmap *m, uint64_t i)
 {
-    for (unsigned l = 0;;) {
-        uint64_t *w = &m->lv[l][i >> 6];
-        uint64_t now = *w & ~(1ULL << (i & 63));
-        *w = now;
-        if (now || ++l == m->nlv) /* word still non-zero: summary unchanged */
-            return;
-        i >>= 6;
-    }
+    uint64_t *w = &m->lv[0][i >> 6];
+    uint64_t now = *w & ~(1ULL << (i & 63));
+    *w = now;
+    if (now)
+        return;
+    if ((m->pend ^ i) >> 6) /* another word than the pending one: settle that first */
+        bm_flush(m);
+    m->pend = i;
 }
 
 /*
- * Lowest set bit whose index at level l is >= i (level-l indices), or BUDDY_NONE: climb while the
- * rest of a word is empty, then descend with one ctz per level.
+ * Lowest set bit whose ancestor at level l has index >= i, or BUDDY_NONE: climb while the rest of
+ * a word is empty, then descend with one ctz per level. A summary bit over an empty word (the
+ * pending path) sends the search on from the next bit at that level.
  */
 static uint64_t bm_next_at(const struct buddy_bitmap *m, unsigned l, uint64_t i)
 {
     for (;;) {
-        if (l >= m->nlv || i >= m->nbits[l])
-            return BUDDY_NONE;
-        uint64_t w = m->lv[l][i >> 6] & (~0ULL << (i & 63));
-        if (w) {
-            i = (i & ~(uint64_t)63) | (uint64_t)__builtin_ctzll(w);
-            break;
+        for (;;) {
+            if (l >= m->nlv || i >= m->nbits[l])
+                return BUDDY_NONE;
+            uint64_t w = m->lv[l][i >> 6] & (~0ULL << (i & 63));
+            if (w) {
+                i = (i & ~(uint64_t)63) | (uint64_t)__builtin_ctzll(w);
+                break;
+            }
+            i = (i >> 6) + 1; /* next word of this level = next bit of the level above */
+            l++;
         }
-        i = (i >> 6) + 1; /* next word of this level = next bit of the level above */
-        l++;
+        for (;;) {
+            if (l == 0)
+                return i;
+            uint64_t w = m->lv[l - 1][i];
+            if (!w) {
+                i++; /* dead end on the pending path */
+                break;
+            }
+            i = (i << 6) | (uint64_t)__builtin_ctzll(w);
+            l--;
+        }
     }
-    while (l > 0) {
-        l--;
-        i = (i << 6) | (uint64_t)__builtin_ctzll(m->lv[l][i]);
-    }
-    return i;
 }
 
 static inline uint64_t bm_next(const struct buddy_bitmap *m, uint64_t i)
@@ -470,7 +502,9 @@ static size_t layout(struct buddy *b, uint64_t span, uint64_t *words_base)
             }
             if (m) {
                 m->nlv = l;
+                m->lv[l] = &b->sentinel;
                 m->hint = UINT64_MAX;
+                m->pend = 0; /* any path will do: flushing only clears bits over empty words */
             }
         }
     }
@@ -496,6 +530,7 @@ int buddy_init(struct buddy *b, void *meta, size_t meta_bytes, uint64_t base_pfn
     b->span_pages = span_pages;
     b->meta_bytes = need;
     b->poison_bad_phys = BUDDY_NONE;
+    b->sentinel = ~0ULL;
     /* Block index 0 is the guard below the first block overlapping the span (wraps if 0). */
     for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++)
         b->ord[k].bias = (base_pfn >> k) - 1;

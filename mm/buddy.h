@@ -6,10 +6,12 @@
  * them (they read back as zero), so free-list links stored in them would be destroyed. All state
  * is in one caller-provided buffer:
  *  - per order, two bitmaps with one bit per naturally aligned block of the span: "free and
- *    unreported" and "free and reported" (a free block is in exactly one of them). Each has
+ *    unreported" and "free and reported" (a free block is in exactly one of them, so the hot
+ *    paths touch only the first and finding an unreported block is a plain search). Each has
  *    summary levels (bit i of level L+1 set <=> word i of level L non-zero), so finding the
  *    lowest set bit is one ctz per level (at most 5 levels for 2^30 pages), and set/clear only
- *    walk upward when a word changes between zero and non-zero;
+ *    walk upward when a word changes between zero and non-zero (clearing lazily, see buddy.c);
+ *    a per-bitmap hint usually finds the lowest bit with one load;
  *  - one byte per page: order + ALLOCATED for allocated block heads, UNMANAGED for holes. It lets
  *    buddy_free reject bad arguments instead of corrupting state.
  * About 1.51 bytes of metadata per 4 KiB page (0.037 %).
@@ -41,9 +43,11 @@
 #define BUDDY_PG_UNMANAGED  0x80 /* not usable RAM: never free, never merged with */
 
 struct buddy_bitmap {
-    uint64_t *lv[BUDDY_BM_LEVELS]; /* lv[0] is the bitmap itself, lv[nlv - 1] is one word */
-    uint64_t hint;                 /* no bit below it is set: searches start here */
-    uint64_t count;                /* bits set in lv[0] */
+    /* lv[0] is the bitmap, lv[nlv - 1] a single word, lv[nlv] a shared never-zero sentinel. */
+    uint64_t *lv[BUDDY_BM_LEVELS + 1];
+    uint64_t hint;  /* no bit below it is set: searches start here */
+    uint64_t count; /* bits set in lv[0] */
+    uint64_t pend;  /* the one path whose summary bits may be stale (see buddy.c) */
     unsigned nlv;
     uint64_t nbits[BUDDY_BM_LEVELS]; /* valid bits per level */
 };
@@ -57,7 +61,8 @@ struct buddy {
     uint64_t base_pfn, end_pfn; /* the span */
     uint32_t mask[2];           /* bit k set <=> ord[k].set[i] is not empty */
     bool poison;
-    uint8_t *page; /* one state byte per page of the span */
+    uint8_t *page;     /* one state byte per page of the span */
+    uint64_t sentinel; /* never zero: ends summary updates above each bitmap's top level */
     struct buddy_order ord[BUDDY_MAX_ORDER + 1];
 
     uint64_t span_pages, total_pages, free_pages, reported_pages;

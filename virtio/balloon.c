@@ -18,8 +18,16 @@
 
 /* Stats tags (spec 5.5.6.3). */
 enum {
-    S_SWAP_IN = 0, S_SWAP_OUT = 1, S_MAJFLT = 2, S_MINFLT = 3, S_MEMFREE = 4, S_MEMTOT = 5,
-    S_AVAIL = 6, S_CACHES = 7, S_HTLB_PGALLOC = 8, S_HTLB_PGFAIL = 9,
+    S_SWAP_IN = 0,
+    S_SWAP_OUT = 1,
+    S_MAJFLT = 2,
+    S_MINFLT = 3,
+    S_MEMFREE = 4,
+    S_MEMTOT = 5,
+    S_AVAIL = 6,
+    S_CACHES = 7,
+    S_HTLB_PGALLOC = 8,
+    S_HTLB_PGFAIL = 9,
 };
 
 void balloon_default_config(struct balloon_config *cfg)

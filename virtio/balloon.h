@@ -37,8 +37,8 @@ struct balloon_config {
 };
 
 struct balloon_buf {
-    uint32_t *pfns;          /* the PFN array the device reads */
-    uint64_t *blocks;        /* deflate: the (pfn << 8 | order) blocks this buffer returns */
+    uint32_t *pfns;   /* the PFN array the device reads */
+    uint64_t *blocks; /* deflate: the (pfn << 8 | order) blocks this buffer returns */
     unsigned n_pfns, n_blocks;
     bool busy, inflate;
     uint64_t sent_ns;
@@ -54,11 +54,11 @@ struct balloon {
     struct virtqueue inflate_vq, deflate_vq, stats_vq;
     bool has_stats;
     struct balloon_buf bufs[BALLOON_MAX_BUFFERS];
-    struct blocklist held;      /* every block given to the balloon (acked or in flight) */
-    uint32_t target;            /* num_pages as last read, clamped to what we can give */
-    uint32_t device_target;     /* num_pages exactly as the device said */
-    uint32_t actual;            /* pages the device has acknowledged as ballooned */
-    uint32_t actual_written;    /* last value written to the config's `actual` */
+    struct blocklist held;   /* every block given to the balloon (acked or in flight) */
+    uint32_t target;         /* num_pages as last read, clamped to what we can give */
+    uint32_t device_target;  /* num_pages exactly as the device said */
+    uint32_t actual;         /* pages the device has acknowledged as ballooned */
+    uint32_t actual_written; /* last value written to the config's `actual` */
     uint32_t inflight_inflate, inflight_deflate; /* pages in buffers not yet used */
     enum balloon_state state;
     uint8_t *stats_buf;

@@ -10,22 +10,43 @@
 #include "../include/platform.h"
 #include "../kernel/printf.h"
 
-#define VIRTIO_VENDOR        0x1af4
-#define RESET_TIMEOUT_NS     (1000ull * 1000 * 1000)
+#define VIRTIO_VENDOR    0x1af4
+#define RESET_TIMEOUT_NS (1000ull * 1000 * 1000)
 
 /* Modern common configuration offsets (spec 4.1.4.3). */
 enum {
-    CC_DFSELECT = 0x00, CC_DF = 0x04, CC_GFSELECT = 0x08, CC_GF = 0x0c, CC_MSIX = 0x10,
-    CC_NUMQ = 0x12, CC_STATUS = 0x14, CC_CFGGEN = 0x15, CC_Q_SELECT = 0x16, CC_Q_SIZE = 0x18,
-    CC_Q_MSIX = 0x1a, CC_Q_ENABLE = 0x1c, CC_Q_NOFF = 0x1e, CC_Q_DESCLO = 0x20,
-    CC_Q_DESCHI = 0x24, CC_Q_AVAILLO = 0x28, CC_Q_AVAILHI = 0x2c, CC_Q_USEDLO = 0x30,
+    CC_DFSELECT = 0x00,
+    CC_DF = 0x04,
+    CC_GFSELECT = 0x08,
+    CC_GF = 0x0c,
+    CC_MSIX = 0x10,
+    CC_NUMQ = 0x12,
+    CC_STATUS = 0x14,
+    CC_CFGGEN = 0x15,
+    CC_Q_SELECT = 0x16,
+    CC_Q_SIZE = 0x18,
+    CC_Q_MSIX = 0x1a,
+    CC_Q_ENABLE = 0x1c,
+    CC_Q_NOFF = 0x1e,
+    CC_Q_DESCLO = 0x20,
+    CC_Q_DESCHI = 0x24,
+    CC_Q_AVAILLO = 0x28,
+    CC_Q_AVAILHI = 0x2c,
+    CC_Q_USEDLO = 0x30,
     CC_Q_USEDHI = 0x34,
 };
 
 /* Legacy I/O header offsets (spec 4.1.4.10). */
 enum {
-    L_HOST_FEATURES = 0, L_GUEST_FEATURES = 4, L_QUEUE_PFN = 8, L_QUEUE_NUM = 12,
-    L_QUEUE_SEL = 14, L_QUEUE_NOTIFY = 16, L_STATUS = 18, L_ISR = 19, L_CONFIG = 20,
+    L_HOST_FEATURES = 0,
+    L_GUEST_FEATURES = 4,
+    L_QUEUE_PFN = 8,
+    L_QUEUE_NUM = 12,
+    L_QUEUE_SEL = 14,
+    L_QUEUE_NOTIFY = 16,
+    L_STATUS = 18,
+    L_ISR = 19,
+    L_CONFIG = 20,
 };
 
 static struct virtio_pci *vp_of(struct virtio_transport *t)

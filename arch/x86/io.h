@@ -1,4 +1,5 @@
-/* Port and model-specific-register access; the only place outside arch/x86 C files with inline asm. */
+/* Port and model-specific-register access; the only place outside arch/x86 C files with inline asm.
+ */
 #ifndef ARCH_X86_IO_H
 #define ARCH_X86_IO_H
 

@@ -3,13 +3,13 @@
 
 #include <stdbool.h>
 
-#define PTE_PRESENT  0x001ull
-#define PTE_WRITE    0x002ull
-#define PTE_PWT      0x008ull
-#define PTE_PCD      0x010ull
-#define PTE_HUGE     0x080ull
-#define PTE_ADDR     0x000ffffffffff000ull
-#define LARGE_PAGE   (2ull << 20)
+#define PTE_PRESENT 0x001ull
+#define PTE_WRITE   0x002ull
+#define PTE_PWT     0x008ull
+#define PTE_PCD     0x010ull
+#define PTE_HUGE    0x080ull
+#define PTE_ADDR    0x000ffffffffff000ull
+#define LARGE_PAGE  (2ull << 20)
 
 extern uint64_t boot_pml4[512];
 static page_table_alloc_fn table_alloc;

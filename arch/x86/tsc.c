@@ -3,7 +3,8 @@
  * against PIT channel 0 (a fixed 1.193182 MHz clock), reading the counter back with latch
  * commands. Channel 2 is the textbook choice, but its output is read through port 0x61, which
  * belongs to the PC speaker device that microvm does not have. A missing PIT shows up as a
- * counter that never moves; then we fall back to CPUID leaf 0x15/0x16, or a 2 GHz guess, and say so.
+ * counter that never moves; then we fall back to CPUID leaf 0x15/0x16, or a 2 GHz guess, and say
+ * so.
  */
 #include "tsc.h"
 #include "io.h"
