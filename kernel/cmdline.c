@@ -15,7 +15,7 @@ struct option_def {
 };
 
 static const struct option_def option_defs[] = {
-    {"blimp.mode", OPT_MODE, &options.mode, "balloon (default) | boot | selftest", 0, 0},
+    {"blimp.mode", OPT_MODE, &options.mode, "balloon (default) | boot | selftest | fault", 0, 0},
     {"blimp.poison", OPT_BOOL, &options.poison, "0 (default) | 1: poison free pages", 0, 0},
     {"blimp.poison_pattern", OPT_U64, &options.poison_pattern,
      "64-bit fill pattern for blimp.poison (default 0xaaaaaaaaaaaaaaaa)", 0, UINT64_MAX},
@@ -42,6 +42,7 @@ static const char *const mode_names[] = {
     [MODE_BALLOON] = "balloon",
     [MODE_BOOT] = "boot",
     [MODE_SELFTEST] = "selftest",
+    [MODE_FAULT] = "fault",
 };
 
 const char *kernel_mode_name(enum kernel_mode m)

@@ -13,6 +13,7 @@ enum kernel_mode {
     MODE_BALLOON,  /* default: follow the host's balloon target for as long as the host runs us */
     MODE_BOOT,     /* print the boot report and exit: boot benchmarks, smoke tests */
     MODE_SELFTEST, /* allocator checks over all RAM, TAP output, exit */
+    MODE_FAULT,    /* take a page fault on purpose: proves the exception path and its exit code */
 };
 
 enum virtio_choice { VIRTIO_AUTO, VIRTIO_MODERN, VIRTIO_LEGACY };

@@ -96,6 +96,10 @@ void kmain(uint32_t magic, uint32_t info_phys)
         int code = selftest_run(&boot_info);
         machine_exit((enum exit_code)code, "selftest done");
     }
+    case MODE_FAULT:
+        /* Canonical but far above any mapping: a #PF with cr2 = that address. */
+        *(volatile uint64_t *)0x7fff00000000ull = 1;
+        panic("the deliberate page fault did not fault");
     case MODE_BALLOON:
         break;
     }

@@ -1,11 +1,11 @@
-/* Exception entry stubs: give every vector the same frame (a dummy error code where the CPU
+/* Exception entry points: give every vector the same frame (a dummy error code where the CPU
  * pushes none), save the general registers and call trap_handler(struct trap_frame *). */
     .text
     .code64
 
-.macro STUB vec, has_error
-    .global trap_stub_\vec
-trap_stub_\vec:
+.macro VECTOR_ENTRY vec, has_error
+    .global trap_entry_\vec
+trap_entry_\vec:
     .if \has_error == 0
     pushq $0
     .endif
@@ -13,38 +13,38 @@ trap_stub_\vec:
     jmp trap_common
 .endm
 
-STUB 0, 0
-STUB 1, 0
-STUB 2, 0
-STUB 3, 0
-STUB 4, 0
-STUB 5, 0
-STUB 6, 0
-STUB 7, 0
-STUB 8, 1
-STUB 9, 0
-STUB 10, 1
-STUB 11, 1
-STUB 12, 1
-STUB 13, 1
-STUB 14, 1
-STUB 15, 0
-STUB 16, 0
-STUB 17, 1
-STUB 18, 0
-STUB 19, 0
-STUB 20, 0
-STUB 21, 1
-STUB 22, 0
-STUB 23, 0
-STUB 24, 0
-STUB 25, 0
-STUB 26, 0
-STUB 27, 0
-STUB 28, 0
-STUB 29, 1
-STUB 30, 1
-STUB 31, 0
+VECTOR_ENTRY 0, 0
+VECTOR_ENTRY 1, 0
+VECTOR_ENTRY 2, 0
+VECTOR_ENTRY 3, 0
+VECTOR_ENTRY 4, 0
+VECTOR_ENTRY 5, 0
+VECTOR_ENTRY 6, 0
+VECTOR_ENTRY 7, 0
+VECTOR_ENTRY 8, 1
+VECTOR_ENTRY 9, 0
+VECTOR_ENTRY 10, 1
+VECTOR_ENTRY 11, 1
+VECTOR_ENTRY 12, 1
+VECTOR_ENTRY 13, 1
+VECTOR_ENTRY 14, 1
+VECTOR_ENTRY 15, 0
+VECTOR_ENTRY 16, 0
+VECTOR_ENTRY 17, 1
+VECTOR_ENTRY 18, 0
+VECTOR_ENTRY 19, 0
+VECTOR_ENTRY 20, 0
+VECTOR_ENTRY 21, 1
+VECTOR_ENTRY 22, 0
+VECTOR_ENTRY 23, 0
+VECTOR_ENTRY 24, 0
+VECTOR_ENTRY 25, 0
+VECTOR_ENTRY 26, 0
+VECTOR_ENTRY 27, 0
+VECTOR_ENTRY 28, 0
+VECTOR_ENTRY 29, 1
+VECTOR_ENTRY 30, 1
+VECTOR_ENTRY 31, 0
 
 trap_common:
     push %rax
@@ -71,10 +71,10 @@ trap_common:
 
     .section .rodata
     .balign 8
-    .global trap_stubs
-trap_stubs:
+    .global trap_entries
+trap_entries:
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
-    .quad trap_stub_\v
+    .quad trap_entry_\v
     .endr
 
     .section .note.GNU-stack, "", @progbits

@@ -13,7 +13,7 @@ struct idt_entry {
 } __attribute__((packed));
 
 static struct idt_entry idt[32] __attribute__((aligned(16)));
-extern const uint64_t trap_stubs[32];
+extern const uint64_t trap_entries[32];
 
 static const char *const vector_names[32] = {
     "#DE divide error",
@@ -53,7 +53,7 @@ static const char *const vector_names[32] = {
 void traps_init(void)
 {
     for (int v = 0; v < 32; v++) {
-        uint64_t a = trap_stubs[v];
+        uint64_t a = trap_entries[v];
         idt[v] = (struct idt_entry){
             .offset_lo = (uint16_t)a,
             .selector = 0x08,

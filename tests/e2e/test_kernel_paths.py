@@ -1,0 +1,38 @@
+"""Kernel paths outside the boot matrix: the exception handler and the clang-built image."""
+
+import os
+
+import pytest
+
+import guest  # noqa: F401  (puts tools/ on sys.path)
+from qemu import Qemu
+
+
+def run(kernel, append, machine="q35", memory="128M", timeout=60):
+    q = Qemu(kernel, machine=machine, memory=memory, append=append, qmp=False, timeout=timeout)
+    q.start()
+    status = q.wait(timeout)
+    q.close()
+    return q, status
+
+
+@pytest.mark.parametrize("machine", ["q35", "microvm"])
+def test_cpu_exception_is_reported_and_exits_41(images, machine):
+    q, status = run(images["pvh"], "blimp.mode=fault", machine=machine)
+    assert status == 41, q.describe()
+    exc = q.events("exception")
+    assert len(exc) == 1, q.serial
+    assert exc[0]["vector"] == 14 and exc[0]["name"].startswith("#PF")
+    assert exc[0]["cr2"] == 0x7FFF00000000, exc[0]
+    assert exc[0]["error_code"] & 0x2, "a write fault must have the W bit in its error code"
+    assert any("rip=" in l and "cr2=" in l for l in q.lines), "register dump missing"
+    assert q.events("exit")[-1]["name"] == "cpu-exception"
+
+
+@pytest.mark.parametrize("image", ["blimp.elf", "blimp-mb1.elf"])
+def test_clang_image_passes_selftest(build_dir, image):
+    path = os.path.join(build_dir, "clang", image)
+    assert os.path.isfile(path), "clang image missing: build it with `ninja -f clang.ninja`"
+    q, status = run(path, "blimp.mode=selftest", memory="512M")
+    assert status == 33, q.describe()
+    assert any(l.startswith("SUMMARY:") and " 0 failed" in l for l in q.lines), q.serial
