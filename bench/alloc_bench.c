@@ -138,26 +138,27 @@ int main(void)
     uint64_t t_start = now_ns();
 
     const unsigned nbatch0 = 100000, npp = 2000000, nbatch9 = 1024;
+    char label[64];
     double b0 = batch(0, nbatch0);
-    printf("order-0 alloc+free, batch of %u:          %7.1f ns/pair (target %.0f ns: %s)\n",
-           nbatch0, b0, TARGET_NS, verdict(b0));
+    snprintf(label, sizeof(label), "order-0 alloc+free, batch of %u:", nbatch0);
+    printf("%-44s %8.1f ns/pair (target %.0f ns: %s)\n", label, b0, TARGET_NS, verdict(b0));
     double p0 = ping_pong(0, npp, 0);
-    printf("order-0 alloc+free, ping-pong, all free:  %7.1f ns/pair (target %.0f ns: %s; 18 "
-           "splits + 18 merges each)\n",
-           p0, TARGET_NS, verdict(p0));
+    printf("%-44s %8.1f ns/pair (target %.0f ns: %s; worst case, 18 splits + 18 merges each)\n",
+           "order-0 alloc+free, ping-pong, all free:", p0, TARGET_NS, verdict(p0));
     double p0w = ping_pong(0, npp, 1);
-    printf("order-0 alloc+free, ping-pong, buddy used:%7.1f ns/pair (target %.0f ns: %s; no "
-           "split or merge)\n",
-           p0w, TARGET_NS, verdict(p0w));
+    printf("%-44s %8.1f ns/pair (target %.0f ns: %s; no split or merge)\n",
+           "order-0 alloc+free, ping-pong, buddy in use:", p0w, TARGET_NS, verdict(p0w));
     double b9 = batch(9, nbatch9);
-    printf("order-9 alloc+free, batch of %u:            %7.1f ns/pair\n", nbatch9, b9);
+    snprintf(label, sizeof(label), "order-9 alloc+free, batch of %u:", nbatch9);
+    printf("%-44s %8.1f ns/pair\n", label, b9);
     double p9 = ping_pong(9, npp, 0);
-    printf("order-9 alloc+free, ping-pong, all free:  %7.1f ns/pair\n", p9);
+    printf("%-44s %8.1f ns/pair (9 splits + 9 merges each)\n",
+           "order-9 alloc+free, ping-pong, all free:", p9);
 
     uint64_t blocks_free = 0, blocks_frag = 0;
     fresh();
     double w_free = walk(100000, &blocks_free);
-    printf("walk of 4 GiB fully free:                 %7.1f ns/walk, %llu blocks\n", w_free,
+    printf("%-44s %8.1f ns/walk, %llu blocks\n", "walk of 4 GiB, all free:", w_free,
            (unsigned long long)blocks_free);
     fresh();
     for (uint64_t i = 0; i < SPAN_PAGES; i++)
@@ -166,15 +167,15 @@ int main(void)
         if (!(pfns[i] & 1))
             must_free(pfns[i], 0);
     double w_frag = walk(5, &blocks_frag);
-    printf("walk of 4 GiB, every other page used:     %7.3f ms/walk, %llu blocks (%.2f ns/block)\n",
-           w_frag / 1e6, (unsigned long long)blocks_frag, w_frag / (double)blocks_frag);
+    printf("%-44s %8.3f ms/walk, %llu blocks (%.2f ns/block)\n",
+           "walk of 4 GiB, every other page allocated:", w_frag / 1e6,
+           (unsigned long long)blocks_frag, w_frag / (double)blocks_frag);
 
     double per_gib = (double)buddy_meta_bytes(1ULL << 18);
-    printf("metadata:                                 %.0f bytes per GiB of RAM (%.3f %%, %.3f "
-           "bytes/page)\n",
-           per_gib, per_gib * 100.0 / (1ULL << 30), per_gib / (1ULL << 18));
+    printf("%-44s %8.0f bytes per GiB of RAM (%.3f %%, %.3f bytes/page)\n", "metadata:", per_gib,
+           per_gib * 100.0 / (1ULL << 30), per_gib / (1ULL << 18));
     double secs = (double)(now_ns() - t_start) / 1e9;
-    printf("total benchmark time:                     %.2f s\n", secs);
+    printf("%-44s %8.2f s\n", "total benchmark time:", secs);
 
     printf("{\"span_pages\":%llu,\"order0_batch_ns\":%.1f,\"order0_pingpong_ns\":%.1f,"
            "\"order0_pingpong_nosplit_ns\":%.1f,\"order9_batch_ns\":%.1f,"

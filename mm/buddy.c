@@ -3,8 +3,7 @@
 
 #include "platform.h"
 
-#define NORDERS (BUDDY_MAX_ORDER + 1)
-/* 52-bit physical addresses: 2^40 page frames. Also keeps every bitmap within 8 levels. */
+/* 52-bit physical addresses: 2^40 page frames. Also keeps bitmaps within BUDDY_BM_LEVELS (7). */
 #define PFN_LIMIT (1ULL << 40)
 
 #define HOT         static inline __attribute__((always_inline))

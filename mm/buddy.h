@@ -9,7 +9,7 @@
  *    unreported" and "free and reported" (a free block is in exactly one of them, so the hot
  *    paths touch only the first and finding an unreported block is a plain search). Each has
  *    summary levels (bit i of level L+1 set <=> word i of level L non-zero), so finding the
- *    lowest set bit is one ctz per level (at most 5 levels for 2^30 pages), and set/clear only
+ *    lowest set bit is one ctz per level (at most 6 levels for 2^30 pages), and set/clear only
  *    walk upward when a word changes between zero and non-zero (clearing lazily, see buddy.c);
  *    a per-bitmap hint usually finds the lowest bit with one load;
  *  - one byte per page: order + ALLOCATED for allocated block heads, UNMANAGED for holes. It lets

@@ -152,6 +152,50 @@ static void assert_same_layout(const struct walk *a, const struct walk *b)
 }
 
 /*
+ * The bitmaps' internal invariants (white box): counts match, no bit outside the bitmap or on a
+ * guard, a non-zero word always has its summary bit, a summary bit over an empty word only on the
+ * pending path, and the hint is at or below the lowest set bit.
+ */
+static void check_summaries(const struct buddy *b)
+{
+    for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++) {
+        for (unsigned r = 0; r < 2; r++) {
+            const struct buddy_bitmap *m = &b->ord[k].set[r];
+            uint64_t n = 0, lowest = UINT64_MAX;
+            for (uint64_t i = 0; i < m->nbits[0]; i++) {
+                if (!((m->lv[0][i >> 6] >> (i & 63)) & 1))
+                    continue;
+                n++;
+                if (lowest == UINT64_MAX)
+                    lowest = i;
+                uint64_t pfn = (i + b->ord[k].bias) << k; /* a real block, inside the span */
+                assert_true(pfn >= b->base_pfn && pfn + (1ULL << k) <= b->end_pfn);
+            }
+            assert_int_equal(n, m->count);
+            assert_int_equal(((b->mask[r] >> k) & 1), n != 0);
+            if (n)
+                assert_true(m->hint <= lowest);
+            for (unsigned l = 0; l < m->nlv; l++) {
+                uint64_t words = (m->nbits[l] + 63) >> 6;
+                /* Bits past the end of a level stay clear. */
+                if (m->nbits[l] & 63)
+                    assert_int_equal(m->lv[l][words - 1] >> (m->nbits[l] & 63), 0);
+                if (l + 1 == m->nlv)
+                    break;
+                for (uint64_t j = 0; j < words; j++) {
+                    bool sum = (m->lv[l + 1][j >> 6] >> (j & 63)) & 1;
+                    if (m->lv[l][j])
+                        assert_true(sum);
+                    else if (sum) /* stale: only on the pending path */
+                        assert_int_equal(j, m->pend >> (6 * (l + 1)));
+                }
+            }
+            assert_int_not_equal(*m->lv[m->nlv], 0); /* the sentinel */
+        }
+    }
+}
+
+/*
  * Full consistency check of the allocator against the model: free blocks are aligned, inside
  * managed free pages, disjoint and cover exactly the model's free pages; no two free buddies
  * coexist (full coalescing); counters and buddy_is_free agree.
@@ -159,6 +203,7 @@ static void assert_same_layout(const struct walk *a, const struct walk *b)
 static void check_all(struct env *e)
 {
     struct buddy *b = &e->b;
+    check_summaries(b);
     struct walk w = walk_all(b, 0);
     uint8_t *cover = calloc(e->span, 1);
     assert_non_null(cover);
@@ -418,6 +463,14 @@ static void test_random_aligned(void **state)
         random_run(seed, 0, 8192 + 512, ranges, 2, 6000);
 }
 
+/* A 4 GiB span: four summary levels at order 0, sparse bitmaps, long pending paths. */
+static void test_random_large(void **state)
+{
+    (void)state;
+    static const uint64_t ranges[][2] = {{1, (1ULL << 20) - 1000}};
+    random_run(7, 1, 1ULL << 20, ranges, 1, 3000);
+}
+
 static void test_exhaustion_order0(void **state)
 {
     (void)state;
@@ -648,6 +701,32 @@ static void test_reported_state(void **state)
     env_free(e);
 }
 
+/* Lowest address first, whichever of the two free sets (reported or not) holds the block. */
+static void test_lowest_across_reported(void **state)
+{
+    (void)state;
+    for (unsigned first_reported = 0; first_reported < 2; first_reported++) {
+        struct env *e = env_new(0, 64);
+        env_add(e, 0, 64);
+        for (uint64_t p = 0; p < 4; p++)
+            assert_int_equal(buddy_alloc(&e->b, 0), p);
+        /* Free pages 0 and 2 (their buddies 1 and 3 stay allocated): one in each set. */
+        assert_int_equal(
+            first_reported ? buddy_free_reported(&e->b, 0, 0) : buddy_free(&e->b, 0, 0), 0);
+        assert_int_equal(
+            first_reported ? buddy_free(&e->b, 2, 0) : buddy_free_reported(&e->b, 2, 0), 0);
+        struct walk w = walk_all(&e->b, 0);
+        assert_int_equal(w.v[w.n - 2].pfn, 0);
+        assert_int_equal(w.v[w.n - 2].reported, first_reported);
+        assert_int_equal(w.v[w.n - 1].pfn, 2);
+        assert_int_equal(w.v[w.n - 1].reported, !first_reported);
+        free(w.v);
+        assert_int_equal(buddy_alloc(&e->b, 0), 0);
+        assert_int_equal(buddy_alloc(&e->b, 0), 2);
+        env_free(e);
+    }
+}
+
 static void test_alloc_largest(void **state)
 {
     (void)state;
@@ -679,6 +758,43 @@ static void test_alloc_largest(void **state)
     buddy_get_stats(&e->b, &st);
     assert_int_equal(st.failures, 1);
     assert_int_equal(st.allocs, 5);
+    env_free(e);
+}
+
+/* buddy_split turns one allocated block into two that are freed separately (partial deflate). */
+static void test_split(void **state)
+{
+    (void)state;
+    struct env *e = env_new(0, 256);
+    env_add(e, 0, 256);
+    struct walk initial = walk_all(&e->b, 0);
+    uint64_t a = buddy_alloc(&e->b, 3);
+    assert_int_equal(a, 0);
+    fake_log_reset();
+    assert_int_equal(buddy_split(&e->b, a, 2), -1); /* wrong order */
+    assert_int_equal(buddy_split(&e->b, a + 4, 3), -1);
+    assert_int_equal(buddy_split(&e->b, 100, 1), -1); /* free */
+    assert_int_equal(buddy_split(&e->b, a, 0), -1);
+    assert_int_equal(fake_log_count(), 4);
+    assert_int_equal(buddy_split(&e->b, a, 3), 0);
+    assert_int_equal(buddy_split(&e->b, a + 4, 2), 0); /* halves split further */
+    /* Now allocated: 0 (order 2), 4 and 6 (order 1). The old order no longer frees. */
+    assert_int_equal(buddy_free(&e->b, a, 3), -1);
+    model_alloc(e, 0, 2);
+    model_alloc(e, 4, 1);
+    model_alloc(e, 6, 1);
+    check_all(e);
+    model_free(e, 2, false); /* 6 */
+    check_all(e);
+    assert_true(buddy_is_free(&e->b, 7));
+    assert_false(buddy_is_free(&e->b, 5));
+    model_free(e, 0, false); /* 0 */
+    model_free(e, 0, false); /* 4: everything merges back */
+    check_all(e);
+    struct walk final = walk_all(&e->b, 0);
+    assert_same_layout(&initial, &final);
+    free(initial.v);
+    free(final.v);
     env_free(e);
 }
 
@@ -835,11 +951,14 @@ int main(void)
         cmocka_unit_test_setup(test_holes_and_odd_alignment, setup),
         cmocka_unit_test_setup(test_random_holes, setup),
         cmocka_unit_test_setup(test_random_aligned, setup),
+        cmocka_unit_test_setup(test_random_large, setup),
         cmocka_unit_test_setup(test_exhaustion_order0, setup),
         cmocka_unit_test_setup(test_exhaustion_high_order, setup),
         cmocka_unit_test_setup(test_invalid_frees, setup),
         cmocka_unit_test_setup(test_reported_state, setup),
+        cmocka_unit_test_setup(test_lowest_across_reported, setup),
         cmocka_unit_test_setup(test_alloc_largest, setup),
+        cmocka_unit_test_setup(test_split, setup),
         cmocka_unit_test_setup(test_walk_stop_and_min_order, setup),
         cmocka_unit_test_setup(test_poison, setup),
         cmocka_unit_test_setup(test_no_page_access, setup),
