@@ -14,9 +14,9 @@
 #include "platform.h"
 
 /* Device-shared fields are read and written exactly once per access. */
-#define READ_ONCE16(p)      (*(const volatile uint16_t *)(p))
-#define READ_ONCE32(p)      (*(const volatile uint32_t *)(p))
-#define WRITE_ONCE16(p, v)  (*(volatile uint16_t *)(p) = (uint16_t)(v))
+#define READ_ONCE16(p)     (*(const volatile uint16_t *)(p))
+#define READ_ONCE32(p)     (*(const volatile uint32_t *)(p))
+#define WRITE_ONCE16(p, v) (*(volatile uint16_t *)(p) = (uint16_t)(v))
 
 struct layout {
     size_t avail, used, indirect, slots, total;
@@ -61,7 +61,7 @@ static uint16_t *used_event_p(const struct virtqueue *vq)
 
 static uint16_t *avail_event_p(const struct virtqueue *vq)
 {
-    return (uint16_t *)&vq->used->ring[vq->size];
+    return (uint16_t *)((uint8_t *)vq->used + 4 + 8 * (size_t)vq->size);
 }
 
 const char *vq_strerror(int err)
@@ -239,8 +239,8 @@ int vq_add(struct virtqueue *vq, const struct vq_seg *segs, unsigned n_out, unsi
             bool last = i + 1 == n;
             vq->desc[d].addr = segs[i].addr;
             vq->desc[d].len = segs[i].len;
-            vq->desc[d].flags = (uint16_t)((i >= n_out ? VRING_DESC_F_WRITE : 0) |
-                                           (last ? 0 : VRING_DESC_F_NEXT));
+            vq->desc[d].flags =
+                (uint16_t)((i >= n_out ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT));
             vq->desc[d].next = last ? 0 : vq->slots[d].next;
             if (i)
                 vq->slots[d].ndesc = VQ_SLOT_BODY;

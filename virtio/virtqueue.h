@@ -68,11 +68,11 @@ struct vring_used {
 
 /* ---- Errors --------------------------------------------------------------------------------- */
 
-#define VQ_OK           0
-#define VQ_ERR_INVALID  (-22)  /* bad argument (EINVAL) */
-#define VQ_ERR_FULL     (-28)  /* not enough free descriptors now; retry after vq_get_used (ENOSPC) */
-#define VQ_ERR_BROKEN   (-5)   /* the device violated the protocol; see vq_violation() (EIO) */
-#define VQ_ERR_TIMEOUT  (-110) /* vq_wait_used deadline passed (ETIMEDOUT) */
+#define VQ_OK          0
+#define VQ_ERR_INVALID (-22) /* bad argument (EINVAL) */
+#define VQ_ERR_FULL    (-28) /* not enough free descriptors now; retry after vq_get_used (ENOSPC) */
+#define VQ_ERR_BROKEN  (-5)  /* the device violated the protocol; see vq_violation() (EIO) */
+#define VQ_ERR_TIMEOUT (-110) /* vq_wait_used deadline passed (ETIMEDOUT) */
 
 const char *vq_strerror(int err);
 
@@ -106,8 +106,8 @@ struct virtqueue {
     bool use_indirect;  /* VIRTIO_F_INDIRECT_DESC negotiated and tables provided */
     bool use_event_idx; /* VIRTIO_F_EVENT_IDX negotiated */
     bool broken;
-    bool irq_disabled;  /* vq_disable_interrupts in effect */
-    bool lenient_len;   /* clamp over-long used lengths instead of breaking (vq_set_lenient_len) */
+    bool irq_disabled; /* vq_disable_interrupts in effect */
+    bool lenient_len;  /* clamp over-long used lengths instead of breaking (vq_set_lenient_len) */
     unsigned max_indirect; /* descriptors per indirect table (0: no tables) */
 
     uint64_t mem_phys;           /* guest-physical base of the area */
@@ -117,14 +117,14 @@ struct virtqueue {
     struct vring_desc *indirect; /* size * max_indirect entries, table i belongs to head slot i */
     struct vq_slot *slots;       /* size entries */
 
-    uint16_t free_head;   /* first free descriptor (valid when num_free > 0) */
-    uint16_t num_free;    /* free descriptors */
-    uint16_t avail_idx;   /* our copy of avail.idx: the device can't change what we trust */
-    uint16_t last_used;   /* next used entry to consume */
-    uint32_t num_added;   /* entries published since the last vq_kick_prepare */
-    uint32_t in_flight;   /* buffers published and not yet used */
-    uint32_t bad_len_count; /* over-long used lengths tolerated in lenient mode */
-    uint16_t detach_cursor; /* vq_detach_unused scan position */
+    uint16_t free_head;         /* first free descriptor (valid when num_free > 0) */
+    uint16_t num_free;          /* free descriptors */
+    uint16_t avail_idx;         /* our copy of avail.idx: the device can't change what we trust */
+    uint16_t last_used;         /* next used entry to consume */
+    uint32_t num_added;         /* entries published since the last vq_kick_prepare */
+    uint32_t in_flight;         /* buffers published and not yet used */
+    uint32_t bad_len_count;     /* over-long used lengths tolerated in lenient mode */
+    uint16_t detach_cursor;     /* vq_detach_unused scan position */
     char violation[VQ_MSG_MAX]; /* "" until broken */
 };
 
