@@ -26,6 +26,7 @@ static char line[LINE_MAX];
 static unsigned line_len;
 static bool line_overflow;
 
+static uint64_t balloon_reserve_pages(void);
 static void reply(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void reply(const char *fmt, ...)
 {
@@ -125,7 +126,9 @@ static int take_pages(struct held *h, uint64_t pages)
         unsigned order;
         uint64_t pfn = buddy_alloc_largest(&kernel_buddy, max_order, &order);
         if (pfn == BUDDY_NONE) {
-            uint64_t need = pages - got + 64; /* plus record pages */
+            /* Ask for enough to keep the balloon's reserve for the kernel's own needs too
+             * (record pages, rings), not just for this allocation. */
+            uint64_t need = pages - got + balloon_reserve_pages();
             if (need < 256)
                 need = 256; /* 1 MiB at a time, as Linux does */
             if (balloon && balloon_release_for_oom(balloon, need, 5000ull * 1000 * 1000) > 0)
@@ -142,6 +145,11 @@ static int take_pages(struct held *h, uint64_t pages)
         got += 1ull << order;
     }
     return 0;
+}
+
+static uint64_t balloon_reserve_pages(void)
+{
+    return balloon ? balloon->cfg.reserve_pages : 0;
 }
 
 static bool parse_num(const char *s, uint64_t *out)

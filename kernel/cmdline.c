@@ -24,7 +24,7 @@ static const struct option_def option_defs[] = {
     {"blimp.balloon.pfns", OPT_U64, &options.balloon_pfns,
      "PFNs per inflate/deflate buffer, 1..65536 (default 256)", 1, 65536},
     {"blimp.balloon.buffers", OPT_U64, &options.balloon_buffers,
-     "buffers in flight per queue, 1..64 (default 4)", 1, 64},
+     "buffers in flight per queue, 1..64 (default 16)", 1, 64},
     {"blimp.balloon.deflate_on_oom", OPT_BOOL, &options.balloon_oom,
      "1 (default) | 0: accept DEFLATE_ON_OOM when offered", 0, 0},
     {"blimp.balloon.timeout_ms", OPT_U64, &options.balloon_timeout_ms,
@@ -57,7 +57,7 @@ static void set_defaults(void)
     options.poison_pattern = 0xaaaaaaaaaaaaaaaaull;
     options.virtio = VIRTIO_AUTO;
     options.balloon_pfns = 256;
-    options.balloon_buffers = 4;
+    options.balloon_buffers = 16;
     options.balloon_oom = true;
     options.balloon_timeout_ms = 5000;
 }

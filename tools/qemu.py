@@ -202,6 +202,7 @@ class Qemu:
         self._watchdog: Optional[threading.Timer] = None
         self._log_fp = None
         self._qmp_client = None
+        self._agent_client = None
 
     # -------------------------------------------------------- argv
 
@@ -350,11 +351,12 @@ class Qemu:
 
     def close(self):
         """Kill QEMU if still running, stop helpers, remove the temp dir."""
-        try:
-            if self._qmp_client is not None:
-                self._qmp_client.close()
-        except Exception:
-            pass
+        for client in (self._qmp_client, self._agent_client):
+            try:
+                if client is not None:
+                    client.close()
+            except Exception:
+                pass
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.kill()
@@ -515,6 +517,20 @@ class Qemu:
             self._qmp_client = qmpmod.QMP(self.qmp_path, connect_timeout=timeout,
                                           alive=alive)
         return self._qmp_client
+
+    def agent_client(self, timeout: float = 10.0, ready: bool = True):
+        """Connected client of the guest agent on COM2 (tools/agent.py; created on
+        first use, closed by close()).  With `ready` it also waits (up to `timeout`)
+        until the guest agent answers."""
+        if not self.agent_path or not self.agent:
+            raise QemuError("started without agent=True")
+        if self._agent_client is None:
+            import agent as agentmod
+            self._agent_client = agentmod.Agent(self.agent_path, connect_timeout=timeout,
+                                                alive=self.running)
+        if ready and not self._agent_client.ready:
+            self._agent_client.wait_ready(timeout)
+        return self._agent_client
 
     def describe(self) -> str:
         """A short multi-line report for assertion messages."""

@@ -34,7 +34,7 @@ void balloon_default_config(struct balloon_config *cfg)
 {
     *cfg = (struct balloon_config){
         .pfns_per_buffer = 256,
-        .buffers = 4,
+        .buffers = 16, /* bench/balloon_bench.py: 16 beats 1 and 4 at 256 PFNs */
         .ack_timeout_ns = 5000ull * 1000 * 1000,
         .reserve_pages = 512,
         .deflate_on_oom = true,
@@ -120,6 +120,7 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
     }
     if (vq_init(vq, name, index, size, mem, legacy, 0, indirect, event_idx) != 0)
         return -1;
+    vq_set_lenient_len(vq, legacy); /* legacy: used len SHOULD be ignored (spec 5.5.6.2.1) */
     struct vq_addrs a;
     vq_addrs(vq, &a);
     if (t->ops->queue_enable(t, index, size, &a) != 0) {
@@ -201,7 +202,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     b->features = b->offered & wanted;
     if (!t->legacy && !balloon_negotiated(b, VIRTIO_F_VERSION_1)) {
         violation(b, "modern interface without VIRTIO_F_VERSION_1");
-        t->ops->set_status(t, VIRTIO_STATUS_FAILED);
+        t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
     t->ops->set_features(t, b->features);
@@ -307,8 +308,8 @@ static void inflate_step(struct balloon *b)
                              "(actual %u of target %u pages)",
                              b->actual, b->target);
                 platform_log("{\"event\":\"balloon_exhausted\",\"actual_pages\":%u,"
-                             "\"target_pages\":%u}",
-                             b->actual, b->target);
+                             "\"inflight_pages\":%u,\"target_pages\":%u}",
+                             b->actual, b->inflight_inflate, b->target);
                 b->exhausted_logged = true;
             }
             break;
@@ -513,6 +514,7 @@ uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t tim
     uint64_t released = before - b->actual;
     b->oom_deflated_pages += released;
     b->reached_logged = false;
+    b->target_changed_ns = platform_now_ns(); /* "reached" times count from here now */
     platform_log("balloon: deflated %lu pages on guest OOM (actual now %u, target %u)",
                  (unsigned long)released, b->actual, b->target);
     platform_log("{\"event\":\"balloon_oom_deflate\",\"pages\":%lu,\"actual_pages\":%u}",

@@ -92,3 +92,29 @@ def boot(runner, spec):
 @pytest.fixture(scope="session")
 def kernel_bytes(images):
     return {k: guest.image_footprint(p) for k, p in images.items()}
+
+
+@pytest.fixture
+def balloon_vm(pytestconfig, images, request, tmp_path_factory):
+    """Factory of guest.BalloonVM runs (pvh image, balloon + agent); use as
+    ``with balloon_vm(machine="pc", balloon_opts=[...], append="...") as vm:``.
+    Every run's serial log goes to pytest's temp dir; every QEMU is closed at the
+    end of the test even if the test forgot."""
+    made = []
+    log_dir = tmp_path_factory.mktemp("balloon")
+    scale = pytestconfig.getoption("timeout_scale")
+
+    def make(machine="q35", memory="1G", balloon_opts=(), append="", timeout=120.0):
+        name = "%s-%d.log" % (request.node.name, len(made))
+        vm = guest.BalloonVM(images["pvh"], machine=machine, memory=memory,
+                             balloon_opts=balloon_opts, append=append,
+                             accel=pytestconfig.getoption("accel"), timeout=timeout * scale,
+                             log_path=os.path.join(str(log_dir),
+                                                   "".join(c if c.isalnum() or c in "-_.[]=,"
+                                                           else "_" for c in name)))
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        vm.q.close()

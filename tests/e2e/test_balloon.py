@@ -1,0 +1,413 @@
+"""End-to-end tests of blimp's virtio balloon driver against real QEMU (TCG).
+
+Each test boots blimp in balloon mode (no blimp.mode option) with a
+virtio-balloon-pci device and the agent on COM2 (guest.BalloonVM), drives the
+balloon over QMP (tools/balloon.py) and checks the guest through the agent
+(tools/agent.py): query-balloon reaches every target, the guest's own state
+agrees, deflating gives back every page, memory the guest holds stays intact,
+QEMU's RSS falls when touched memory is ballooned, guest stats reach QEMU,
+deflate-on-OOM works exactly when negotiated, and impossible or changing
+targets neither hang nor crash the guest.
+
+Sizes below are *balloon* sizes (RAM - QMP value).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+import exitcodes
+import guest
+from guest import GiB, MiB, PAGE
+
+MODERN = "virtio-pci-modern"
+LEGACY = "virtio-pci-legacy"
+
+# (id, device properties, kernel command line, transport the guest must pick)
+TRANSPORTS = [
+    ("modern", [], "", MODERN),
+    ("legacy-dev", ["disable-modern=on"], "", LEGACY),
+    ("legacy-opt", [], "blimp.virtio=legacy", LEGACY),
+]
+TUNED = "blimp.balloon.pfns=1024 blimp.balloon.buffers=16"
+ROUNDTRIP = [(m, t) for m in ("pc", "q35") for t in TRANSPORTS] + [
+    ("q35", ("modern-1024x16", [], TUNED, MODERN)),
+    ("pc", ("legacy-dev-1024x16", ["disable-modern=on"], TUNED, LEGACY)),
+    ("q35", ("legacy-opt-1024x16", [], TUNED + " blimp.virtio=legacy", LEGACY)),
+]
+STEPS = [128 * MiB, 384 * MiB, 640 * MiB, 256 * MiB, 0]
+HELD = 64 * MiB          # what the agent holds (with a seed) through the whole run
+# pages the balloon may use for its own records (mm/blocklist.c) while it holds pages
+RECORD_SLACK = 64
+
+
+def _id(p):
+    machine, (name, _, _, _) = p
+    return "%s-%s" % (machine, name)
+
+
+def wait_serial(vm, pattern, start=0, timeout=10.0):
+    try:
+        vm.q.wait_for(pattern, timeout=timeout, start=start)
+    except Exception as e:
+        raise AssertionError("serial never matched %r: %s\n%s" % (pattern, e, vm.context()))
+    return vm.q.last_index
+
+
+# ------------------------------------------------------------ inflate / deflate
+
+@pytest.mark.parametrize("machine,transport", ROUNDTRIP, ids=[_id(p) for p in ROUNDTRIP])
+def test_inflate_deflate_roundtrip(balloon_vm, machine, transport):
+    """Inflate step by step and back to 0: query-balloon reaches each target, the
+    guest's state agrees, held memory verifies after every step, and deflating to 0
+    gives the allocator back every page."""
+    name, dev_opts, append, want_transport = transport
+    with balloon_vm(machine=machine, balloon_opts=dev_opts, append=append) as vm:
+        assert vm.features["transport"] == want_transport, (
+            "guest chose %r, expected %r\n%s" % (vm.features["transport"], want_transport,
+                                                  vm.context()))
+        st0 = vm.state()
+        assert st0["balloon"]["actual_pages"] == 0 and st0["held"]["pages"] == 0
+        a = vm.check("alloc %d 4242" % HELD)
+        assert a["pages"] == HELD // PAGE
+        st1 = vm.state()
+        free1 = st1["mm"]["free_pages"]
+        # the agent's blocklist takes a record page or two on top of the data
+        want = st0["mm"]["free_pages"] - HELD // PAGE
+        assert want - 4 <= free1 <= want, (st0, st1)
+        seen_from = len(vm.q.lines)
+        for size in STEPS:
+            secs = vm.resize(size, timeout=60)
+            st = vm.check_balloon_agrees(size)
+            pages = size // PAGE
+            free = st["mm"]["free_pages"]
+            assert free1 - pages - RECORD_SLACK <= free <= free1 - pages, (
+                "balloon %d MiB: free_pages %d, expected %d - %d (- <=%d record pages)\n%s" % (
+                    size >> 20, free, free1, pages, RECORD_SLACK, vm.context()))
+            vm.check_verify(pages=HELD // PAGE)
+            # the guest reports reaching it on serial, too
+            idx = wait_serial(vm, r'^\{"event":"balloon_reached","actual_pages":%d,' % pages,
+                              start=seen_from)
+            seen_from = idx + 1
+            assert secs < 30
+        st_end = vm.state()
+        assert st_end["mm"]["free_pages"] == free1, (
+            "after deflating to 0 the allocator has %d free pages, %d before inflating: "
+            "%d pages lost\n%s" % (st_end["mm"]["free_pages"], free1,
+                                   free1 - st_end["mm"]["free_pages"], vm.context()))
+        b = st_end["balloon"]
+        assert b["inflate_buffers"] > 0 and b["deflate_buffers"] > 0
+        targets = [e["target_pages"] for e in vm.events("balloon_target")]
+        assert targets[-len(STEPS):] == [s // PAGE for s in STEPS], targets
+        vm.check("free all")
+        assert vm.state()["mm"]["free_pages"] == st0["mm"]["free_pages"]
+        vm.check_no_violation()
+        vm.quit()
+
+
+# ------------------------------------------------------------ host memory
+
+@pytest.mark.parametrize("machine", ["q35", "pc"])
+def test_rss_falls_when_touched_memory_is_ballooned(balloon_vm, machine):
+    """The guest touches 768 MiB (held 64 MiB + 704 MiB allocated and freed) of a
+    1 GiB guest; inflating a 768 MiB balloon must then give at least 400 MiB back
+    to the host (QEMU's VmRSS).  Pigeonhole: of the ~958 MiB the guest has free,
+    704 MiB were touched, so at least 704 + 768 - 958 = 514 MiB of the balloon are
+    touched pages, whichever pages the guest picks."""
+    with balloon_vm(machine=machine) as vm:
+        vm.check("alloc %d 77" % HELD)
+        big = vm.check("alloc 704M 5", timeout=120)
+        vm.check("free %d" % big["id"])
+        rss_before = vm.balloon.rss()
+        assert rss_before >= 700 * MiB, "guest touched 768 MiB but QEMU RSS is %d MiB" % (
+            rss_before >> 20)
+        vm.resize(768 * MiB)
+        vm.check_balloon_agrees(768 * MiB)
+        rss_after = vm.balloon.rss()
+        drop = rss_before - rss_after
+        assert drop >= 400 * MiB, (
+            "QEMU RSS fell by only %d MiB (%d -> %d MiB) after inflating 768 MiB of touched "
+            "memory\n%s" % (drop >> 20, rss_before >> 20, rss_after >> 20, vm.context()))
+        vm.check_verify(pages=HELD // PAGE)
+        vm.resize(0)
+        vm.check_verify(pages=HELD // PAGE)
+        # the guest can use (and we can verify) all that memory again
+        r = vm.check("alloc 768M 6", timeout=120)
+        vm.check_verify(str(r["id"]), pages=768 * MiB // PAGE)
+        vm.quit()
+
+
+# ------------------------------------------------------------ guest statistics
+
+def test_guest_stats(balloon_vm):
+    """guest-stats after setting guest-stats-polling-interval: total ~ guest RAM,
+    free <= total and following allocations and inflation, last-update set."""
+    with balloon_vm(machine="q35", memory="1G") as vm:
+        bal = vm.balloon
+        bal.enable_stats(1)
+        s0 = bal.wait_stats(timeout=10)
+        st = s0["stats"]
+        total, free = st["stat-total-memory"], st["stat-free-memory"]
+        assert s0["last-update"] > 0
+        assert 1 * GiB - 16 * MiB <= total <= 1 * GiB, "stat-total-memory %d" % total
+        assert 0 < free <= total, "stat-free-memory %d, total %d" % (free, total)
+        assert st["stat-available-memory"] == free
+        # blimp sends all 10 tags; what it has not got is 0, not QEMU's "unset" (2^64-1)
+        for k in ("stat-swap-in", "stat-swap-out", "stat-major-faults", "stat-minor-faults",
+                  "stat-disk-caches", "stat-htlb-pgalloc", "stat-htlb-pgfail"):
+            assert st[k] == 0, "%s = %r" % (k, st[k])
+        guest_state = vm.state()
+        assert total == guest_state["mm"]["total_pages"] * PAGE
+        assert free == guest_state["mm"]["free_pages"] * PAGE
+
+        vm.check("alloc 100M 3")
+        s1 = bal.wait_stats(timeout=10, pred=lambda s: s["stats"]["stat-free-memory"] != free)
+        free1 = s1["stats"]["stat-free-memory"]
+        # 100 MiB of data plus the agent's record page(s)
+        assert 100 * MiB <= free - free1 <= 100 * MiB + 4 * PAGE, (
+            "free fell by %d bytes after alloc 100M" % (free - free1))
+        assert s1["last-update"] >= s0["last-update"]
+
+        vm.resize(256 * MiB)
+        s2 = bal.wait_stats(timeout=10, pred=lambda s: s["stats"]["stat-free-memory"] != free1)
+        free2 = s2["stats"]["stat-free-memory"]
+        assert 256 * MiB <= free1 - free2 <= 256 * MiB + RECORD_SLACK * PAGE, (
+            "free fell by %d bytes after a 256 MiB inflation" % (free1 - free2))
+        assert s2["stats"]["stat-total-memory"] == total
+        assert vm.state()["balloon"]["stats_updates"] >= 2
+        bal.enable_stats(0)
+        vm.check_verify()
+        vm.quit()
+
+
+# ------------------------------------------------------------ deflate on OOM
+
+OOM_CASES = [
+    ("on", ["deflate-on-oom=on"], "", True),
+    ("device-off", ["deflate-on-oom=off"], "", False),
+    ("kernel-off", ["deflate-on-oom=on"], "blimp.balloon.deflate_on_oom=0", False),
+    ("on-legacy", ["deflate-on-oom=on", "disable-modern=on"], "", True),
+]
+
+
+@pytest.mark.parametrize("case", OOM_CASES, ids=[c[0] for c in OOM_CASES])
+def test_deflate_on_oom(balloon_vm, case):
+    """1 GiB guest, 768 MiB balloon, then `alloc 512M`: with DEFLATE_ON_OOM
+    negotiated the guest takes memory back from the balloon (telling the host) and
+    succeeds; without it the allocation fails cleanly and the balloon stays."""
+    name, dev_opts, append, negotiated = case
+    with balloon_vm(machine="q35", balloon_opts=dev_opts, append=append) as vm:
+        assert bool(vm.accepted & guest.F_DEFLATE_ON_OOM) == negotiated, (
+            "DEFLATE_ON_OOM accepted=%#x, expected negotiated=%s\n%s" % (
+                vm.accepted, negotiated, vm.context()))
+        vm.check("alloc %d 31" % HELD)
+        vm.resize(768 * MiB)
+        vm.check_balloon_agrees(768 * MiB)
+        before = len(vm.q.lines)
+        r = vm.cmd("alloc 512M 32", timeout=120)
+        if negotiated:
+            assert r.get("ok") is True, "alloc 512M failed despite DEFLATE_ON_OOM: %r\n%s" % (
+                r, vm.context())
+            ev = vm.q.wait_for_event("balloon_oom_deflate", timeout=10, start=before)
+            assert ev["pages"] > 0
+            size = vm.balloon_size()
+            assert size < 768 * MiB, "balloon still %d MiB after OOM deflate" % (size >> 20)
+            # 1022 MiB managed - 64 held - 512 allocated: at most ~446 MiB can stay ballooned
+            assert size <= 450 * MiB, "balloon %d MiB: the 512 MiB did not come from it" % (
+                size >> 20)
+            st = vm.state()
+            assert st["balloon"]["oom_deflated_pages"] >= ev["pages"]
+            # The guest re-inflates whatever the allocation left above its reserve, so host
+            # and guest views agree once that settles (a page or two may still move).
+            deadline = time.time() + 5
+            while st["balloon"]["actual_pages"] * PAGE != vm.balloon_size():
+                assert time.time() < deadline, (
+                    "guest actual %d pages never matched query-balloon %d bytes\n%s" % (
+                        st["balloon"]["actual_pages"], vm.balloon_size(), vm.context()))
+                time.sleep(0.05)
+                st = vm.state()
+            vm.check_verify()          # both allocations intact
+            # memory freed again: the guest re-inflates to the host's target
+            vm.check("free %d" % r["id"])
+            vm.balloon.wait_size(768 * MiB, timeout=30)
+            vm.check_balloon_agrees(768 * MiB)
+        else:
+            assert r.get("ok") is False and "out of memory" in r.get("error", ""), (
+                "alloc 512M should fail cleanly without DEFLATE_ON_OOM: %r\n%s" % (
+                    r, vm.context()))
+            assert not vm.events("balloon_oom_deflate"), vm.context()
+            vm.check_balloon_agrees(768 * MiB)
+            assert vm.state()["balloon"]["oom_deflated_pages"] == 0
+            vm.check("ping")
+        vm.check_verify(pages=HELD // PAGE)     # only the first allocation is left
+        vm.resize(0)
+        vm.check_balloon_agrees(0)
+        vm.check_no_violation()
+        vm.quit()
+
+
+# ------------------------------------------------------------ impossible target
+
+@pytest.mark.parametrize("machine,dev_opts", [("q35", []), ("pc", ["disable-modern=on"])],
+                         ids=["q35-modern", "pc-legacy-dev"])
+def test_target_beyond_guest_memory(balloon_vm, machine, dev_opts):
+    """QMP balloon value=1 MiB (balloon 1023 MiB, more than the guest can give):
+    the guest inflates what it can, logs balloon_exhausted, keeps answering, and
+    deflating to 0 afterwards gives everything back."""
+    with balloon_vm(machine=machine, balloon_opts=dev_opts) as vm:
+        vm.check("alloc %d 9" % HELD)
+        free1 = vm.state()["mm"]["free_pages"]
+        before = len(vm.q.lines)
+        vm.balloon.set_guest_size(1 * MiB)
+        ev = vm.q.wait_for_event("balloon_exhausted", timeout=60, start=before)
+        assert ev["target_pages"] <= (1 * GiB) // PAGE
+        # it settles: query-balloon stops moving, near everything the guest had free
+        last, stable_since = None, time.monotonic()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            size = vm.balloon_size()
+            if size != last:
+                last, stable_since = size, time.monotonic()
+            elif time.monotonic() - stable_since > 0.5:
+                break
+            time.sleep(0.01)
+        assert time.monotonic() < deadline, "balloon never settled\n" + vm.context()
+        assert vm.check("ping")["ok"]
+        st = vm.state()
+        b = st["balloon"]
+        assert b["state"] == "running", vm.context()
+        assert b["actual_pages"] * PAGE == last
+        assert b["actual_pages"] >= free1 - 1024, (
+            "only %d of %d free pages ballooned" % (b["actual_pages"], free1))
+        assert st["mm"]["free_pages"] < 1024
+        assert vm.q.running()
+        vm.check_verify(pages=HELD // PAGE)
+        vm.resize(0)
+        vm.check_balloon_agrees(0)
+        assert vm.state()["mm"]["free_pages"] == free1
+        vm.check_verify(pages=HELD // PAGE)
+        vm.check_no_violation()
+        vm.quit()
+
+
+# ------------------------------------------------------------ changing targets
+
+def _wait_progress(vm, lo, hi, timeout=30.0):
+    """Poll until the balloon is strictly between lo and hi bytes (mid-flight) or at hi."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = vm.balloon_size()
+        if lo < s < hi:
+            return s, True
+        if s == hi:
+            return s, False
+        time.sleep(0.001)
+    raise AssertionError("no balloon progress towards %d MiB\n%s" % (hi >> 20, vm.context()))
+
+
+@pytest.mark.parametrize("machine,dev_opts,append", [
+    ("q35", [], ""), ("pc", ["disable-modern=on"], ""),
+    ("q35", [], "blimp.balloon.pfns=256 blimp.balloon.buffers=1")],
+    ids=["q35-modern", "pc-legacy-dev", "q35-modern-256x1"])
+def test_target_changes_mid_flight(balloon_vm, machine, dev_opts, append):
+    """768 MiB asked, changed to 128 MiB while inflating (and 0 -> 512 MiB while
+    deflating): the balloon settles at the final target, both directions."""
+    with balloon_vm(machine=machine, balloon_opts=dev_opts, append=append) as vm:
+        vm.check("alloc %d 5" % HELD)
+        free1 = vm.state()["mm"]["free_pages"]
+        vm.balloon.set_size(768 * MiB)
+        _, mid = _wait_progress(vm, 0, 768 * MiB)
+        vm.balloon.set_size(128 * MiB)
+        vm.balloon.wait_size(128 * MiB, timeout=30)
+        time.sleep(0.2)                       # settled, not passing through
+        vm.check_balloon_agrees(128 * MiB)
+        targets = [e["target_pages"] for e in vm.events("balloon_target")]
+        assert (768 * MiB) // PAGE in targets and targets[-1] == (128 * MiB) // PAGE, targets
+
+        vm.resize(768 * MiB)
+        vm.balloon.set_size(0)
+        # deflating: wait until it has left 768 MiB (and is, usually, not yet at 0)
+        deadline = time.monotonic() + 30
+        while True:
+            s = vm.balloon_size()
+            if s < 768 * MiB or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        mid2 = 0 < s < 768 * MiB
+        vm.balloon.set_size(512 * MiB)
+        vm.balloon.wait_size(512 * MiB, timeout=30)
+        time.sleep(0.2)
+        vm.check_balloon_agrees(512 * MiB)
+        vm.check_verify(pages=HELD // PAGE)
+        vm.resize(0)
+        assert vm.state()["mm"]["free_pages"] == free1
+        vm.check_no_violation()
+        vm.quit()
+        print("changed mid-inflate: %s, mid-deflate: %s" % (mid, mid2))
+
+
+# ------------------------------------------------------------ no device
+
+NO_DEVICE = [guest.Spec(image, machine, "128M", "", timeout=30.0, tag="balloon-mode")
+             for image, machine in (("pvh", "q35"), ("mb1", "pc"), ("pvh", "microvm"))]
+
+
+@pytest.mark.parametrize("spec", NO_DEVICE, ids=[s.id for s in NO_DEVICE])
+def test_no_balloon_device_error_line(boot):
+    """Balloon mode without a device: QEMU status 47 and the documented error line
+    (the same runs as test_boot.py's test_balloon_mode_without_device)."""
+    guest.check_exit(boot, exitcodes.NO_BALLOON_DEVICE)
+    assert boot.status == 47
+    assert any(re.match(r"^blimp: error: no usable virtio balloon device found", l)
+               for l in boot.lines), boot.context()
+
+
+# ------------------------------------------------------------ the command line tools
+
+def _blimp_py(images, pytestconfig, *argv, timeout=240):
+    import subprocess
+    import sys
+    tools = guest.TOOLS
+    cmd = [sys.executable, "-u", tools + "/blimp.py"] + list(argv) + [
+        "--kernel", images["pvh"], "--accel", pytestconfig.getoption("accel")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_cli_demo(images, pytestconfig):
+    """`blimp.py demo` (what `./blimp demo` runs) goes through all its steps and exits 0."""
+    r = _blimp_py(images, pytestconfig, "demo")
+    out = r.stdout
+    assert r.returncode == 0, "demo failed (%d):\n%s\n%s" % (r.returncode, out, r.stderr)
+    assert out.rstrip().endswith("blimp demo: OK"), out
+    for i in range(1, 9):
+        assert "== %d. " % i in out, "step %d missing:\n%s" % (i, out)
+    assert "guest| balloon: virtio-pci-modern" in out, out
+    assert re.search(r"inflate\s+512 MiB\s+512 MiB\s+512 MiB", out), out
+    assert re.search(r"deflate\s+0 MiB\s+0 MiB\s+1024 MiB", out), out
+    m = re.search(r"with the balloon at 512 MiB: ([\d.]+) MiB returned to the host", out)
+    assert m and float(m.group(1)) >= 256, "RSS hardly fell:\n" + out
+    assert "every word intact" in out and "QEMU status 33" in out
+
+
+def test_cli_balloon_targets_and_json(images, pytestconfig):
+    r = _blimp_py(images, pytestconfig, "balloon", "-m", "1G", "--pfns", "1024",
+                  "--buffers", "16", "--touch", "512M", "768M", "128M", "0", "--json")
+    assert r.returncode == 0, "%s\n%s" % (r.stdout, r.stderr)
+    last = r.stdout.strip().splitlines()[-1]
+    import json
+    j = json.loads(last)
+    assert [s["target"] for s in j["steps"]] == [768 * MiB, 128 * MiB, 0]
+    assert all(s["seconds"] > 0 for s in j["steps"])
+    assert "blimp.balloon.pfns=1024 blimp.balloon.buffers=16" in j["append"]
+
+
+def test_cli_balloon_unreachable_target_fails_fast(images, pytestconfig):
+    t0 = time.monotonic()
+    r = _blimp_py(images, pytestconfig, "balloon", "-m", "256M", "255M")
+    assert r.returncode == 1, "%s\n%s" % (r.stdout, r.stderr)
+    assert "no more memory to give" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60
