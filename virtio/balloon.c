@@ -213,7 +213,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         if (!(t->ops->get_status(t) & VIRTIO_STATUS_FEATURES_OK)) {
             platform_log("balloon: device refused our features 0x%lx (offered 0x%lx)",
                          (unsigned long)b->features, (unsigned long)b->offered);
-            t->ops->set_status(t, status | VIRTIO_STATUS_FAILED);
+            t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
             return -1;
         }
     }
@@ -228,7 +228,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     if (setup_queue(b, &b->inflate_vq, "inflateq", 0) != 0 ||
         setup_queue(b, &b->deflate_vq, "deflateq", 1) != 0 ||
         (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2) != 0)) {
-        t->ops->set_status(t, status | VIRTIO_STATUS_FAILED);
+        t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
 
@@ -239,7 +239,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         b->stats_buf = alloc_zeroed(mm, PAGE_SIZE);
     if (!area || (b->has_stats && !b->stats_buf)) {
         platform_log("balloon: no memory for buffers");
-        t->ops->set_status(t, status | VIRTIO_STATUS_FAILED);
+        t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
     for (unsigned i = 0; i < b->cfg.buffers; i++) {
@@ -283,10 +283,11 @@ static void inflate_step(struct balloon *b)
             struct buddy_stats st;
             buddy_get_stats(b->mm, &st);
             uint64_t room = want - n;
-            if (st.free_pages <= b->cfg.reserve_pages)
+            /* Keep one page beyond the reserve for the record page the push may need. */
+            if (st.free_pages <= b->cfg.reserve_pages + 1)
                 break;
-            if (room > st.free_pages - b->cfg.reserve_pages)
-                room = st.free_pages - b->cfg.reserve_pages;
+            if (room > st.free_pages - b->cfg.reserve_pages - 1)
+                room = st.free_pages - b->cfg.reserve_pages - 1;
             unsigned max_order = floor_log2(room);
             if (max_order > BUDDY_MAX_ORDER)
                 max_order = BUDDY_MAX_ORDER;
@@ -298,10 +299,20 @@ static void inflate_step(struct balloon *b)
                 buddy_free(b->mm, pfn, order); /* PFNs are 32-bit on the wire */
                 break;
             }
-            pushed++;
-            for (uint64_t i = 0; i < (1ull << order); i++)
-                buf->pfns[n++] = (uint32_t)(pfn + i);
+            buf->blocks[pushed++] = pfn << 8 | order; /* scratch until the buffer is sent */
+            n += 1u << order;
         }
+        /* The allocator hands out blocks at any address: send the PFNs in ascending order. */
+        for (unsigned i = 1; i < pushed; i++)
+            for (unsigned j = i; j > 0 && buf->blocks[j - 1] > buf->blocks[j]; j--) {
+                uint64_t t = buf->blocks[j];
+                buf->blocks[j] = buf->blocks[j - 1];
+                buf->blocks[j - 1] = t;
+            }
+        n = 0;
+        for (unsigned i = 0; i < pushed; i++)
+            for (uint64_t k = 0; k < (1ull << (buf->blocks[i] & 0xff)); k++)
+                buf->pfns[n++] = (uint32_t)((buf->blocks[i] >> 8) + k);
         if (n == 0) {
             if (!b->exhausted_logged) {
                 platform_log("balloon: cannot inflate further: guest memory exhausted "
@@ -497,8 +508,11 @@ uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t tim
         return 0;
     uint64_t deadline = platform_now_ns() + timeout_ns;
     /* Let inflation in flight finish first: deflating needs acknowledged pages. */
-    while (b->inflight_inflate && platform_now_ns() < deadline)
-        balloon_poll(b, false);
+    while (b->inflight_inflate && platform_now_ns() < deadline && b->state == BALLOON_RUNNING) {
+        if (collect(b)) /* collect only: polling would send more inflate buffers */
+            write_actual(b);
+        check_queues(b);
+    }
     uint32_t before = b->actual;
     uint32_t saved = b->target;
     b->target = b->actual > pages ? (uint32_t)(b->actual - pages) : 0;

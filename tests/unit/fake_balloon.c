@@ -1,0 +1,455 @@
+/* Virtio balloon device model for host unit tests: see fake_balloon.h. */
+#include "fake_balloon.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../virtio/balloon.h"
+#include "fake_platform.h"
+#include "platform.h"
+
+#define STATS_ENTRY 10
+
+static void fb_error(struct fake_balloon *fb, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void fb_error(struct fake_balloon *fb, const char *fmt, ...)
+{
+    if (fb->errors++ == 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(fb->error, sizeof(fb->error), fmt, ap);
+        va_end(ap);
+        fprintf(stderr, "[fake balloon] driver error: %s\n", fb->error);
+    }
+}
+
+static const char *role_name(enum fb_role r)
+{
+    return r == FB_INFLATE ? "inflateq" : r == FB_DEFLATE ? "deflateq" : "statsq";
+}
+
+static int role_of(const struct fake_balloon *fb, unsigned index)
+{
+    for (int r = 0; r < FB_ROLES; r++)
+        if (fb->qidx[r] == index)
+            return r;
+    return -1;
+}
+
+static struct fake_vq *role_vq(struct fake_balloon *fb, enum fb_role role)
+{
+    return fb->qidx[role] == FB_NO_QUEUE ? NULL : fake_transport_vq(fb->ft, fb->qidx[role]);
+}
+
+/* ---- Pages ---------------------------------------------------------------------------------- */
+
+static bool in_ram(const struct fake_balloon *fb, uint64_t pfn)
+{
+    return pfn >= fb->ram_pfn && pfn - fb->ram_pfn < fb->ram_pages;
+}
+
+static uint64_t canary_word(uint64_t pfn, unsigned i)
+{
+    return FB_CANARY_KEY ^ (pfn << 12 | (uint64_t)i * 8);
+}
+
+static void canary_fill(uint64_t pfn)
+{
+    uint64_t *w = phys_to_virt(pfn << PAGE_SHIFT);
+    for (unsigned i = 0; i < PAGE_SIZE / 8; i++)
+        w[i] = canary_word(pfn, i);
+}
+
+static bool canary_intact(uint64_t pfn)
+{
+    const uint64_t *w = phys_to_virt(pfn << PAGE_SHIFT);
+    for (unsigned i = 0; i < PAGE_SIZE / 8; i++)
+        if (w[i] != canary_word(pfn, i))
+            return false;
+    return true;
+}
+
+bool fake_balloon_is_ballooned(const struct fake_balloon *fb, uint64_t pfn)
+{
+    return in_ram(fb, pfn) && fb->ballooned[pfn - fb->ram_pfn];
+}
+
+unsigned fake_balloon_check_canaries(struct fake_balloon *fb)
+{
+    unsigned bad = 0;
+    for (uint64_t i = 0; i < fb->ram_pages; i++)
+        if (fb->ballooned[i] && !canary_intact(fb->ram_pfn + i)) {
+            if (bad++ == 0)
+                fb_error(fb, "ballooned page 0x%llx was written by the guest",
+                         (unsigned long long)(fb->ram_pfn + i));
+        }
+    fb->canary_errors += bad;
+    return bad;
+}
+
+/* ---- Inflate / deflate ---------------------------------------------------------------------- */
+
+static struct fb_snapshot *snap_slot(struct fake_balloon *fb, enum fb_role role,
+                                     const struct fake_vq *d, uint16_t head)
+{
+    if (fb->snap_size[role] != d->size) {
+        for (unsigned i = 0; i < fb->snap_size[role]; i++)
+            free(fb->snap[role][i].pfns);
+        free(fb->snap[role]);
+        fb->snap[role] = calloc(d->size, sizeof(struct fb_snapshot));
+        if (!fb->snap[role])
+            abort();
+        fb->snap_size[role] = d->size;
+    }
+    return &fb->snap[role][head];
+}
+
+/* Copy the PFN array of a just-popped chain: what the device read at that moment. */
+static void take_snapshot(struct fake_balloon *fb, enum fb_role role, struct fake_vq *d,
+                          const struct fake_chain *c)
+{
+    struct fb_snapshot *s = snap_slot(fb, role, d, c->head);
+    free(s->pfns);
+    memset(s, 0, sizeof(*s));
+    if (c->in_bytes)
+        fb_error(fb, "%s buffer %u has %llu device-writable bytes (must be read-only)",
+                 role_name(role), c->head, (unsigned long long)c->in_bytes);
+    if (c->out_bytes == 0 || c->out_bytes % 4)
+        fb_error(fb, "%s buffer %u is %llu bytes: not a non-empty array of le32 PFNs",
+                 role_name(role), c->head, (unsigned long long)c->out_bytes);
+    s->n = (unsigned)(c->out_bytes / 4);
+    s->pfns = malloc((s->n ? s->n : 1) * sizeof(uint32_t));
+    if (!s->pfns)
+        abort();
+    fake_chain_read(c, s->pfns, (size_t)s->n * 4);
+    s->valid = true;
+    /* The device owns inflated pages from the moment it has read their PFNs (QEMU discards
+     * them right away), so the canary goes in now: a driver that writes a page between handing
+     * it over and the acknowledgement is caught too. */
+    if (role == FB_INFLATE)
+        for (unsigned i = 0; i < s->n; i++)
+            if (in_ram(fb, s->pfns[i]) && !fb->ballooned[s->pfns[i] - fb->ram_pfn])
+                canary_fill(s->pfns[i]);
+}
+
+static void log_buffer(struct fake_balloon *fb, enum fb_role role, unsigned n, uint32_t *pfns)
+{
+    if (fb->nlog == fb->caplog) {
+        fb->caplog = fb->caplog ? 2 * fb->caplog : 64;
+        fb->log = realloc(fb->log, fb->caplog * sizeof(*fb->log));
+        if (!fb->log)
+            abort();
+    }
+    fb->log[fb->nlog++] = (struct fb_buffer){role, n, pfns};
+    if (n > fb->max_pfns)
+        fb->max_pfns = n;
+}
+
+/* The device acts on a buffer: pages go into or come out of the balloon. */
+static void process(struct fake_balloon *fb, enum fb_role role, struct fake_vq *d,
+                    const struct fake_chain *c)
+{
+    struct fb_snapshot *s = snap_slot(fb, role, d, c->head);
+    if (!s->valid) {
+        fb_error(fb, "%s buffer %u completed without being popped", role_name(role), c->head);
+        return;
+    }
+    /* The driver must leave the array alone while the device holds the buffer. */
+    uint32_t *now = malloc((s->n ? s->n : 1) * sizeof(uint32_t));
+    if (!now)
+        abort();
+    fake_chain_read(c, now, (size_t)s->n * 4);
+    if (memcmp(now, s->pfns, (size_t)s->n * 4))
+        fb_error(fb, "%s buffer %u: PFN array changed while the device held it", role_name(role),
+                 c->head);
+    free(now);
+
+    for (unsigned i = 0; i < s->n; i++) {
+        uint64_t pfn = s->pfns[i];
+        if (!in_ram(fb, pfn)) {
+            fb_error(fb, "%s: PFN 0x%llx is outside the guest's RAM", role_name(role),
+                     (unsigned long long)pfn);
+            continue;
+        }
+        uint8_t *bit = &fb->ballooned[pfn - fb->ram_pfn];
+        if (role == FB_INFLATE) {
+            if (*bit) {
+                fb_error(fb, "inflate: PFN 0x%llx is already in the balloon",
+                         (unsigned long long)pfn);
+                continue;
+            }
+            *bit = 1; /* the canary went in when the buffer was popped */
+            fb->balloon_pages++;
+        } else {
+            if (!*bit) {
+                fb_error(fb, "deflate: PFN 0x%llx is not in the balloon", (unsigned long long)pfn);
+                continue;
+            }
+            if (!canary_intact(pfn)) {
+                fb->canary_errors++;
+                fb_error(fb, "deflate: ballooned page 0x%llx was written by the guest",
+                         (unsigned long long)pfn);
+            }
+            *bit = 0;
+            fb->balloon_pages--;
+            if (fb->zero_on_deflate)
+                memset(phys_to_virt(pfn << PAGE_SHIFT), 0, PAGE_SIZE);
+        }
+    }
+    if (role == FB_INFLATE)
+        fb->inflated_pages += s->n;
+    else
+        fb->deflated_pages += s->n;
+    log_buffer(fb, role, s->n, s->pfns); /* the log takes the array */
+    s->pfns = NULL;
+    s->valid = false;
+}
+
+/* Write the one-shot broken entry for pending[0]; true if the buffer was completed anyway. */
+static bool misbehave(struct fake_balloon *fb, enum fb_role role, struct fake_vq *d)
+{
+    enum fb_misbehave m = fb->misbehave[role];
+    fb->misbehave[role] = FB_OK;
+    switch (m) {
+    case FB_BAD_ID_RANGE:
+        fake_vq_push_raw(d, (uint32_t)d->size + 3, 0);
+        return false;
+    case FB_BAD_ID_FREE: {
+        unsigned id = 0;
+        while (id < d->size && d->owned[id])
+            id++;
+        if (id == d->size)
+            abort(); /* every descriptor in flight: the test set this up wrongly */
+        fake_vq_push_raw(d, id, 0);
+        return false;
+    }
+    case FB_IDX_JUMP:
+        fake_vq_set_used_idx_raw(d, (uint16_t)(d->used_idx + d->size + 1));
+        return false;
+    case FB_LEN_TOO_LARGE: {
+        uint32_t len = (uint32_t)d->pending[0].out_bytes;
+        if (role != FB_STATS)
+            process(fb, role, d, &d->pending[0]);
+        fake_vq_complete(d, 0, len ? len : 1);
+        return true;
+    }
+    case FB_OK:
+        break;
+    }
+    abort();
+}
+
+unsigned fake_balloon_answer(struct fake_balloon *fb, enum fb_role role, unsigned max)
+{
+    struct fake_vq *d = role_vq(fb, role);
+    unsigned done = 0;
+    if (!d || role == FB_STATS)
+        return 0;
+    while (done < max && d->npending) {
+        if (fb->misbehave[role] != FB_OK) {
+            if (!misbehave(fb, role, d))
+                return done;
+        } else {
+            process(fb, role, d, &d->pending[0]);
+            fake_vq_complete(d, 0, 0); /* the device wrote nothing */
+        }
+        done++;
+    }
+    return done;
+}
+
+unsigned fake_balloon_held(struct fake_balloon *fb, enum fb_role role)
+{
+    struct fake_vq *d = role_vq(fb, role);
+    return d ? d->npending : 0;
+}
+
+/* ---- Stats ---------------------------------------------------------------------------------- */
+
+static void take_stats(struct fake_balloon *fb, const struct fake_chain *c)
+{
+    if (fb->stats_held)
+        fb_error(fb, "statsq: a second buffer arrived while the device holds one (at most one "
+                     "may be available)");
+    if (c->in_bytes)
+        fb_error(fb, "statsq: buffer has %llu device-writable bytes",
+                 (unsigned long long)c->in_bytes);
+    if (c->out_bytes == 0 || c->out_bytes % STATS_ENTRY)
+        fb_error(fb, "statsq: buffer of %llu bytes is not a multiple of 10-byte entries",
+                 (unsigned long long)c->out_bytes);
+    uint8_t raw[FB_MAX_STATS * STATS_ENTRY];
+    size_t len = fake_chain_read(c, raw, sizeof(raw));
+    uint16_t old_tag[FB_MAX_STATS];
+    unsigned old_n = fb->n_stats;
+    memcpy(old_tag, fb->stat_tag, sizeof(old_tag));
+    fb->n_stats = 0;
+    for (size_t off = 0; off + STATS_ENTRY <= len; off += STATS_ENTRY) {
+        uint16_t tag = (uint16_t)(raw[off] | raw[off + 1] << 8);
+        uint64_t val = 0;
+        for (unsigned k = 0; k < 8; k++)
+            val |= (uint64_t)raw[off + 2 + k] << (8 * k);
+        fb->stat_tag[fb->n_stats] = tag;
+        fb->stat_val[fb->n_stats] = val;
+        fb->n_stats++;
+    }
+    /* The same subset of tags every time (spec 5.5.6.3.1), in any order. */
+    if (fb->stats_buffers) {
+        bool same = old_n == fb->n_stats;
+        for (unsigned i = 0; same && i < old_n; i++) {
+            bool found = false;
+            for (unsigned j = 0; j < fb->n_stats && !found; j++)
+                found = fb->stat_tag[j] == old_tag[i];
+            same = found;
+        }
+        if (!same)
+            fb_error(fb, "statsq: the set of tags changed between buffers");
+    }
+    fb->stats_buffers++;
+    fb->stats_held = true;
+}
+
+bool fake_balloon_stat(const struct fake_balloon *fb, uint16_t tag, uint64_t *val)
+{
+    for (unsigned i = fb->n_stats; i-- > 0;)
+        if (fb->stat_tag[i] == tag) {
+            if (val)
+                *val = fb->stat_val[i];
+            return true;
+        }
+    return false;
+}
+
+bool fake_balloon_request_stats(struct fake_balloon *fb)
+{
+    struct fake_vq *d = role_vq(fb, FB_STATS);
+    if (!d || !d->npending)
+        return false;
+    fb->stats_requests++;
+    if (fb->misbehave[FB_STATS] != FB_OK) {
+        if (misbehave(fb, FB_STATS, d))
+            fb->stats_held = d->npending > 0;
+        return true;
+    }
+    fake_vq_complete(d, 0, 0);
+    fb->stats_held = d->npending > 0;
+    return true;
+}
+
+/* ---- Transport hooks ------------------------------------------------------------------------ */
+
+unsigned fake_balloon_pop(struct fake_balloon *fb, enum fb_role role)
+{
+    struct fake_vq *d = role_vq(fb, role);
+    unsigned n = 0;
+    if (!d)
+        return 0;
+    int rc;
+    while ((rc = fake_vq_pop(d)) == 1) {
+        const struct fake_chain *c = &d->pending[d->npending - 1];
+        if (role == FB_STATS)
+            take_stats(fb, c);
+        else
+            take_snapshot(fb, role, d, c);
+        n++;
+    }
+    if (rc < 0)
+        fb_error(fb, "%s: the ring was malformed (%s)", role_name(role), d->error);
+    return n;
+}
+
+static void on_notify(struct fake_transport *ft, unsigned index, void *arg)
+{
+    struct fake_balloon *fb = arg;
+    (void)ft;
+    int role = role_of(fb, index);
+    if (role < 0) {
+        fb_error(fb, "notify on queue %u, which the balloon driver does not use", index);
+        return;
+    }
+    fake_balloon_pop(fb, (enum fb_role)role);
+    if (role != FB_STATS && !fb->hold[role])
+        fake_balloon_answer(fb, (enum fb_role)role, ~0u);
+}
+
+static void on_config_write(struct fake_transport *ft, unsigned off, unsigned width, uint32_t val,
+                            void *arg)
+{
+    struct fake_balloon *fb = arg;
+    (void)ft;
+    (void)val;
+    if (off == BALLOON_CFG_ACTUAL) {
+        fb->actual_writes++;
+        if (width != 4) /* spec 5.5.6.2.1: one 4-byte access */
+            fb_error(fb, "actual written with a %u-byte access", width);
+        return;
+    }
+    fb_error(fb, "driver wrote config offset %u (width %u), which it must not", off, width);
+}
+
+/* ---- Setup ---------------------------------------------------------------------------------- */
+
+void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint64_t ram_base_phys,
+                       uint64_t ram_bytes, uint16_t queue_size)
+{
+    memset(fb, 0, sizeof(*fb));
+    fb->ft = ft;
+    fb->ram_pfn = ram_base_phys >> PAGE_SHIFT;
+    fb->ram_pages = ram_bytes >> PAGE_SHIFT;
+    fb->ballooned = calloc(fb->ram_pages ? fb->ram_pages : 1, 1);
+    if (!fb->ballooned)
+        abort();
+    fb->zero_on_deflate = true;
+
+    uint64_t f = ft->device_features;
+    if (ft->t.legacy)
+        f &= 0xffffffffULL;
+    unsigned next = 0;
+    fb->qidx[FB_INFLATE] = next++;
+    fb->qidx[FB_DEFLATE] = next++;
+    fb->qidx[FB_STATS] = FB_NO_QUEUE;
+    fake_transport_add_queue(ft, fb->qidx[FB_INFLATE], queue_size);
+    fake_transport_add_queue(ft, fb->qidx[FB_DEFLATE], queue_size);
+    if (f & (1ULL << VIRTIO_BALLOON_F_STATS_VQ)) {
+        fb->qidx[FB_STATS] = next;
+        fake_transport_add_queue(ft, next++, queue_size);
+    }
+    if (f & (1ULL << VIRTIO_BALLOON_F_FREE_PAGE_HINT))
+        fake_transport_add_queue(ft, next++, 1024);
+    if (f & (1ULL << VIRTIO_BALLOON_F_PAGE_REPORTING))
+        fake_transport_add_queue(ft, next++, 32);
+
+    ft->hook_arg = fb;
+    ft->on_notify = on_notify;
+    ft->on_config_write = on_config_write;
+}
+
+void fake_balloon_fini(struct fake_balloon *fb)
+{
+    for (unsigned i = 0; i < fb->nlog; i++)
+        free(fb->log[i].pfns);
+    free(fb->log);
+    for (unsigned r = 0; r < 2; r++) {
+        for (unsigned i = 0; i < fb->snap_size[r]; i++)
+            free(fb->snap[r][i].pfns);
+        free(fb->snap[r]);
+    }
+    free(fb->ballooned);
+    if (fb->ft && fb->ft->hook_arg == fb) {
+        fb->ft->on_notify = NULL;
+        fb->ft->on_config_write = NULL;
+        fb->ft->hook_arg = NULL;
+    }
+    memset(fb, 0, sizeof(*fb));
+}
+
+void fake_balloon_set_target(struct fake_balloon *fb, uint32_t pages)
+{
+    fake_transport_config_set(fb->ft, BALLOON_CFG_NUM_PAGES, 4, pages);
+}
+
+uint32_t fake_balloon_actual(const struct fake_balloon *fb)
+{
+    return fake_transport_config_get(fb->ft, BALLOON_CFG_ACTUAL, 4);
+}

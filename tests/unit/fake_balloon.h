@@ -1,0 +1,130 @@
+/*
+ * A virtio memory balloon device model (device type 5) on top of fake_transport, for host unit
+ * tests of virtio/balloon.c. It plays QEMU's part of the protocol (docs: balloon-protocol.md
+ * sections 2-4) and checks the driver's part while doing so:
+ *
+ *  - inflateq / deflateq: on notify it pops every available buffer, copies its PFN array (le32
+ *    each) and, unless told to hold the buffers, completes them at once with used len 0. On
+ *    completion it validates every PFN (inside the guest's RAM; not already in the balloon for
+ *    inflate; in the balloon for deflate), keeps a per-page bitmap of ballooned pages and a log
+ *    of every buffer it processed. A page handed over for inflation is filled with a canary
+ *    when the device pops its buffer (the device owns it from then on); when the page is
+ *    deflated (at the deflate buffer's completion) the canary must still be there, so a driver
+ *    that touched a ballooned page is caught. Deflated pages then read back as zero (as after
+ *    QEMU's discard).
+ *  - statsq: the device keeps the one buffer the driver gives it and parses its 10-byte entries;
+ *    fake_balloon_request_stats() returns it (used len 0) so the driver refreshes it.
+ *  - config: num_pages (offset 0) set by the test, actual (offset 4) written by the driver.
+ *  - misbehaviour knobs: hold buffers (answer later with fake_balloon_answer, or never), and a
+ *    one-shot broken used-ring entry per queue.
+ *
+ * Driver mistakes the model sees are counted in `errors` (first message kept); protocol-level
+ * ring mistakes are in the fake_vq's own `errors`, transport-level ones in ft->driver_errors.
+ */
+#ifndef BLIMP_FAKE_BALLOON_H
+#define BLIMP_FAKE_BALLOON_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "fake_transport.h"
+
+/* Queue roles (the index on the device is fb->qidx[role]). */
+enum fb_role { FB_INFLATE = 0, FB_DEFLATE = 1, FB_STATS = 2, FB_ROLES = 3 };
+
+/* One-shot broken used-ring entries, applied at the next completion on a queue. */
+enum fb_misbehave {
+    FB_OK = 0,
+    FB_BAD_ID_RANGE,  /* used id >= queue size; the buffer stays held */
+    FB_BAD_ID_FREE,   /* used id of a descriptor that is not in flight; the buffer stays held */
+    FB_LEN_TOO_LARGE, /* processes the buffer but reports used len = bytes read (old QEMU) */
+    FB_IDX_JUMP,      /* used.idx jumps by more than the queue size; the buffer stays held */
+};
+
+#define FB_MAX_STATS  64
+#define FB_NO_QUEUE   0xffffffffu
+#define FB_CANARY_KEY 0xba110011ca9a7e00ULL
+
+/* An inflate/deflate buffer the device processed, as it read it. */
+struct fb_buffer {
+    enum fb_role role;
+    unsigned n;
+    uint32_t *pfns;
+};
+
+/* What the device read from a buffer when it popped it (indexed by head descriptor). */
+struct fb_snapshot {
+    bool valid;
+    unsigned n;
+    uint32_t *pfns;
+};
+
+struct fake_balloon {
+    struct fake_transport *ft;
+    uint64_t ram_pfn, ram_pages; /* the guest's RAM, in 4 KiB frames */
+    uint8_t *ballooned;          /* per RAM page: in the balloon */
+    uint64_t balloon_pages;      /* pages in the balloon now */
+    unsigned qidx[FB_ROLES];     /* device queue index per role (FB_NO_QUEUE: absent) */
+
+    /* Knobs. */
+    bool hold[2];                          /* inflate/deflate: keep popped buffers unanswered */
+    enum fb_misbehave misbehave[FB_ROLES]; /* one-shot, cleared when applied */
+    bool zero_on_deflate;                  /* deflated pages read back zero (default true) */
+
+    /* What the device saw. */
+    struct fb_buffer *log; /* every processed inflate/deflate buffer, oldest first */
+    unsigned nlog, caplog;
+    struct fb_snapshot *snap[2]; /* per role, per head */
+    uint16_t snap_size[2];
+    uint64_t inflated_pages, deflated_pages; /* totals over all processed buffers */
+    unsigned max_pfns;                       /* largest buffer seen */
+    unsigned actual_writes;                  /* driver writes of `actual` */
+    unsigned canary_errors;
+
+    /* Stats. */
+    bool stats_held;
+    unsigned stats_buffers; /* stats buffers received */
+    unsigned stats_requests;
+    unsigned n_stats;
+    uint16_t stat_tag[FB_MAX_STATS];
+    uint64_t stat_val[FB_MAX_STATS];
+
+    /* Driver mistakes (first message kept). */
+    unsigned errors;
+    char error[256];
+
+    void *user; /* for tests that chain their own hooks (hook_arg is the model) */
+};
+
+/*
+ * Attach the model to ft (already fake_transport_init'ed with the features to offer): installs
+ * on_notify and on_config_write, and declares the queues the offered features create, numbered
+ * compactly as QEMU does (0 inflateq, 1 deflateq, then statsq, free_page_vq, reporting_vq by the
+ * offered STATS_VQ, FREE_PAGE_HINT, PAGE_REPORTING), each with max size queue_size (free page
+ * vq: 1024, reporting vq: 32, like QEMU). RAM is [ram_base_phys, ram_base_phys + ram_bytes).
+ */
+void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint64_t ram_base_phys,
+                       uint64_t ram_bytes, uint16_t queue_size);
+void fake_balloon_fini(struct fake_balloon *fb); /* frees the model's memory (not ft's) */
+
+/* The host sets num_pages (bumps the config generation, raises a config interrupt). */
+void fake_balloon_set_target(struct fake_balloon *fb, uint32_t pages);
+/* The `actual` field as the driver last wrote it. */
+uint32_t fake_balloon_actual(const struct fake_balloon *fb);
+
+/* Pop what the driver published on a role's queue (what a notify does); returns the count. */
+unsigned fake_balloon_pop(struct fake_balloon *fb, enum fb_role role);
+/* Buffers the device holds unanswered on an inflate/deflate queue. */
+unsigned fake_balloon_held(struct fake_balloon *fb, enum fb_role role);
+/* Complete up to max held buffers of an inflate/deflate queue, oldest first; returns the count. */
+unsigned fake_balloon_answer(struct fake_balloon *fb, enum fb_role role, unsigned max);
+/* Return the held stats buffer (used len 0): false if the device holds none. */
+bool fake_balloon_request_stats(struct fake_balloon *fb);
+
+bool fake_balloon_is_ballooned(const struct fake_balloon *fb, uint64_t pfn);
+/* Value of a stat tag in the latest stats buffer; false if absent. */
+bool fake_balloon_stat(const struct fake_balloon *fb, uint16_t tag, uint64_t *val);
+/* Check the canary of every page now in the balloon; returns the number of bad pages. */
+unsigned fake_balloon_check_canaries(struct fake_balloon *fb);
+
+#endif

@@ -1,0 +1,1385 @@
+/*
+ * Unit tests for virtio/balloon.c against the balloon device model in fake_balloon.c, over a
+ * buddy allocator that manages 64 MiB of fake RAM. The model checks the driver's side of the
+ * protocol as it goes (PFNs inside RAM, no double inflate, deflate only of ballooned pages,
+ * canaries in ballooned pages, one stats buffer at a time); the tests assert the driver's state
+ * and the allocator's accounting against what the device saw.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../virtio/balloon.h"
+#include "buddy.h"
+#include "fake_balloon.h"
+#include "fake_platform.h"
+#include "fake_transport.h"
+#include "platform.h"
+
+#define RAM_BASE  0x100000ULL /* 1 MiB: PFN 256 */
+#define RAM_BYTES (64ULL << 20)
+#define RAM_PFN   (RAM_BASE >> PAGE_SHIFT)
+#define RAM_PAGES (RAM_BYTES >> PAGE_SHIFT)
+#define QSIZE     128
+
+#define F(bit) (1ULL << (bit))
+
+/* What the driver may accept (with cfg.deflate_on_oom). */
+#define WANTED                                                                                     \
+    (F(VIRTIO_BALLOON_F_MUST_TELL_HOST) | F(VIRTIO_BALLOON_F_STATS_VQ) |                           \
+     F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | F(VIRTIO_F_VERSION_1) | F(VIRTIO_F_EVENT_IDX))
+
+/* A modern device offering everything the driver uses. */
+#define MODERN                                                                                     \
+    (F(VIRTIO_F_VERSION_1) | F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_BALLOON_F_MUST_TELL_HOST) |   \
+     F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | F(VIRTIO_F_EVENT_IDX))
+
+/* QEMU 7.2's default virtio-balloon-pci (balloon-protocol.md 1.2). */
+#define QEMU72                                                                                     \
+    (F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_BALLOON_F_PAGE_POISON) |                              \
+     F(VIRTIO_F_NOTIFY_ON_EMPTY) | F(VIRTIO_F_ANY_LAYOUT) | F(VIRTIO_F_INDIRECT_DESC) |            \
+     F(VIRTIO_F_EVENT_IDX) | F(VIRTIO_F_QEMU_BAD) | F(VIRTIO_F_VERSION_1) |                        \
+     F(VIRTIO_F_RING_RESET))
+
+#define MS (1000ULL * 1000)
+
+/* ---- Fixture -------------------------------------------------------------------------------- */
+
+struct env {
+    struct buddy mm;
+    void *meta;
+    struct fake_transport ft;
+    struct fake_balloon fb;
+    struct balloon b;
+    struct balloon_config cfg;
+    uint64_t free_after_init; /* buddy free pages once balloon_init returned */
+};
+
+/* Fake RAM, a buddy over all of it, a transport offering `features` and the device model.
+ * The driver is not started: adjust e->cfg / the transport, then env_start. */
+static struct env *env_new(bool legacy, uint64_t features, uint16_t qsize)
+{
+    struct env *e = calloc(1, sizeof(*e));
+    assert_non_null(e);
+    fake_log_echo(false);
+    fake_log_reset();
+    fake_ram_init(RAM_BASE, RAM_BYTES);
+    size_t mb = buddy_meta_bytes(RAM_PAGES);
+    assert_true(mb > 0);
+    e->meta = aligned_alloc(8, (mb + 7) & ~(size_t)7);
+    assert_non_null(e->meta);
+    assert_int_equal(buddy_init(&e->mm, e->meta, mb, RAM_PFN, RAM_PAGES), 0);
+    buddy_add_range(&e->mm, RAM_PFN, RAM_PAGES);
+    assert_int_equal(e->mm.free_pages, RAM_PAGES);
+    fake_transport_init(&e->ft, legacy, VIRTIO_ID_BALLOON, features, 16);
+    fake_balloon_init(&e->fb, &e->ft, RAM_BASE, RAM_BYTES, qsize);
+    balloon_default_config(&e->cfg);
+    return e;
+}
+
+static int env_start(struct env *e)
+{
+    int rc = balloon_init(&e->b, &e->ft.t, &e->mm, &e->cfg);
+    e->free_after_init = e->mm.free_pages;
+    return rc;
+}
+
+static struct env *env_up(bool legacy, uint64_t features)
+{
+    struct env *e = env_new(legacy, features, QSIZE);
+    assert_int_equal(env_start(e), 0);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    return e;
+}
+
+static void env_free(struct env *e)
+{
+    fake_balloon_fini(&e->fb);
+    fake_transport_fini(&e->ft);
+    free(e->meta);
+    fake_ram_fini();
+    free(e);
+}
+
+static uint64_t free_pages(const struct env *e)
+{
+    return e->mm.free_pages;
+}
+
+static unsigned long notifies(const struct env *e, enum fb_role role)
+{
+    return e->ft.q[e->fb.qidx[role]].notifies;
+}
+
+/* No party saw a protocol error, and the allocator never rejected a free. */
+static void assert_clean(const struct env *e)
+{
+    if (e->fb.errors)
+        fail_msg("device model: %s", e->fb.error);
+    if (e->ft.driver_errors)
+        fail_msg("transport: %s", e->ft.driver_error);
+    for (unsigned i = 0; i < FT_MAX_QUEUES; i++)
+        if (e->ft.q[i].enabled && e->ft.q[i].vq.errors)
+            fail_msg("queue %u: %s", i, e->ft.q[i].vq.error);
+    assert_int_equal(e->mm.invalid_frees, 0);
+    assert_int_equal(e->fb.canary_errors, 0);
+}
+
+/* Poll until the balloon is at its target with nothing in flight; returns the rounds used. */
+static unsigned settle(struct env *e)
+{
+    for (unsigned round = 1; round <= 10000; round++) {
+        balloon_poll(&e->b, true);
+        if (e->b.state == BALLOON_BROKEN)
+            fail_msg("balloon broke: %s", e->b.violation);
+        if (e->b.actual == e->b.target && !e->b.inflight_inflate && !e->b.inflight_deflate)
+            return round;
+    }
+    fail_msg("balloon did not settle: actual %u target %u in flight %u/%u", e->b.actual,
+             e->b.target, e->b.inflight_inflate, e->b.inflight_deflate);
+    return 0;
+}
+
+static unsigned settle_at(struct env *e, uint32_t target)
+{
+    fake_balloon_set_target(&e->fb, target);
+    unsigned rounds = settle(e);
+    assert_int_equal(e->b.target, target);
+    assert_int_equal(e->b.actual, target);
+    return rounds;
+}
+
+struct held_check {
+    const struct env *e;
+    uint8_t *seen; /* per RAM page */
+    uint64_t pages;
+    unsigned dups, not_ballooned, free_in_buddy, outside;
+};
+
+static int held_cb(void *ctx, uint64_t pfn, unsigned order)
+{
+    struct held_check *h = ctx;
+    for (uint64_t p = pfn; p < pfn + (1ULL << order); p++) {
+        h->pages++;
+        if (p < RAM_PFN || p - RAM_PFN >= RAM_PAGES) {
+            h->outside++;
+            continue;
+        }
+        if (h->seen[p - RAM_PFN]++)
+            h->dups++;
+        if (!fake_balloon_is_ballooned(&h->e->fb, p))
+            h->not_ballooned++;
+        if (buddy_is_free(&h->e->mm, p))
+            h->free_in_buddy++;
+    }
+    return 0;
+}
+
+/*
+ * Steady state (nothing in flight): the device's balloon is exactly the set of pages the driver
+ * holds, each once; the allocator lost exactly those pages plus the record pages; `actual` on
+ * the device is the driver's count; every ballooned page still carries the device's canary.
+ */
+static void assert_consistent(struct env *e)
+{
+    struct balloon *b = &e->b;
+    assert_clean(e);
+    assert_int_equal(b->inflight_inflate, 0);
+    assert_int_equal(b->inflight_deflate, 0);
+    assert_int_equal(fake_balloon_held(&e->fb, FB_INFLATE), 0);
+    assert_int_equal(fake_balloon_held(&e->fb, FB_DEFLATE), 0);
+    assert_int_equal(fake_balloon_actual(&e->fb), b->actual);
+    assert_int_equal(b->actual_written, b->actual);
+    assert_int_equal(e->fb.balloon_pages, b->actual);
+    assert_int_equal(b->held.pages, b->actual);
+    struct held_check h = {.e = e, .seen = calloc(RAM_PAGES, 1)};
+    assert_non_null(h.seen);
+    blocklist_for_each(&b->held, held_cb, &h);
+    free(h.seen);
+    assert_int_equal(h.pages, b->actual);
+    assert_int_equal(h.outside, 0);
+    assert_int_equal(h.dups, 0);
+    assert_int_equal(h.not_ballooned, 0);
+    assert_int_equal(h.free_in_buddy, 0);
+    assert_int_equal(free_pages(e), e->free_after_init - b->actual - b->held.chunks);
+    assert_int_equal(b->held.chunks, (b->held.blocks + 509) / 510); /* no stray record pages */
+    assert_int_equal(fake_balloon_check_canaries(&e->fb), 0);
+}
+
+static unsigned popcount(uint64_t v)
+{
+    return (unsigned)__builtin_popcountll(v);
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/*
+ * Inflate buffers logged from index `from`: at most pfns_per_buffer PFNs, none twice, and (memory
+ * not being fragmented in these tests) made of no more contiguous runs than the binary
+ * decomposition of their size needs, i.e. the driver took the largest blocks it could. Counts
+ * the buffers checked in *nbuf; returns how many of them were not in ascending PFN order.
+ */
+static unsigned check_inflate_buffers(const struct env *e, unsigned from, unsigned *nbuf)
+{
+    unsigned unsorted = 0;
+    *nbuf = 0;
+    for (unsigned i = from; i < e->fb.nlog; i++) {
+        const struct fb_buffer *buf = &e->fb.log[i];
+        if (buf->role != FB_INFLATE)
+            continue;
+        (*nbuf)++;
+        assert_true(buf->n >= 1);
+        assert_true(buf->n <= e->cfg.pfns_per_buffer);
+        uint32_t *s = malloc(buf->n * sizeof(uint32_t));
+        assert_non_null(s);
+        memcpy(s, buf->pfns, buf->n * sizeof(uint32_t));
+        qsort(s, buf->n, sizeof(uint32_t), cmp_u32);
+        unsorted += memcmp(s, buf->pfns, buf->n * sizeof(uint32_t)) != 0;
+        unsigned runs = 1;
+        for (unsigned k = 1; k < buf->n; k++) {
+            assert_int_not_equal(s[k], s[k - 1]);
+            runs += s[k] != s[k - 1] + 1;
+        }
+        free(s);
+        if (runs > popcount(buf->n))
+            fail_msg("inflate buffer %u: %u PFNs in %u runs (at most %u expected)", i, buf->n, runs,
+                     popcount(buf->n));
+    }
+    return unsorted;
+}
+
+/* The first inflate buffer (from `from`) whose PFNs are not ascending, or -1. */
+static int first_unsorted(const struct env *e, unsigned from)
+{
+    for (unsigned i = from; i < e->fb.nlog; i++) {
+        const struct fb_buffer *buf = &e->fb.log[i];
+        for (unsigned k = 1; buf->role == FB_INFLATE && k < buf->n; k++)
+            if (buf->pfns[k] <= buf->pfns[k - 1])
+                return (int)i;
+    }
+    return -1;
+}
+
+/* Deflate buffers from `from`: bounded, no PFN twice, each a union of ascending runs. */
+static unsigned check_deflate_buffers(const struct env *e, unsigned from)
+{
+    unsigned nbuf = 0;
+    for (unsigned i = from; i < e->fb.nlog; i++) {
+        const struct fb_buffer *buf = &e->fb.log[i];
+        if (buf->role != FB_DEFLATE)
+            continue;
+        nbuf++;
+        assert_true(buf->n >= 1);
+        assert_true(buf->n <= e->cfg.pfns_per_buffer);
+        for (unsigned k = 0; k < buf->n; k++)
+            for (unsigned j = k + 1; j < buf->n; j++)
+                assert_int_not_equal(buf->pfns[k], buf->pfns[j]);
+    }
+    return nbuf;
+}
+
+static uint64_t log_pages(const struct env *e, enum fb_role role, unsigned from)
+{
+    uint64_t n = 0;
+    for (unsigned i = from; i < e->fb.nlog; i++)
+        if (e->fb.log[i].role == role)
+            n += e->fb.log[i].n;
+    return n;
+}
+
+/* ---- Init ----------------------------------------------------------------------------------- */
+
+/* What the transport saw during init, recorded by hooks. */
+static struct {
+    uint8_t status[16];
+    unsigned nstatus;
+    unsigned resets_at_first_status;
+    bool saw_driver_ok;
+    unsigned long stats_notifies_at_driver_ok;
+    uint16_t stats_avail_at_driver_ok;
+    unsigned stats_received_at_driver_ok;
+    unsigned notifies_without_driver_ok;
+    unsigned notifies;
+    bool features_ok_ever;
+    void (*device_notify)(struct fake_transport *, unsigned, void *);
+} rec;
+
+static void rec_status(struct fake_transport *ft, uint8_t old, uint8_t new_status, void *arg)
+{
+    struct fake_balloon *fb = arg;
+    if (rec.nstatus == 0)
+        rec.resets_at_first_status = ft->resets;
+    if (rec.nstatus < 16)
+        rec.status[rec.nstatus] = new_status;
+    rec.nstatus++;
+    if (new_status & VIRTIO_STATUS_FEATURES_OK)
+        rec.features_ok_ever = true;
+    if ((new_status & VIRTIO_STATUS_DRIVER_OK) && !(old & VIRTIO_STATUS_DRIVER_OK)) {
+        rec.saw_driver_ok = true;
+        if (fb->qidx[FB_STATS] != FB_NO_QUEUE) {
+            struct fake_vq *d = fake_transport_vq(ft, fb->qidx[FB_STATS]);
+            rec.stats_notifies_at_driver_ok = ft->q[fb->qidx[FB_STATS]].notifies;
+            rec.stats_avail_at_driver_ok = d ? d->avail->idx : 0xffff;
+            rec.stats_received_at_driver_ok = fb->stats_buffers;
+        }
+    }
+}
+
+static void rec_notify(struct fake_transport *ft, unsigned index, void *arg)
+{
+    rec.notifies++;
+    if (!(ft->status & VIRTIO_STATUS_DRIVER_OK))
+        rec.notifies_without_driver_ok++;
+    rec.device_notify(ft, index, arg);
+}
+
+static void rec_install(struct env *e)
+{
+    memset(&rec, 0, sizeof(rec));
+    e->ft.on_status = rec_status;
+    rec.device_notify = e->ft.on_notify;
+    e->ft.on_notify = rec_notify;
+}
+
+static void test_init_spec_order(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    rec_install(e);
+    assert_int_equal(env_start(e), 0);
+    assert_clean(e);
+    /* Reset first, then ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK, never clearing a bit. */
+    assert_int_equal(e->ft.resets, 1);
+    assert_int_equal(rec.resets_at_first_status, 1);
+    const uint8_t want[] = {
+        VIRTIO_STATUS_ACKNOWLEDGE,
+        VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER,
+        VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK,
+        VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK |
+            VIRTIO_STATUS_DRIVER_OK,
+    };
+    assert_int_equal(rec.nstatus, sizeof(want));
+    assert_memory_equal(rec.status, want, sizeof(want));
+    /* The stats buffer was on the ring (primed) but not kicked when DRIVER_OK was set... */
+    assert_true(rec.saw_driver_ok);
+    assert_int_equal(rec.stats_avail_at_driver_ok, 1);
+    assert_int_equal(rec.stats_notifies_at_driver_ok, 0);
+    assert_int_equal(rec.stats_received_at_driver_ok, 0);
+    /* ...and kicked right after; nothing was ever notified before DRIVER_OK. */
+    assert_int_equal(notifies(e, FB_STATS), 1);
+    assert_int_equal(rec.notifies_without_driver_ok, 0);
+    assert_int_equal(e->fb.stats_buffers, 1);
+    assert_true(e->fb.stats_held);
+    /* All three queues are live at the sizes offered; nothing to inflate yet. */
+    for (unsigned i = 0; i < 3; i++) {
+        assert_true(e->ft.q[i].enabled);
+        assert_int_equal(e->ft.q[i].size, QSIZE);
+    }
+    assert_int_equal(notifies(e, FB_INFLATE), 0);
+    assert_int_equal(notifies(e, FB_DEFLATE), 0);
+    assert_int_equal(e->b.actual, 0);
+    assert_int_equal(e->b.target, 0);
+    env_free(e);
+}
+
+static void check_features(uint64_t offered, bool oom_cfg, uint64_t expected)
+{
+    struct env *e = env_new(false, offered, QSIZE);
+    e->cfg.deflate_on_oom = oom_cfg;
+    assert_int_equal(env_start(e), 0);
+    assert_clean(e);
+    assert_int_equal(e->b.offered, offered);
+    assert_int_equal(e->ft.driver_features, expected);
+    assert_int_equal(e->b.features, expected);
+    assert_true(e->ft.status & VIRTIO_STATUS_DRIVER_OK);
+    assert_false(e->ft.status & VIRTIO_STATUS_FAILED);
+    static const unsigned never[] = {VIRTIO_F_QEMU_BAD,
+                                     VIRTIO_BALLOON_F_PAGE_POISON,
+                                     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+                                     VIRTIO_BALLOON_F_PAGE_REPORTING,
+                                     VIRTIO_F_INDIRECT_DESC,
+                                     VIRTIO_F_NOTIFY_ON_EMPTY,
+                                     VIRTIO_F_ANY_LAYOUT,
+                                     VIRTIO_F_ACCESS_PLATFORM,
+                                     VIRTIO_F_RING_PACKED,
+                                     VIRTIO_F_RING_RESET};
+    for (unsigned i = 0; i < sizeof(never) / sizeof(never[0]); i++)
+        assert_false(fake_transport_negotiated(&e->ft, never[i]));
+    for (unsigned bit = 0; bit < 64; bit++)
+        assert_int_equal(balloon_negotiated(&e->b, bit), (expected >> bit) & 1);
+    env_free(e);
+}
+
+static void test_init_feature_subset(void **state)
+{
+    (void)state;
+    uint64_t all = 0;
+    for (unsigned bit = 0; bit <= 5; bit++)
+        all |= F(bit);
+    all |= F(VIRTIO_F_NOTIFY_ON_EMPTY) | F(VIRTIO_F_ANY_LAYOUT) | F(VIRTIO_F_INDIRECT_DESC) |
+           F(VIRTIO_F_EVENT_IDX) | F(VIRTIO_F_QEMU_BAD) | F(VIRTIO_F_VERSION_1) |
+           F(VIRTIO_F_ACCESS_PLATFORM) | F(VIRTIO_F_RING_PACKED) | F(VIRTIO_F_RING_RESET);
+    check_features(all, true, all & WANTED);
+    assert_int_equal(all & WANTED, WANTED);
+    check_features(all, false, WANTED & ~F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM));
+    check_features(QEMU72, true,
+                   F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_F_EVENT_IDX) | F(VIRTIO_F_VERSION_1));
+    check_features(F(VIRTIO_F_VERSION_1), true, F(VIRTIO_F_VERSION_1));
+    check_features(MODERN, true, MODERN);
+}
+
+static void test_init_queue_indices_compacted(void **state)
+{
+    (void)state;
+    /* No STATS_VQ but PAGE_REPORTING: queue 2 is the reporting queue, which must be left alone. */
+    struct env *e =
+        env_new(false, F(VIRTIO_F_VERSION_1) | F(VIRTIO_BALLOON_F_PAGE_REPORTING), QSIZE);
+    assert_int_equal(e->ft.q[2].max_size, 32);
+    assert_int_equal(env_start(e), 0);
+    assert_clean(e);
+    assert_false(e->b.has_stats);
+    assert_true(e->ft.q[0].enabled);
+    assert_true(e->ft.q[1].enabled);
+    assert_false(e->ft.q[2].enabled);
+    assert_int_equal(e->ft.q[2].notifies, 0);
+    settle_at(e, 300);
+    assert_consistent(e);
+    env_free(e);
+
+    /* STATS_VQ, FREE_PAGE_HINT, PAGE_REPORTING: stats at 2; 3 and 4 are not ours. */
+    e = env_new(false,
+                MODERN | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT) | F(VIRTIO_BALLOON_F_PAGE_REPORTING),
+                QSIZE);
+    assert_int_equal(e->ft.q[3].max_size, 1024);
+    assert_int_equal(e->ft.q[4].max_size, 32);
+    assert_int_equal(env_start(e), 0);
+    assert_clean(e);
+    assert_true(e->b.has_stats);
+    for (unsigned i = 0; i < 3; i++)
+        assert_true(e->ft.q[i].enabled);
+    assert_false(e->ft.q[3].enabled);
+    assert_false(e->ft.q[4].enabled);
+    assert_int_equal(e->b.stats_vq.index, 2);
+    assert_int_equal(e->fb.stats_buffers, 1);
+    env_free(e);
+
+    /* A modern device offering big queues: the driver shrinks them to what it needs. */
+    e = env_new(false, MODERN, 1024);
+    assert_int_equal(env_start(e), 0);
+    assert_clean(e);
+    for (unsigned i = 0; i < 3; i++)
+        assert_int_equal(e->ft.q[i].size, 256);
+    settle_at(e, 100);
+    assert_consistent(e);
+    env_free(e);
+}
+
+static void test_init_modern_without_version_1(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN & ~F(VIRTIO_F_VERSION_1), QSIZE);
+    assert_int_equal(env_start(e), -1);
+    assert_true(e->ft.status & VIRTIO_STATUS_FAILED);
+    assert_false(e->ft.status & VIRTIO_STATUS_DRIVER_OK);
+    assert_false(e->ft.status & VIRTIO_STATUS_FEATURES_OK);
+    assert_non_null(strstr(e->b.violation, "VERSION_1"));
+    for (unsigned i = 0; i < 3; i++)
+        assert_false(e->ft.q[i].enabled);
+    /* Giving up sets FAILED without clearing the bits already set (spec 2.1.1). */
+    if (e->ft.driver_errors)
+        fail_msg("transport: %s", e->ft.driver_error);
+    env_free(e);
+}
+
+static bool refuse_features(struct fake_transport *ft, uint64_t features, void *arg)
+{
+    (void)ft;
+    (void)features;
+    (void)arg;
+    return false;
+}
+
+static void test_init_features_refused(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->ft.accept_features = refuse_features;
+    assert_int_equal(env_start(e), -1);
+    assert_true(e->ft.status & VIRTIO_STATUS_FAILED);
+    assert_false(e->ft.status & VIRTIO_STATUS_FEATURES_OK);
+    assert_false(e->ft.status & VIRTIO_STATUS_DRIVER_OK);
+    for (unsigned i = 0; i < 3; i++) {
+        assert_false(e->ft.q[i].enabled);
+        assert_int_equal(e->ft.q[i].notifies, 0);
+    }
+    assert_true(fake_log_contains("refused"));
+    if (e->ft.driver_errors)
+        fail_msg("transport: %s", e->ft.driver_error);
+    env_free(e);
+}
+
+static void missing_queue(unsigned index, uint16_t size, const char *name)
+{
+    struct env *e = env_new(false, MODERN, QSIZE);
+    fake_transport_add_queue(&e->ft, index, size);
+    assert_int_equal(env_start(e), -1);
+    assert_int_equal(e->b.state, BALLOON_BROKEN);
+    assert_true(e->b.violation[0] != '\0');
+    assert_true(e->ft.status & VIRTIO_STATUS_FAILED);
+    assert_false(e->ft.status & VIRTIO_STATUS_DRIVER_OK);
+    assert_false(e->ft.q[index].enabled);
+    char want[64];
+    snprintf(want, sizeof(want), "queue %u (%s) has size %u", index, name, size);
+    assert_true(fake_log_contains(want));
+    assert_true(fake_log_contains("protocol violation"));
+    for (unsigned i = 0; i < 3; i++)
+        assert_int_equal(e->ft.q[i].notifies, 0);
+    if (e->ft.driver_errors)
+        fail_msg("transport: %s", e->ft.driver_error);
+    env_free(e);
+}
+
+static void test_init_implied_queue_missing(void **state)
+{
+    (void)state;
+    missing_queue(2, 0, "statsq");     /* STATS_VQ offered, no queue 2 */
+    missing_queue(0, 0, "inflateq");   /* no inflate queue at all */
+    missing_queue(1, 100, "deflateq"); /* not a power of two */
+}
+
+static void test_init_starts_toward_preset_target(void **state)
+{
+    (void)state;
+    /* A target set before the driver came up is acted on during init (spec 5.5.5 step 10). */
+    struct env *e = env_new(false, MODERN, QSIZE);
+    fake_balloon_set_target(&e->fb, 300);
+    assert_int_equal(env_start(e), 0);
+    assert_int_equal(e->b.target, 300);
+    assert_int_equal(notifies(e, FB_INFLATE), 1);
+    assert_int_equal(e->b.inflight_inflate, 300);
+    settle(e);
+    assert_int_equal(e->b.actual, 300);
+    /* free_after_init was taken with the first buffers in flight: compare from scratch. */
+    e->free_after_init += 300 + e->b.held.chunks;
+    assert_consistent(e);
+    env_free(e);
+}
+
+/* ---- Inflate / deflate ---------------------------------------------------------------------- */
+
+static void round_trip(struct env *e)
+{
+    uint64_t base = e->free_after_init;
+    unsigned log0 = e->fb.nlog;
+    uint64_t inflated0 = e->fb.inflated_pages, deflated0 = e->fb.deflated_pages;
+    uint64_t bufs0 = e->b.inflate_buffers;
+    settle_at(e, 1000);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), base - 1000 - e->b.held.chunks);
+    assert_int_equal(e->b.held.chunks, 1);
+    assert_int_equal(e->fb.inflated_pages - inflated0, 1000);
+    assert_int_equal(log_pages(e, FB_INFLATE, log0), 1000);
+    unsigned nin;
+    check_inflate_buffers(e, log0, &nin); /* order: test_inflate_buffers_sorted */
+    unsigned per = e->cfg.pfns_per_buffer;
+    assert_int_equal(nin, (1000 + per - 1) / per);
+    assert_int_equal(e->b.inflate_buffers - bufs0, nin);
+    assert_int_equal(fake_balloon_actual(&e->fb), 1000);
+    assert_true(fake_log_contains("balloon_reached"));
+
+    unsigned log1 = e->fb.nlog;
+    settle_at(e, 400);
+    assert_consistent(e);
+    assert_int_equal(e->fb.deflated_pages - deflated0, 600);
+    assert_int_equal(log_pages(e, FB_DEFLATE, log1), 600);
+    assert_int_equal(check_deflate_buffers(e, log1), (600 + per - 1) / per);
+    assert_int_equal(fake_balloon_actual(&e->fb), 400);
+
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(e->fb.deflated_pages - deflated0, 1000);
+    assert_int_equal(e->fb.balloon_pages, 0);
+    assert_int_equal(e->b.held.chunks, 0);
+    assert_int_equal(free_pages(e), base);
+    assert_int_equal(fake_balloon_actual(&e->fb), 0);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    /* `actual` was written after each phase (and never with a partial access). */
+    assert_true(e->fb.actual_writes >= 3);
+}
+
+static void test_inflate_deflate_round_trip(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    round_trip(e);
+    /* And once more: the allocator's state after a full cycle is as good as new. */
+    round_trip(e);
+    assert_int_equal(e->fb.inflated_pages, 2000);
+    env_free(e);
+}
+
+static void test_round_trip_qemu72_small_buffers(void **state)
+{
+    (void)state;
+    /* QEMU's default feature set, 100-PFN buffers, 2 in flight, no EVENT_IDX. */
+    struct env *e = env_new(false, QEMU72 & ~F(VIRTIO_F_EVENT_IDX), QSIZE);
+    e->cfg.pfns_per_buffer = 100;
+    e->cfg.buffers = 2;
+    assert_int_equal(env_start(e), 0);
+    round_trip(e);
+    /* Without EVENT_IDX every batch is one notify; two buffers per batch: 10 buffers, 5 kicks. */
+    assert_int_equal(e->b.inflate_buffers, 10);
+    assert_int_equal(notifies(e, FB_INFLATE), 5);
+    assert_int_equal(e->fb.max_pfns, 100);
+    env_free(e);
+}
+
+/*
+ * The driver promises PFNs "sorted and contiguous" in each inflate buffer (balloon.c, design
+ * notes). With the rings and buffers taken from the bottom of RAM, the remainder buffer of a
+ * 1000-page inflate is assembled from blocks of decreasing size found at decreasing addresses.
+ */
+static void test_inflate_buffers_sorted(void **state)
+{
+    (void)state;
+    const unsigned per[] = {256, 100};
+    for (unsigned c = 0; c < 2; c++) {
+        struct env *e = env_new(false, MODERN, QSIZE);
+        e->cfg.pfns_per_buffer = per[c];
+        assert_int_equal(env_start(e), 0);
+        settle_at(e, 1000);
+        settle_at(e, 300);
+        settle_at(e, 2500);
+        assert_consistent(e);
+        unsigned nbuf;
+        unsigned unsorted = check_inflate_buffers(e, 0, &nbuf);
+        int bad = first_unsorted(e, 0);
+        if (bad >= 0) {
+            const struct fb_buffer *buf = &e->fb.log[bad];
+            char msg[512];
+            int len = snprintf(msg, sizeof(msg),
+                               "%u of %u inflate buffers (%u PFNs each) not "
+                               "ascending; buffer %d runs:",
+                               unsorted, nbuf, per[c], bad);
+            for (unsigned k = 0; k < buf->n && len < (int)sizeof(msg) - 24; k++)
+                if (k == 0 || buf->pfns[k] != buf->pfns[k - 1] + 1)
+                    len += snprintf(msg + len, sizeof(msg) - (size_t)len, " 0x%x", buf->pfns[k]);
+            env_free(e);
+            fail_msg("%s", msg);
+        }
+        assert_int_equal(unsorted, 0);
+        env_free(e);
+    }
+}
+
+static void test_partial_deflate_splits(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    settle_at(e, 1000);
+    assert_consistent(e);
+    const uint32_t steps[] = {700, 3, 0};
+    uint32_t prev = 1000;
+    for (unsigned i = 0; i < 3; i++) {
+        unsigned log0 = e->fb.nlog;
+        uint64_t deflated = e->fb.deflated_pages;
+        settle_at(e, steps[i]);
+        assert_consistent(e);
+        /* Exactly the difference went through the deflate queue: no over-deflate then
+         * re-inflate. */
+        assert_int_equal(e->fb.deflated_pages - deflated, prev - steps[i]);
+        assert_int_equal(log_pages(e, FB_INFLATE, log0), 0);
+        check_deflate_buffers(e, log0);
+        assert_int_equal(fake_balloon_actual(&e->fb), steps[i]);
+        prev = steps[i];
+    }
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+}
+
+static void test_target_exceeds_memory(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    uint64_t total = e->mm.total_pages;
+    fake_balloon_set_target(&e->fb, 10 * RAM_PAGES);
+    unsigned rounds = 0;
+    while (rounds++ < 10000 && !(fake_log_contains("balloon_exhausted") && !e->b.inflight_inflate &&
+                                 !e->b.inflight_deflate))
+        balloon_poll(&e->b, true);
+    assert_true(rounds < 10000);
+    assert_int_equal(e->b.device_target, 10 * RAM_PAGES);
+    assert_int_equal(e->b.target, total); /* clamped */
+    assert_true(fake_log_contains("exceeds the guest's"));
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    /* Everything but the reserve went into the balloon (give or take the one page a driver
+     * may keep back for its records), and not one page of the reserve. */
+    uint64_t left = free_pages(e);
+    assert_true(left >= e->cfg.reserve_pages);
+    assert_true(left <= e->cfg.reserve_pages + 1);
+    assert_int_equal(e->b.actual, e->free_after_init - left - e->b.held.chunks);
+    assert_consistent(e);
+
+    /* It stays put: no more buffers, no state change, no more log lines. */
+    uint64_t bufs = e->b.inflate_buffers;
+    unsigned lines = fake_log_count();
+    for (unsigned i = 0; i < 50; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(e->b.inflate_buffers, bufs);
+    assert_int_equal(fake_log_count(), lines);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_int_equal(free_pages(e), left);
+
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+}
+
+/*
+ * The same with free memory fragmented into single pages, so every ballooned page costs a record
+ * (510 per record page). With the reserve placed so that the last page the balloon may take
+ * also fills a record page, the next record page must not come out of the reserve either.
+ */
+static void test_reserve_kept_with_fragmented_memory(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    uint64_t n = free_pages(e);
+    uint64_t *pg = malloc(n * sizeof(uint64_t));
+    assert_non_null(pg);
+    for (uint64_t i = 0; i < n; i++)
+        assert_int_not_equal(pg[i] = buddy_alloc(&e->mm, 0), BUDDY_NONE);
+    for (uint64_t i = 0; i < n; i += 2)
+        assert_int_equal(buddy_free(&e->mm, pg[i], 0), 0);
+    uint64_t f = free_pages(e);
+    /* Record 511 needs the second record page: 1 + 510 + 1 pages gone when it is pushed. */
+    e->b.cfg.reserve_pages = f - 512;
+    fake_balloon_set_target(&e->fb, 4000);
+    for (unsigned i = 0; i < 100; i++)
+        balloon_poll(&e->b, true);
+    bool exhausted = fake_log_contains("balloon_exhausted");
+    uint32_t actual = e->b.actual;
+    uint64_t left = free_pages(e), reserve = e->b.cfg.reserve_pages;
+    settle_at(e, 0);
+    assert_clean(e);
+    for (uint64_t i = 1; i < n; i += 2)
+        assert_int_equal(buddy_free(&e->mm, pg[i], 0), 0);
+    free(pg);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+
+    assert_true(exhausted);
+    assert_true(actual == 510 || actual == 511); /* everything but the reserve and records */
+    if (left < reserve)
+        fail_msg("free pages %llu below the reserve of %llu: the balloon's record page came out "
+                 "of the reserve",
+                 (unsigned long long)left, (unsigned long long)reserve);
+}
+
+/*
+ * A device with tiny queues: the driver has more buffers than descriptors, so adding a buffer
+ * fails with the queue full and the driver must undo what it prepared (give the blocks back to
+ * the allocator for inflate, back to the balloon's list for deflate) and retry later.
+ */
+static void test_queue_smaller_than_buffers(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, 2);
+    e->cfg.buffers = 4;
+    e->cfg.pfns_per_buffer = 64;
+    assert_int_equal(env_start(e), 0);
+    for (unsigned i = 0; i < 3; i++)
+        assert_int_equal(e->ft.q[i].size, 2);
+    settle_at(e, 1000);
+    assert_consistent(e);
+    unsigned nin;
+    check_inflate_buffers(e, 0, &nin);
+    assert_int_equal(nin, (1000 + 63) / 64);
+    settle_at(e, 333);
+    assert_consistent(e);
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+}
+
+static void test_target_lowered_mid_inflate(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.buffers = 4; /* 1024 pages in flight at most */
+    assert_int_equal(env_start(e), 0);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 2000);
+    balloon_poll(&e->b, true);
+    unsigned held = fake_balloon_held(&e->fb, FB_INFLATE);
+    assert_int_equal(held, e->cfg.buffers);
+    assert_int_equal(e->b.inflight_inflate, e->cfg.buffers * e->cfg.pfns_per_buffer);
+
+    /* The host changes its mind while the inflate buffers are out. */
+    fake_balloon_set_target(&e->fb, 300);
+    for (unsigned i = 0; i < 5; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(e->b.target, 300);
+    assert_int_equal(e->b.actual, 0);
+    /* Nothing can be deflated before its inflate was acknowledged. */
+    assert_int_equal(notifies(e, FB_DEFLATE), 0);
+    assert_int_equal(e->fb.deflated_pages, 0);
+
+    e->fb.hold[FB_INFLATE] = false;
+    assert_int_equal(fake_balloon_answer(&e->fb, FB_INFLATE, ~0u), held);
+    settle(e);
+    assert_int_equal(e->b.actual, 300);
+    assert_int_equal(fake_balloon_actual(&e->fb), 300);
+    assert_int_equal(e->fb.inflated_pages, 1024);
+    assert_int_equal(e->fb.deflated_pages, 1024 - 300);
+    assert_consistent(e);
+
+    /* Again from a full balloon, the new target below what is already acknowledged: the
+     * acknowledged pages may only be deflated once the inflation in flight is settled (the
+     * newest held blocks are the unacknowledged ones). */
+    settle_at(e, 1000);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 1300); /* two buffers out, two free */
+    balloon_poll(&e->b, true);
+    assert_int_equal(e->b.inflight_inflate, 300);
+    assert_int_equal(fake_balloon_held(&e->fb, FB_INFLATE), 2);
+    unsigned long kicks = notifies(e, FB_DEFLATE);
+    fake_balloon_set_target(&e->fb, 200);
+    for (unsigned i = 0; i < 5; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(notifies(e, FB_DEFLATE), kicks);
+    assert_int_equal(e->b.actual, 1000);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u);
+    settle(e);
+    assert_int_equal(e->b.actual, 200);
+    assert_consistent(e);
+
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+}
+
+static void test_stall_and_recovery(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.ack_timeout_ns = 20 * MS;
+    assert_int_equal(env_start(e), 0);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 500);
+    uint64_t t0 = platform_now_ns();
+    balloon_poll(&e->b, true);
+    assert_int_equal(e->b.inflight_inflate, 500);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+
+    /* Poll until the driver calls it a stall: many polls return meanwhile (none waits for the
+     * device), and the stall is declared no earlier than the timeout. */
+    uint64_t t_stalled = 0;
+    unsigned polls = 0;
+    while (platform_now_ns() - t0 < 2000 * MS) {
+        balloon_poll(&e->b, true);
+        polls++;
+        if (e->b.state == BALLOON_STALLED) {
+            t_stalled = platform_now_ns();
+            break;
+        }
+    }
+    assert_int_equal(e->b.state, BALLOON_STALLED);
+    assert_true(t_stalled - t0 >= 20 * MS);
+    assert_true(polls >= 20);
+    assert_true(fake_log_contains("balloon_stalled"));
+    assert_true(fake_log_contains("has not used a buffer"));
+    for (unsigned i = 0; i < 10; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(e->b.state, BALLOON_STALLED);
+    assert_int_equal(e->b.actual, 0);
+    assert_int_equal(fake_balloon_held(&e->fb, FB_INFLATE), 2);
+
+    /* The device answers after all. */
+    e->fb.hold[FB_INFLATE] = false;
+    assert_int_equal(fake_balloon_answer(&e->fb, FB_INFLATE, ~0u), 2);
+    balloon_poll(&e->b, true);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_true(fake_log_contains("balloon_recovered"));
+    assert_int_equal(e->b.actual, 500);
+    assert_consistent(e);
+    settle_at(e, 0);
+    assert_consistent(e);
+    env_free(e);
+}
+
+static void test_must_tell_host_before_reuse(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    assert_true(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_MUST_TELL_HOST));
+    settle_at(e, 600);
+    assert_consistent(e);
+    uint64_t before = free_pages(e), chunks = e->b.held.chunks;
+
+    e->fb.hold[FB_DEFLATE] = true;
+    fake_balloon_set_target(&e->fb, 100);
+    for (unsigned i = 0; i < 5; i++)
+        balloon_poll(&e->b, true);
+    struct fake_vq *d = fake_transport_vq(&e->ft, 1);
+    assert_int_equal(d->npending, 2);
+    assert_int_equal(e->b.inflight_deflate, 500);
+    /* None of the pages the device holds for deflation is back in the allocator. */
+    uint64_t seen = 0;
+    for (unsigned k = 0; k < d->npending; k++) {
+        uint32_t pfns[256];
+        size_t n = fake_chain_read(&d->pending[k], pfns, sizeof(pfns)) / 4;
+        for (size_t i = 0; i < n; i++) {
+            assert_true(fake_balloon_is_ballooned(&e->fb, pfns[i]));
+            assert_false(buddy_is_free(&e->mm, pfns[i]));
+        }
+        seen += n;
+    }
+    assert_int_equal(seen, 500);
+    assert_int_equal(free_pages(e), before + (chunks - e->b.held.chunks));
+    assert_int_equal(e->b.actual, 600);
+    assert_int_equal(fake_balloon_actual(&e->fb), 600);
+
+    /* The device acknowledges one buffer: exactly its pages come back. */
+    uint32_t first[256];
+    size_t n0 = fake_chain_read(&d->pending[0], first, sizeof(first)) / 4;
+    assert_int_equal(fake_balloon_answer(&e->fb, FB_DEFLATE, 1), 1);
+    assert_int_equal(free_pages(e), before + (chunks - e->b.held.chunks)); /* not yet collected */
+    balloon_poll(&e->b, false);
+    assert_int_equal(free_pages(e), before + (chunks - e->b.held.chunks) + n0);
+    for (size_t i = 0; i < n0; i++)
+        assert_true(buddy_is_free(&e->mm, first[i]));
+    assert_int_equal(e->b.actual, 600 - n0);
+    assert_int_equal(fake_balloon_actual(&e->fb), 600 - n0);
+
+    e->fb.hold[FB_DEFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_DEFLATE, ~0u);
+    settle(e);
+    assert_int_equal(e->b.actual, 100);
+    assert_consistent(e);
+    env_free(e);
+}
+
+static void test_legacy_round_trip(void **state)
+{
+    (void)state;
+    uint64_t offered = F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_BALLOON_F_MUST_TELL_HOST) |
+                       F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | F(VIRTIO_F_NOTIFY_ON_EMPTY) |
+                       F(VIRTIO_F_ANY_LAYOUT) | F(VIRTIO_F_INDIRECT_DESC) | F(VIRTIO_F_EVENT_IDX) |
+                       F(VIRTIO_F_QEMU_BAD);
+    struct env *e = env_new(true, offered, QSIZE);
+    rec_install(e);
+    assert_int_equal(env_start(e), 0);
+    assert_clean(e);
+    assert_false(rec.features_ok_ever);
+    assert_true(e->ft.status & VIRTIO_STATUS_DRIVER_OK);
+    assert_int_equal(e->ft.driver_features, offered & WANTED);
+    assert_true(e->b.inflate_vq.legacy_layout);
+    for (unsigned i = 0; i < 3; i++)
+        assert_int_equal(e->ft.q[i].size, QSIZE);
+    assert_int_equal(e->fb.stats_buffers, 1);
+    round_trip(e);
+    env_free(e);
+}
+
+/* ---- A misbehaving device ------------------------------------------------------------------- */
+
+struct frozen {
+    unsigned config_reads, config_writes, isr_reads, status_writes;
+    unsigned long notifies[3];
+    uint64_t free, allocs, frees, invalid_frees;
+    uint32_t actual, inflight_inflate, inflight_deflate;
+    uint64_t inflated, deflated;
+};
+
+static void freeze(const struct env *e, struct frozen *f)
+{
+    memset(f, 0, sizeof(*f)); /* compared with memcmp: padding too */
+    f->config_reads = e->ft.config_reads;
+    f->config_writes = e->ft.config_writes;
+    f->isr_reads = e->ft.isr_reads;
+    f->status_writes = e->ft.status_writes;
+    f->free = e->mm.free_pages;
+    f->allocs = e->mm.allocs;
+    f->frees = e->mm.frees;
+    f->invalid_frees = e->mm.invalid_frees;
+    f->actual = e->b.actual;
+    f->inflight_inflate = e->b.inflight_inflate;
+    f->inflight_deflate = e->b.inflight_deflate;
+    f->inflated = e->fb.inflated_pages;
+    f->deflated = e->fb.deflated_pages;
+    for (unsigned i = 0; i < 3; i++)
+        f->notifies[i] = e->ft.q[i].notifies;
+}
+
+/*
+ * The device breaks the used ring of one queue. The driver must stop (BROKEN, the violation names
+ * the queue), free nothing on the device's word (no double free, no page of a broken deflate
+ * buffer back in the allocator), and from then on balloon_poll does nothing at all.
+ */
+static void violation_case(enum fb_role role, enum fb_misbehave how, const char *qname,
+                           const char *what)
+{
+    struct env *e = env_up(false, MODERN);
+    uint64_t free0 = 0, chunks0 = 0;
+    if (role == FB_DEFLATE) {
+        settle_at(e, 600);
+        assert_consistent(e);
+        free0 = free_pages(e);
+        chunks0 = e->b.held.chunks;
+    }
+    e->fb.misbehave[role] = how;
+    if (role == FB_INFLATE)
+        fake_balloon_set_target(&e->fb, 600);
+    else if (role == FB_DEFLATE)
+        fake_balloon_set_target(&e->fb, 100);
+    else
+        assert_true(fake_balloon_request_stats(&e->fb));
+    for (unsigned i = 0; i < 10 && e->b.state != BALLOON_BROKEN; i++)
+        balloon_poll(&e->b, true);
+
+    assert_int_equal(e->b.state, BALLOON_BROKEN);
+    char q[32];
+    snprintf(q, sizeof(q), "virtqueue %s[", qname);
+    if (!strstr(e->b.violation, q) || !strstr(e->b.violation, what))
+        fail_msg("violation \"%s\" should name %s and say \"%s\"", e->b.violation, q, what);
+    assert_true(fake_log_contains("protocol violation"));
+    assert_true(fake_log_contains("\"event\":\"violation\""));
+    assert_int_equal(e->mm.invalid_frees, 0);
+    assert_int_equal(e->fb.errors, 0);
+    assert_int_equal(e->ft.driver_errors, 0);
+    if (role == FB_DEFLATE) {
+        /* The deflate buffers were never collected: none of their pages is back. */
+        assert_int_equal(free_pages(e), free0 + (chunks0 - e->b.held.chunks));
+        assert_int_equal(e->b.actual, 600);
+    }
+    if (role == FB_INFLATE)
+        assert_int_equal(e->b.actual, 0);
+
+    /* From now on, nothing: no device access, no allocator call, no count change. */
+    struct frozen f0, f1;
+    freeze(e, &f0);
+    for (unsigned i = 0; i < 20; i++)
+        balloon_poll(&e->b, i & 1);
+    fake_balloon_set_target(&e->fb, 0);
+    for (unsigned i = 0; i < 20; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(balloon_release_for_oom(&e->b, 256, 10 * MS), 0);
+    freeze(e, &f1);
+    assert_memory_equal(&f0, &f1, sizeof(f0));
+    assert_int_equal(e->b.state, BALLOON_BROKEN);
+    env_free(e);
+}
+
+static void test_violation_inflate_bad_id(void **state)
+{
+    (void)state;
+    violation_case(FB_INFLATE, FB_BAD_ID_RANGE, "inflateq", "out of range");
+}
+
+static void test_violation_inflate_id_not_in_flight(void **state)
+{
+    (void)state;
+    violation_case(FB_INFLATE, FB_BAD_ID_FREE, "inflateq", "not in flight");
+}
+
+static void test_violation_deflate_id_not_in_flight(void **state)
+{
+    (void)state;
+    violation_case(FB_DEFLATE, FB_BAD_ID_FREE, "deflateq", "not in flight");
+}
+
+static void test_violation_inflate_len(void **state)
+{
+    (void)state;
+    /* Inflate buffers have no device-writable byte, so any used len > 0 is a violation on a
+     * modern device (strict length checking). */
+    violation_case(FB_INFLATE, FB_LEN_TOO_LARGE, "inflateq", "exceeds the 0 device-writable");
+}
+
+static void test_violation_deflate_len(void **state)
+{
+    (void)state;
+    violation_case(FB_DEFLATE, FB_LEN_TOO_LARGE, "deflateq", "exceeds the 0 device-writable");
+}
+
+static void test_violation_inflate_idx_jump(void **state)
+{
+    (void)state;
+    violation_case(FB_INFLATE, FB_IDX_JUMP, "inflateq", "jumped");
+}
+
+static void test_violation_deflate_bad_id(void **state)
+{
+    (void)state;
+    violation_case(FB_DEFLATE, FB_BAD_ID_RANGE, "deflateq", "out of range");
+}
+
+static void test_violation_stats_idx_jump(void **state)
+{
+    (void)state;
+    violation_case(FB_STATS, FB_IDX_JUMP, "statsq", "jumped");
+}
+
+static void test_legacy_used_len_tolerated(void **state)
+{
+    (void)state;
+    /* Legacy devices (QEMU < 7.0) report the bytes they read as the used length; a legacy
+     * driver SHOULD ignore it (spec 5.5.6.2.1), so the balloon keeps working. */
+    struct env *e = env_new(true, F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_F_EVENT_IDX), QSIZE);
+    assert_int_equal(env_start(e), 0);
+    e->fb.misbehave[FB_INFLATE] = FB_LEN_TOO_LARGE;
+    settle_at(e, 700);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_true(vq_bad_len_count(&e->b.inflate_vq) >= 1);
+    assert_consistent(e);
+    e->fb.misbehave[FB_DEFLATE] = FB_LEN_TOO_LARGE;
+    settle_at(e, 0);
+    assert_true(vq_bad_len_count(&e->b.deflate_vq) >= 1);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+}
+
+/* ---- Config --------------------------------------------------------------------------------- */
+
+static void test_config_generation_unstable(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    fake_balloon_set_target(&e->fb, 300);
+    /* A device whose generation never settles cannot hold the driver: bounded retries. */
+    e->ft.unstable_generation = 1000000;
+    unsigned r0 = e->ft.config_reads;
+    uint64_t t0 = platform_now_ns();
+    balloon_poll(&e->b, true);
+    assert_true(platform_now_ns() - t0 < 100 * MS);
+    unsigned reads = e->ft.config_reads - r0;
+    assert_true(reads >= 2);
+    assert_true(reads <= 16);
+    for (unsigned i = 0; i < 20; i++) {
+        r0 = e->ft.config_reads;
+        balloon_poll(&e->b, true);
+        assert_true(e->ft.config_reads - r0 <= 16);
+    }
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+
+    /* One generation change during a read: exactly one re-read, then the value stands. */
+    e->ft.unstable_generation = 2;
+    fake_balloon_set_target(&e->fb, 500);
+    r0 = e->ft.config_reads;
+    balloon_poll(&e->b, true);
+    assert_int_equal(e->ft.config_reads - r0, 2);
+    assert_int_equal(e->ft.unstable_generation, 0);
+    assert_int_equal(e->b.target, 500);
+    settle(e);
+    assert_int_equal(e->b.actual, 500);
+    assert_consistent(e);
+    env_free(e);
+}
+
+/* ---- Stats ---------------------------------------------------------------------------------- */
+
+static void assert_stats_now(const struct env *e)
+{
+    assert_int_equal(e->fb.n_stats, BALLOON_NUM_STATS);
+    bool seen[BALLOON_NUM_STATS] = {false};
+    for (unsigned i = 0; i < e->fb.n_stats; i++) {
+        assert_true(e->fb.stat_tag[i] < BALLOON_NUM_STATS);
+        assert_false(seen[e->fb.stat_tag[i]]);
+        seen[e->fb.stat_tag[i]] = true;
+    }
+    uint64_t v;
+    assert_true(fake_balloon_stat(&e->fb, 5, &v)); /* MEMTOT */
+    assert_int_equal(v, e->mm.total_pages * PAGE_SIZE);
+    assert_true(fake_balloon_stat(&e->fb, 4, &v)); /* MEMFREE */
+    assert_int_equal(v, e->mm.free_pages * PAGE_SIZE);
+    assert_true(fake_balloon_stat(&e->fb, 6, &v)); /* AVAIL */
+    assert_int_equal(v, e->mm.free_pages * PAGE_SIZE);
+    static const uint16_t zero[] = {0, 1, 2, 3, 7, 8, 9};
+    for (unsigned i = 0; i < sizeof(zero) / sizeof(zero[0]); i++) {
+        assert_true(fake_balloon_stat(&e->fb, zero[i], &v));
+        assert_int_equal(v, 0);
+    }
+}
+
+static void test_stats(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    assert_true(e->fb.stats_held);
+    assert_int_equal(e->fb.stats_buffers, 1);
+    assert_int_equal(e->b.stats_updates, 0);
+    assert_stats_now(e);
+    uint64_t memfree0;
+    assert_true(fake_balloon_stat(&e->fb, 4, &memfree0));
+    assert_int_equal(memfree0, e->free_after_init * PAGE_SIZE);
+
+    settle_at(e, 1000);
+    /* The device still has the old numbers until it asks. */
+    uint64_t v;
+    assert_true(fake_balloon_stat(&e->fb, 4, &v));
+    assert_int_equal(v, memfree0);
+    assert_true(fake_balloon_request_stats(&e->fb));
+    assert_false(e->fb.stats_held);
+    balloon_poll(&e->b, false);
+    assert_true(e->fb.stats_held);
+    assert_int_equal(e->fb.stats_buffers, 2);
+    assert_int_equal(e->b.stats_updates, 1);
+    assert_stats_now(e);
+    assert_true(fake_balloon_stat(&e->fb, 4, &v));
+    assert_int_equal(memfree0 - v, (1000 + e->b.held.chunks) * PAGE_SIZE);
+
+    /* Requests keep being answered, one buffer at a time, with the same tags. */
+    for (unsigned i = 0; i < 5; i++) {
+        assert_true(fake_balloon_request_stats(&e->fb));
+        balloon_poll(&e->b, i & 1);
+    }
+    assert_int_equal(e->b.stats_updates, 6);
+    assert_int_equal(e->fb.stats_buffers, 7);
+    assert_int_equal(notifies(e, FB_STATS), 7);
+    settle_at(e, 0);
+    assert_true(fake_balloon_request_stats(&e->fb));
+    balloon_poll(&e->b, false);
+    assert_stats_now(e);
+    assert_true(fake_balloon_stat(&e->fb, 4, &v));
+    assert_int_equal(v, memfree0);
+    assert_consistent(e);
+    env_free(e);
+}
+
+static void test_no_stats_queue(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN & ~F(VIRTIO_BALLOON_F_STATS_VQ));
+    assert_false(e->b.has_stats);
+    assert_int_equal(e->fb.qidx[FB_STATS], FB_NO_QUEUE);
+    assert_false(e->ft.q[2].enabled);
+    settle_at(e, 800);
+    assert_consistent(e);
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(e->b.stats_updates, 0);
+    env_free(e);
+}
+
+/* ---- Deflate on OOM ------------------------------------------------------------------------- */
+
+static void test_oom_deflate(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    assert_true(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM));
+    settle_at(e, 1000);
+    assert_consistent(e);
+    uint64_t free0 = free_pages(e), chunks0 = e->b.held.chunks;
+    uint64_t defl0 = e->fb.deflated_pages;
+    unsigned long kicks0 = notifies(e, FB_DEFLATE);
+
+    uint64_t got = balloon_release_for_oom(&e->b, 256, 1000 * MS);
+    assert_true(got >= 256);
+    assert_int_equal(got, 256);
+    assert_int_equal(e->fb.deflated_pages - defl0, got); /* the host was told */
+    assert_true(notifies(e, FB_DEFLATE) > kicks0);
+    assert_int_equal(e->b.actual, 1000 - got);
+    assert_int_equal(fake_balloon_actual(&e->fb), 1000 - got);
+    assert_int_equal(free_pages(e), free0 + got + (chunks0 - e->b.held.chunks));
+    assert_int_equal(e->b.oom_deflated_pages, got);
+    assert_true(fake_log_contains("balloon_oom_deflate"));
+    /* The host's wish stands. */
+    assert_int_equal(e->b.target, 1000);
+    assert_consistent(e);
+
+    /* More than the balloon holds: everything comes back. */
+    settle(e);
+    assert_int_equal(e->b.actual, 1000);
+    got = balloon_release_for_oom(&e->b, 5000, 1000 * MS);
+    assert_int_equal(got, 1000);
+    assert_int_equal(e->b.actual, 0);
+    assert_int_equal(fake_balloon_actual(&e->fb), 0);
+    assert_int_equal(e->fb.balloon_pages, 0);
+    assert_int_equal(e->b.oom_deflated_pages, 1256);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void oom_refused(uint64_t offered, bool cfg_oom)
+{
+    struct env *e = env_new(false, offered, QSIZE);
+    e->cfg.deflate_on_oom = cfg_oom;
+    assert_int_equal(env_start(e), 0);
+    assert_false(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM));
+    settle_at(e, 1000);
+    uint64_t free0 = free_pages(e);
+    unsigned long kicks0 = notifies(e, FB_DEFLATE);
+    assert_int_equal(balloon_release_for_oom(&e->b, 256, 100 * MS), 0);
+    assert_int_equal(e->b.actual, 1000);
+    assert_int_equal(fake_balloon_actual(&e->fb), 1000);
+    assert_int_equal(e->fb.deflated_pages, 0);
+    assert_int_equal(notifies(e, FB_DEFLATE), kicks0);
+    assert_int_equal(free_pages(e), free0);
+    assert_int_equal(e->b.oom_deflated_pages, 0);
+    assert_consistent(e);
+    env_free(e);
+}
+
+static void test_oom_without_feature(void **state)
+{
+    (void)state;
+    oom_refused(MODERN & ~F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM), true); /* not offered */
+    oom_refused(MODERN, false);                                      /* not wanted */
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_init_spec_order),
+        cmocka_unit_test(test_init_feature_subset),
+        cmocka_unit_test(test_init_queue_indices_compacted),
+        cmocka_unit_test(test_init_modern_without_version_1),
+        cmocka_unit_test(test_init_features_refused),
+        cmocka_unit_test(test_init_implied_queue_missing),
+        cmocka_unit_test(test_init_starts_toward_preset_target),
+        cmocka_unit_test(test_inflate_deflate_round_trip),
+        cmocka_unit_test(test_round_trip_qemu72_small_buffers),
+        cmocka_unit_test(test_inflate_buffers_sorted),
+        cmocka_unit_test(test_partial_deflate_splits),
+        cmocka_unit_test(test_target_exceeds_memory),
+        cmocka_unit_test(test_reserve_kept_with_fragmented_memory),
+        cmocka_unit_test(test_queue_smaller_than_buffers),
+        cmocka_unit_test(test_target_lowered_mid_inflate),
+        cmocka_unit_test(test_stall_and_recovery),
+        cmocka_unit_test(test_must_tell_host_before_reuse),
+        cmocka_unit_test(test_legacy_round_trip),
+        cmocka_unit_test(test_violation_inflate_bad_id),
+        cmocka_unit_test(test_violation_inflate_id_not_in_flight),
+        cmocka_unit_test(test_violation_deflate_id_not_in_flight),
+        cmocka_unit_test(test_violation_deflate_bad_id),
+        cmocka_unit_test(test_violation_inflate_len),
+        cmocka_unit_test(test_violation_deflate_len),
+        cmocka_unit_test(test_violation_inflate_idx_jump),
+        cmocka_unit_test(test_violation_stats_idx_jump),
+        cmocka_unit_test(test_legacy_used_len_tolerated),
+        cmocka_unit_test(test_config_generation_unstable),
+        cmocka_unit_test(test_stats),
+        cmocka_unit_test(test_no_stats_queue),
+        cmocka_unit_test(test_oom_deflate),
+        cmocka_unit_test(test_oom_without_feature),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
