@@ -26,6 +26,8 @@ import socket
 import time
 from typing import Callable, List, Optional
 
+from sockclient import SocketClient
+
 DEFAULT_TIMEOUT = 10.0
 SUCCESS_CODE = 0x10
 
@@ -51,7 +53,7 @@ class AgentCommandFailed(AgentError):
         self.reply = reply
 
 
-class Agent:
+class Agent(SocketClient):
     def __init__(self, path: str, connect_timeout: float = DEFAULT_TIMEOUT,
                  timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None):
         """Connect to the agent socket at `path`, retrying until `connect_timeout`.
@@ -225,17 +227,3 @@ class Agent:
 
     def history(self, n: int = 20) -> str:
         return "\n".join(self.transcript[-n:])
-
-    def close(self):
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            finally:
-                self._sock = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False

@@ -18,6 +18,8 @@ import socket
 import time
 from typing import Callable, List, Optional
 
+from sockclient import SocketClient
+
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -39,7 +41,7 @@ class QMPTimeout(TimeoutError):
     pass
 
 
-class QMP:
+class QMP(SocketClient):
     def __init__(self, path: str, connect_timeout: float = DEFAULT_TIMEOUT,
                  timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None,
                  negotiate: bool = True):
@@ -178,17 +180,3 @@ class QMP:
                 raise QMPTimeout("no %s event within %.1f s" % (name, timeout)) from None
             if "event" in msg:
                 self.events.append(msg)
-
-    def close(self):
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            finally:
-                self._sock = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False

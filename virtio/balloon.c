@@ -270,6 +270,40 @@ static unsigned floor_log2(uint64_t v)
     return 63 - (unsigned)__builtin_clzll(v);
 }
 
+/* Write the PFNs of buf->blocks[0..nb) into buf->pfns; returns how many. */
+static unsigned fill_pfns(struct balloon_buf *buf, unsigned nb)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < nb; i++)
+        for (uint64_t k = 0; k < (1ull << (buf->blocks[i] & 0xff)); k++)
+            buf->pfns[n++] = (uint32_t)((buf->blocks[i] >> 8) + k);
+    return n;
+}
+
+/* Publish buf (n PFNs from nb blocks) on the inflate or deflate queue; 0 or the vq_add error,
+ * in which case nothing changed. */
+static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned n, unsigned nb,
+                    bool inflate)
+{
+    struct vq_seg seg = {virt_to_phys(buf->pfns), n * 4};
+    int rc = vq_add(inflate ? &b->inflate_vq : &b->deflate_vq, &seg, 1, 0, buf);
+    if (rc != 0)
+        return rc;
+    buf->busy = true;
+    buf->inflate = inflate;
+    buf->n_pfns = n;
+    buf->n_blocks = nb;
+    buf->sent_ns = platform_now_ns();
+    if (inflate) {
+        b->inflight_inflate += n;
+        b->inflate_buffers++;
+    } else {
+        b->inflight_deflate += n;
+        b->deflate_buffers++;
+    }
+    return 0;
+}
+
 static void inflate_step(struct balloon *b)
 {
     bool added = false;
@@ -309,10 +343,7 @@ static void inflate_step(struct balloon *b)
                 buf->blocks[j] = buf->blocks[j - 1];
                 buf->blocks[j - 1] = t;
             }
-        n = 0;
-        for (unsigned i = 0; i < pushed; i++)
-            for (uint64_t k = 0; k < (1ull << (buf->blocks[i] & 0xff)); k++)
-                buf->pfns[n++] = (uint32_t)((buf->blocks[i] >> 8) + k);
+        n = fill_pfns(buf, pushed);
         if (n == 0) {
             if (!b->exhausted_logged) {
                 platform_log("balloon: cannot inflate further: guest memory exhausted "
@@ -325,8 +356,7 @@ static void inflate_step(struct balloon *b)
             }
             break;
         }
-        struct vq_seg seg = {virt_to_phys(buf->pfns), n * 4};
-        if (vq_add(&b->inflate_vq, &seg, 1, 0, buf) != 0) {
+        if (send_buf(b, buf, n, pushed, true) != 0) {
             /* Undo: the blocks just recorded are on top of the list. */
             for (unsigned i = 0; i < pushed; i++) {
                 uint64_t pfn;
@@ -336,12 +366,6 @@ static void inflate_step(struct balloon *b)
             }
             break;
         }
-        buf->busy = true;
-        buf->inflate = true;
-        buf->n_pfns = n;
-        buf->sent_ns = platform_now_ns();
-        b->inflight_inflate += n;
-        b->inflate_buffers++;
         added = true;
     }
     if (added)
@@ -364,28 +388,21 @@ static void deflate_step(struct balloon *b)
             while ((1ull << order) > want - n) {
                 buddy_split(b->mm, pfn, order);
                 order--;
-                blocklist_push(&b->held, pfn, order); /* a record was just popped: room */
+                /* Cannot fail: the pop just made room (or freed the record page it needs). */
+                blocklist_push(&b->held, pfn, order);
                 pfn += 1ull << order;
             }
             buf->blocks[nb++] = pfn << 8 | order;
-            for (uint64_t i = 0; i < (1ull << order); i++)
-                buf->pfns[n++] = (uint32_t)(pfn + i);
+            n += 1u << order;
         }
         if (n == 0)
             break;
-        struct vq_seg seg = {virt_to_phys(buf->pfns), n * 4};
-        if (vq_add(&b->deflate_vq, &seg, 1, 0, buf) != 0) {
+        fill_pfns(buf, nb);
+        if (send_buf(b, buf, n, nb, false) != 0) {
             for (unsigned i = nb; i-- > 0;)
                 blocklist_push(&b->held, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
             break;
         }
-        buf->busy = true;
-        buf->inflate = false;
-        buf->n_pfns = n;
-        buf->n_blocks = nb;
-        buf->sent_ns = platform_now_ns();
-        b->inflight_deflate += n;
-        b->deflate_buffers++;
         added = true;
     }
     if (added)
