@@ -68,24 +68,7 @@ class Agent(SocketClient):
         self.ready = False
         self._buf = b""
         self._sock: Optional[socket.socket] = None
-        deadline = time.monotonic() + connect_timeout
-        last_err: Optional[Exception] = None
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                self._sock = s
-                break
-            except OSError as e:
-                s.close()
-                last_err = e
-            if alive is not None and not alive():
-                raise AgentConnectionError("QEMU exited before the agent socket %s accepted"
-                                           % path)
-            if time.monotonic() >= deadline:
-                raise AgentConnectionError("cannot connect to agent socket %s: %s"
-                                           % (path, last_err))
-            time.sleep(0.005)
+        self._connect(path, connect_timeout, alive, AgentConnectionError, "agent")
 
     # ---------------------------------------------------------- I/O
 

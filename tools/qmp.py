@@ -57,23 +57,7 @@ class QMP(SocketClient):
         self._next_id = 1
         self._sock: Optional[socket.socket] = None
         deadline = time.monotonic() + connect_timeout
-        last_err: Optional[Exception] = None
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
-                s.connect(path)
-                self._sock = s
-                break
-            except OSError as e:
-                s.close()
-                last_err = e
-            if alive is not None and not alive():
-                raise QMPConnectionError("QEMU exited before QMP socket %s accepted" % path)
-            if time.monotonic() >= deadline:
-                raise QMPConnectionError("cannot connect to QMP socket %s within %.1f s: %s"
-                                         % (path, connect_timeout, last_err))
-            time.sleep(0.02)
+        self._connect(path, connect_timeout, alive, QMPConnectionError, "QMP")
         try:
             self.greeting = self._read_msg(deadline=max(deadline, time.monotonic() + 2.0))
             if "QMP" not in self.greeting:
