@@ -102,6 +102,19 @@ def add_qemu_options(p: argparse.ArgumentParser, machine_default: str = "q35",
                    help="kill QEMU after this many seconds (default 60)")
 
 
+def add_balloon_guest_options(p: argparse.ArgumentParser, memory: str, accel: str):
+    """The guest options of the subcommands that always boot a pc/q35 guest with a balloon
+    and the agent (demo, bench-balloon)."""
+    p.add_argument("--kernel", default=DEFAULT_KERNEL)
+    p.add_argument("--machine", choices=("pc", "q35"), default="q35")
+    p.add_argument("--memory", "-m", type=_memory, default=memory,
+                   help="guest RAM (default %s)" % memory)
+    p.add_argument("--accel", choices=ACCELS, default=accel)
+    p.add_argument("--append", default="", help="extra kernel command line")
+    p.add_argument("--balloon-opt", action="append", type=_keyval, default=[],
+                   metavar="KEY=VAL", help="extra balloon device property (repeatable)")
+
+
 def qemu_from_args(args, machine=None, **overrides) -> Qemu:
     kw = dict(machine=machine or args.machine, memory=args.memory, accel=args.accel,
               append=args.append, balloon=args.balloon, balloon_opts=args.balloon_opt,
@@ -438,13 +451,7 @@ def add_demo(sub):
                                    "deflate it again while showing target, actual, QEMU's RSS "
                                    "and timings, show the guest statistics QEMU receives, "
                                    "verify the guest's memory and quit.  Exit 0 on success.")
-    p.add_argument("--kernel", default=DEFAULT_KERNEL)
-    p.add_argument("--machine", choices=("pc", "q35"), default="q35")
-    p.add_argument("--memory", "-m", type=_memory, default="1G", help="guest RAM (default 1G)")
-    p.add_argument("--accel", choices=ACCELS, default="auto")
-    p.add_argument("--append", default=None, help="extra kernel command line")
-    p.add_argument("--balloon-opt", action="append", type=_keyval, default=[],
-                   metavar="KEY=VAL", help="extra balloon device property (repeatable)")
+    add_balloon_guest_options(p, memory="1G", accel="auto")
     p.add_argument("--hold", type=_size, default=256 * MiB,
                    help="memory the guest allocates and keeps (default 256M)")
     p.add_argument("--max", dest="max_balloon", type=_size, default=512 * MiB,
@@ -754,11 +761,8 @@ def add_bench_balloon(sub):
                                    "host floor: one madvise() per 4 KiB page on the same amount "
                                    "of anonymous memory (bench/madvise_floor.c, compiled on the "
                                    "fly into build/bench/).  Every run boots a fresh guest.")
-    p.add_argument("--kernel", default=DEFAULT_KERNEL)
-    p.add_argument("--machine", choices=("pc", "q35"), default="q35")
-    p.add_argument("--memory", "-m", type=_memory, default="4G")
+    add_balloon_guest_options(p, memory="4G", accel="tcg")
     p.add_argument("--size", type=_size, default=3 * GiB, help="balloon size (default 3G)")
-    p.add_argument("--accel", choices=ACCELS, default="tcg")
     p.add_argument("--configs", default=DEFAULT_BENCH_CONFIGS,
                    help="comma-separated pfns/buffers pairs (default %s)" % DEFAULT_BENCH_CONFIGS)
     p.add_argument("--runs", "-n", type=int, default=3,
@@ -772,9 +776,6 @@ def add_bench_balloon(sub):
     p.add_argument("--floor-runs", type=int, default=3)
     p.add_argument("--poll-ms", type=float, default=1.0,
                    help="query-balloon polling interval (default 1 ms)")
-    p.add_argument("--balloon-opt", action="append", type=_keyval, default=[],
-                   metavar="KEY=VAL")
-    p.add_argument("--append", default="", help="extra kernel options")
     p.add_argument("--timeout", type=float, default=900.0, help="per QEMU run")
     p.add_argument("--check-targets", action="store_true", help="exit 2 if a target is missed")
     p.set_defaults(func=cmd_bench_balloon)
