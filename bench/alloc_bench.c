@@ -8,8 +8,8 @@
 #include <stdlib.h>
 #include <time.h>
 
-#include "buddy.h"
-#include "fake_platform.h"
+#include "mm/buddy.h"
+#include "tests/unit/fake_platform.h"
 
 #define SPAN_PAGES (1ULL << 20) /* 4 GiB */
 #define REPS       7

@@ -3,8 +3,8 @@
  * QEMU puts the image file name in front of a multiboot1 command line; microvm's maps are
  * unsorted and end with an all-zero entry; GRUB's UEFI maps are fragmented with many types.
  */
-#include "boot_info.h"
-#include "../kernel/string.h"
+#include "boot/boot_info.h"
+#include "lib/string.h"
 
 static const void *phys(uint64_t addr)
 {

@@ -1,10 +1,10 @@
-#include "agent.h"
-#include "cmdline.h"
-#include "mem.h"
-#include "printf.h"
-#include "string.h"
-#include "../arch/x86/exit.h"
-#include "../arch/x86/serial.h"
+#include "kernel/agent.h"
+#include "kernel/cmdline.h"
+#include "kernel/mem.h"
+#include "lib/printf.h"
+#include "lib/string.h"
+#include "arch/x86/exit.h"
+#include "arch/x86/serial.h"
 
 #define MAX_HELD  64
 #define LINE_MAX  256

@@ -7,7 +7,7 @@
 #define KERNEL_AGENT_H
 
 #include <stdbool.h>
-#include "../virtio/balloon.h"
+#include "virtio/balloon.h"
 
 /* Returns false when there is no second UART (the agent is then off). */
 bool agent_init(struct balloon *b);

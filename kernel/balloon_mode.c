@@ -1,11 +1,11 @@
-#include "balloon_mode.h"
-#include "agent.h"
-#include "cmdline.h"
-#include "mem.h"
-#include "printf.h"
-#include "../arch/x86/exit.h"
-#include "../virtio/balloon.h"
-#include "../virtio/virtio_pci.h"
+#include "kernel/balloon_mode.h"
+#include "kernel/agent.h"
+#include "kernel/cmdline.h"
+#include "kernel/mem.h"
+#include "lib/printf.h"
+#include "arch/x86/exit.h"
+#include "virtio/balloon.h"
+#include "virtio/virtio_pci.h"
 
 #define DEVICE_POLL_NS (1000ull * 1000) /* re-read the ISR and num_pages every millisecond */
 

@@ -1,6 +1,6 @@
-#include "cmdline.h"
-#include "printf.h"
-#include "string.h"
+#include "kernel/cmdline.h"
+#include "lib/printf.h"
+#include "lib/string.h"
 
 struct options options;
 

@@ -3,17 +3,17 @@
  * struct boot_info, build the page allocator over all RAM, print the boot report, then run the
  * mode the command line asks for.
  */
-#include "balloon_mode.h"
-#include "cmdline.h"
-#include "console.h"
-#include "mem.h"
-#include "panic.h"
-#include "printf.h"
-#include "selftest.h"
-#include "../arch/x86/cpu.h"
-#include "../arch/x86/exit.h"
-#include "../arch/x86/tsc.h"
-#include "../boot/boot_info.h"
+#include "kernel/balloon_mode.h"
+#include "kernel/cmdline.h"
+#include "arch/x86/serial.h"
+#include "kernel/mem.h"
+#include "kernel/panic.h"
+#include "lib/printf.h"
+#include "kernel/selftest.h"
+#include "arch/x86/cpu.h"
+#include "arch/x86/exit.h"
+#include "arch/x86/tsc.h"
+#include "boot/boot_info.h"
 
 #define BLIMP_VERSION "0.1"
 
@@ -71,7 +71,7 @@ static void print_allocator(void)
 void kmain(uint32_t magic, uint32_t info_phys);
 void kmain(uint32_t magic, uint32_t info_phys)
 {
-    console_init();
+    serial_console_init();
     traps_init();
     tsc_calibrate();
     if (boot_info_parse(magic, info_phys, &boot_info) != 0)

@@ -1,8 +1,8 @@
-#include "mem.h"
-#include "cmdline.h"
-#include "printf.h"
-#include "string.h"
-#include "../arch/x86/paging.h"
+#include "kernel/mem.h"
+#include "kernel/cmdline.h"
+#include "lib/printf.h"
+#include "lib/string.h"
+#include "arch/x86/paging.h"
 
 struct buddy kernel_buddy;
 struct mem_layout mem_layout;

@@ -2,9 +2,9 @@
 #ifndef KERNEL_MEM_H
 #define KERNEL_MEM_H
 
-#include "../boot/boot_info.h"
-#include "../mm/buddy.h"
-#include "platform.h"
+#include "boot/boot_info.h"
+#include "mm/buddy.h"
+#include "include/platform.h"
 
 extern struct buddy kernel_buddy;
 

@@ -1,6 +1,6 @@
-#include "panic.h"
-#include "printf.h"
-#include "../arch/x86/exit.h"
+#include "kernel/panic.h"
+#include "lib/printf.h"
+#include "arch/x86/exit.h"
 
 void panic(const char *fmt, ...)
 {

@@ -1,6 +1,6 @@
-#include "report.h"
-#include "printf.h"
-#include "../arch/x86/exit.h"
+#include "kernel/report.h"
+#include "lib/printf.h"
+#include "arch/x86/exit.h"
 
 static unsigned tests, failed, skipped;
 static bool started;

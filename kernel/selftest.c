@@ -3,11 +3,11 @@
  * allocator's logic on simulated memory; this proves it on the real memory map: every page the
  * allocator hands out is real, writable, distinct RAM, and everything coalesces back.
  */
-#include "selftest.h"
-#include "cmdline.h"
-#include "mem.h"
-#include "report.h"
-#include "string.h"
+#include "kernel/selftest.h"
+#include "kernel/cmdline.h"
+#include "kernel/mem.h"
+#include "kernel/report.h"
+#include "lib/string.h"
 
 #define STAMP_SEED 0x9e3779b97f4a7c15ull
 

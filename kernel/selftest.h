@@ -1,7 +1,7 @@
 #ifndef KERNEL_SELFTEST_H
 #define KERNEL_SELFTEST_H
 
-#include "../boot/boot_info.h"
+#include "boot/boot_info.h"
 
 /* blimp.mode=selftest: allocator checks over all of RAM; returns the exit code. */
 int selftest_run(const struct boot_info *bi);

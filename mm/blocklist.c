@@ -1,4 +1,4 @@
-#include "blocklist.h"
+#include "mm/blocklist.h"
 
 /* One record page: a link to the previous page, a count, then the records (pfn << 8 | order). */
 #define RECORDS_PER_CHUNK ((PAGE_SIZE / 8) - 2)

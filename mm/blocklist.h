@@ -6,8 +6,8 @@
 #ifndef MM_BLOCKLIST_H
 #define MM_BLOCKLIST_H
 
-#include "buddy.h"
-#include "platform.h"
+#include "mm/buddy.h"
+#include "include/platform.h"
 
 struct blocklist {
     struct buddy *mm;

@@ -1,7 +1,7 @@
 /* Buddy page allocator; see buddy.h for the design. */
-#include "buddy.h"
+#include "mm/buddy.h"
 
-#include "platform.h"
+#include "include/platform.h"
 
 /* 52-bit physical addresses: 2^40 page frames. Also keeps bitmaps within BUDDY_BM_LEVELS (7). */
 #define PFN_LIMIT (1ULL << 40)

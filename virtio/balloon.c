@@ -10,8 +10,8 @@
  * device used the buffer (what MUST_TELL_HOST requires, and harmless without it). Pages in the
  * balloon are never read or written: the records live in separate pages (mm/blocklist.c).
  */
-#include "balloon.h"
-#include "../include/platform.h"
+#include "virtio/balloon.h"
+#include "include/platform.h"
 
 #define MAX_QUEUE_SIZE   256
 #define STATS_ENTRY_SIZE 10

@@ -8,9 +8,9 @@
 #ifndef VIRTIO_BALLOON_H
 #define VIRTIO_BALLOON_H
 
-#include "transport.h"
-#include "virtqueue.h"
-#include "../mm/blocklist.h"
+#include "virtio/transport.h"
+#include "virtio/virtqueue.h"
+#include "mm/blocklist.h"
 
 #define VIRTIO_ID_BALLOON 5
 

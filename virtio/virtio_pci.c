@@ -4,11 +4,11 @@
  * the firmware put the BAR (OVMF: 0xE000000000). Legacy: a 20-byte register header in I/O BAR0
  * followed by the device config (QEMU's balloon has no MSI-X, so the config is at +20).
  */
-#include "virtio_pci.h"
-#include "../arch/x86/io.h"
-#include "../arch/x86/paging.h"
-#include "../include/platform.h"
-#include "../kernel/printf.h"
+#include "virtio/virtio_pci.h"
+#include "arch/x86/io.h"
+#include "arch/x86/paging.h"
+#include "include/platform.h"
+#include "lib/printf.h"
 
 #define VIRTIO_VENDOR    0x1af4
 #define RESET_TIMEOUT_NS (1000ull * 1000 * 1000)

@@ -6,8 +6,8 @@
 #ifndef VIRTIO_VIRTIO_PCI_H
 #define VIRTIO_VIRTIO_PCI_H
 
-#include "transport.h"
-#include "../arch/x86/pci.h"
+#include "virtio/transport.h"
+#include "arch/x86/pci.h"
 
 enum virtio_pci_choice { VIRTIO_PCI_AUTO, VIRTIO_PCI_MODERN, VIRTIO_PCI_LEGACY };
 

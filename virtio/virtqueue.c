@@ -9,9 +9,9 @@
  *   slots              sizeof(struct vq_slot) * size   16-aligned
  * The device is told only the first three.
  */
-#include "virtqueue.h"
+#include "virtio/virtqueue.h"
 
-#include "platform.h"
+#include "include/platform.h"
 
 /* Device-shared fields are read and written exactly once per access. */
 #define READ_ONCE16(p)     (*(const volatile uint16_t *)(p))

@@ -26,7 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "transport.h"
+#include "virtio/transport.h"
 
 /* ---- Ring layout (spec 2.7.5 - 2.7.8), shared with the test device model ------------------- */
 

@@ -1,6 +1,6 @@
-#include "exit.h"
-#include "io.h"
-#include "../../kernel/printf.h"
+#include "arch/x86/exit.h"
+#include "arch/x86/io.h"
+#include "lib/printf.h"
 
 const char *exit_code_name(enum exit_code code)
 {

@@ -1,5 +1,5 @@
-#include "paging.h"
-#include "cpu.h"
+#include "arch/x86/paging.h"
+#include "arch/x86/cpu.h"
 
 #include <stdbool.h>
 

@@ -1,5 +1,5 @@
-#include "pci.h"
-#include "io.h"
+#include "arch/x86/pci.h"
+#include "arch/x86/io.h"
 
 #define PCI_ADDR 0xcf8
 #define PCI_DATA 0xcfc

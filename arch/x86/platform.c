@@ -1,7 +1,7 @@
 /* include/platform.h for the kernel: identity mapping, the calibrated TSC and the console. */
-#include "../../include/platform.h"
-#include "tsc.h"
-#include "../../kernel/printf.h"
+#include "include/platform.h"
+#include "arch/x86/tsc.h"
+#include "lib/printf.h"
 
 void *phys_to_virt(uint64_t phys)
 {

@@ -1,6 +1,7 @@
 /* 16550 UART by polling: the console (COM1) and the agent's command channel (COM2). */
-#include "serial.h"
-#include "io.h"
+#include "arch/x86/serial.h"
+#include "arch/x86/io.h"
+#include "lib/console.h"
 
 enum { THR = 0, RBR = 0, DLL = 0, IER = 1, DLM = 1, FCR = 2, LCR = 3, MCR = 4, LSR = 5, SCR = 7 };
 enum { LSR_DATA_READY = 0x01, LSR_THR_EMPTY = 0x20 };
@@ -36,4 +37,15 @@ int serial_getc(uint16_t port)
     if (!(inb(port + LSR) & LSR_DATA_READY))
         return -1;
     return inb(port + RBR);
+}
+
+static void com1_write(const char *s, size_t n)
+{
+    serial_write(COM1, s, n);
+}
+
+void serial_console_init(void)
+{
+    serial_init(COM1);
+    console_set_sink(com1_write);
 }

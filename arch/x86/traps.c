@@ -1,6 +1,6 @@
-#include "cpu.h"
-#include "exit.h"
-#include "../../kernel/printf.h"
+#include "arch/x86/cpu.h"
+#include "arch/x86/exit.h"
+#include "lib/printf.h"
 
 struct idt_entry {
     uint16_t offset_lo;

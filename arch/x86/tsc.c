@@ -6,9 +6,9 @@
  * counter that never moves; then we fall back to CPUID leaf 0x15/0x16, or a 2 GHz guess, and say
  * so.
  */
-#include "tsc.h"
-#include "io.h"
-#include "../../kernel/printf.h"
+#include "arch/x86/tsc.h"
+#include "arch/x86/io.h"
+#include "lib/printf.h"
 
 #define PIT_HZ          1193182u
 #define CALIBRATE_TICKS 3580u /* about 3 ms */

@@ -1,14 +1,14 @@
 /* Virtio balloon device model for host unit tests: see fake_balloon.h. */
-#include "fake_balloon.h"
+#include "tests/unit/fake_balloon.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../virtio/balloon.h"
-#include "fake_platform.h"
-#include "platform.h"
+#include "virtio/balloon.h"
+#include "tests/unit/fake_platform.h"
+#include "include/platform.h"
 
 #define STATS_ENTRY 10
 

@@ -27,7 +27,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "fake_transport.h"
+#include "tests/unit/fake_transport.h"
 
 /* Queue roles (the index on the device is fb->qidx[role]). */
 enum fb_role { FB_INFLATE = 0, FB_DEFLATE = 1, FB_STATS = 2, FB_ROLES = 3 };

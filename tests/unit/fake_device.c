@@ -1,13 +1,13 @@
 /* Device-side split-ring model for host unit tests: see fake_device.h. */
-#include "fake_device.h"
+#include "tests/unit/fake_device.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "fake_platform.h"
-#include "platform.h"
+#include "tests/unit/fake_platform.h"
+#include "include/platform.h"
 
 /* ---- Arena memory --------------------------------------------------------------------------- */
 

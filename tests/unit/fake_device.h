@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../../virtio/virtqueue.h"
+#include "virtio/virtqueue.h"
 
 /* ---- Arena memory --------------------------------------------------------------------------- */
 

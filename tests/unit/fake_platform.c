@@ -1,6 +1,6 @@
 /* Host implementation of include/platform.h for unit tests and benchmarks. */
 #define _POSIX_C_SOURCE 200809L
-#include "fake_platform.h"
+#include "tests/unit/fake_platform.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -8,7 +8,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "platform.h"
+#include "include/platform.h"
 
 static uint8_t *ram;
 static uint64_t ram_base, ram_bytes;

@@ -1,5 +1,5 @@
 /* In-memory virtio transport for host unit tests: see fake_transport.h. */
-#include "fake_transport.h"
+#include "tests/unit/fake_transport.h"
 
 #include <stdarg.h>
 #include <stdio.h>

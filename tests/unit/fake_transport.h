@@ -17,8 +17,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "../../virtio/transport.h"
-#include "fake_device.h"
+#include "virtio/transport.h"
+#include "tests/unit/fake_device.h"
 
 #define FT_MAX_QUEUES 8
 #define FT_CONFIG_MAX 256

@@ -15,12 +15,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../virtio/balloon.h"
-#include "buddy.h"
-#include "fake_balloon.h"
-#include "fake_platform.h"
-#include "fake_transport.h"
-#include "platform.h"
+#include "virtio/balloon.h"
+#include "mm/buddy.h"
+#include "tests/unit/fake_balloon.h"
+#include "tests/unit/fake_platform.h"
+#include "tests/unit/fake_transport.h"
+#include "include/platform.h"
 
 #define RAM_BASE  0x100000ULL /* 1 MiB: PFN 256 */
 #define RAM_BYTES (64ULL << 20)

@@ -9,9 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "buddy.h"
-#include "fake_platform.h"
-#include "platform.h"
+#include "mm/buddy.h"
+#include "tests/unit/fake_platform.h"
+#include "include/platform.h"
 
 /* ---- Fixture ------------------------------------------------------------------------------- */
 

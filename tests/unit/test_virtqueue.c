@@ -13,11 +13,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../virtio/virtqueue.h"
-#include "fake_device.h"
-#include "fake_platform.h"
-#include "fake_transport.h"
-#include "platform.h"
+#include "virtio/virtqueue.h"
+#include "tests/unit/fake_device.h"
+#include "tests/unit/fake_platform.h"
+#include "tests/unit/fake_transport.h"
+#include "include/platform.h"
 
 #define RAM_BASE  0x100000ULL
 #define RAM_BYTES (64ULL << 20)

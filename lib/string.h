@@ -1,6 +1,6 @@
 /* The few string and memory functions a freestanding kernel needs (gcc may also call mem*). */
-#ifndef KERNEL_STRING_H
-#define KERNEL_STRING_H
+#ifndef LIB_STRING_H
+#define LIB_STRING_H
 
 #include <stddef.h>
 

@@ -1,5 +1,5 @@
-#ifndef KERNEL_PRINTF_H
-#define KERNEL_PRINTF_H
+#ifndef LIB_PRINTF_H
+#define LIB_PRINTF_H
 
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,6 +1,6 @@
-#include "printf.h"
-#include "console.h"
-#include "string.h"
+#include "lib/printf.h"
+#include "lib/console.h"
+#include "lib/string.h"
 
 #include <stdbool.h>
 #include <stdint.h>
