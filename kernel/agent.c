@@ -1,14 +1,13 @@
 #include "kernel/agent.h"
-#include "kernel/cmdline.h"
-#include "kernel/mem.h"
-#include "lib/printf.h"
-#include "lib/string.h"
 #include "arch/x86/exit.h"
 #include "arch/x86/serial.h"
+#include "kernel/mem.h"
+#include "lib/json.h"
+#include "lib/printf.h"
+#include "lib/string.h"
 
-#define MAX_HELD  64
-#define LINE_MAX  256
-#define REPLY_MAX 1024
+#define MAX_HELD 64
+#define LINE_MAX 256
 
 /* One allocation the host asked for: its blocks and the seed its pattern derives from. */
 struct held {
@@ -20,32 +19,33 @@ struct held {
 
 static struct held held[MAX_HELD];
 static unsigned next_id = 1;
-static struct balloon *balloon;
+static const struct balloon *balloon;
 static bool enabled;
 static char line[LINE_MAX];
 static unsigned line_len;
 static bool line_overflow;
 
-static uint64_t balloon_reserve_pages(void);
-static void reply(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void reply(const char *fmt, ...)
+static void send_line(struct json *j)
 {
-    char buf[REPLY_MAX];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = kvsnprintf(buf, sizeof(buf) - 1, fmt, ap);
-    va_end(ap);
-    if (n > (int)sizeof(buf) - 2)
-        n = (int)sizeof(buf) - 2;
-    buf[n++] = '\n';
-    serial_write(COM2, buf, (size_t)n);
+    const char *s = json_finish(j);
+    serial_write(COM2, s, strlen(s));
+    serial_write(COM2, "\n", 1);
+}
+
+/* A reply starts {"ok":...,"cmd":...}; the caller adds its fields and sends it. */
+static void reply_begin(struct json *j, const char *cmd, bool ok)
+{
+    json_begin(j);
+    json_bool(j, "ok", ok);
+    json_str(j, "cmd", cmd);
 }
 
 static void reply_error(const char *cmd, const char *msg)
 {
-    char esc[200];
-    json_escape(esc, sizeof(esc), msg);
-    reply("{\"ok\":false,\"cmd\":\"%s\",\"error\":\"%s\"}", cmd, esc);
+    struct json j;
+    reply_begin(&j, cmd, false);
+    json_str(&j, "error", msg);
+    send_line(&j);
 }
 
 /* The value every 8-byte word of held memory must hold: a function of its address and seed. */
@@ -87,13 +87,25 @@ static int verify_block(void *c, uint64_t pfn, unsigned order)
     return 0;
 }
 
-struct touch_ctx {
-    uint64_t seed;
-};
-
 static int touch_block(void *c, uint64_t pfn, unsigned order)
 {
-    fill_block(pfn, order, ((struct touch_ctx *)c)->seed);
+    fill_block(pfn, order, *(const uint64_t *)c);
+    return 0;
+}
+
+/* Finds the physical address of page `index` of an allocation, in the order verify walks it. */
+struct page_ctx {
+    uint64_t index, phys;
+};
+
+static int find_page(void *c, uint64_t pfn, unsigned order)
+{
+    struct page_ctx *p = c;
+    if (p->index < (1ull << order)) {
+        p->phys = (pfn + p->index) << PAGE_SHIFT;
+        return 1;
+    }
+    p->index -= 1ull << order;
     return 0;
 }
 
@@ -114,31 +126,19 @@ static void release(struct held *h)
     h->used = false;
 }
 
-/* Take `pages` pages, largest blocks first; on guest OOM ask the balloon for memory back. */
+/* Take `pages` pages, largest blocks first. On guest OOM the allocator's reclaim hook (the
+ * balloon's deflate-on-OOM, when negotiated) has already been asked for memory. */
 static int take_pages(struct held *h, uint64_t pages)
 {
     uint64_t got = 0;
     while (got < pages) {
-        uint64_t room = pages - got;
-        unsigned max_order = 63 - (unsigned)__builtin_clzll(room);
-        if (max_order > BUDDY_MAX_ORDER)
-            max_order = BUDDY_MAX_ORDER;
+        unsigned max_order = 63 - (unsigned)__builtin_clzll(pages - got);
         unsigned order;
         uint64_t pfn = buddy_alloc_largest(&kernel_buddy, max_order, &order);
-        if (pfn == BUDDY_NONE) {
-            /* Ask for enough to keep the balloon's reserve for the kernel's own needs too
-             * (record pages, rings), not just for this allocation. */
-            uint64_t need = pages - got + balloon_reserve_pages();
-            if (need < 256)
-                need = 256; /* 1 MiB at a time, as Linux does */
-            if (balloon && balloon_release_for_oom(balloon, need, 5000ull * 1000 * 1000) > 0)
-                continue;
+        if (pfn == BUDDY_NONE)
             return -1;
-        }
         if (blocklist_push(&h->blocks, pfn, order) != 0) {
             buddy_free(&kernel_buddy, pfn, order);
-            if (balloon && balloon_release_for_oom(balloon, 256, 5000ull * 1000 * 1000) > 0)
-                continue;
             return -1;
         }
         fill_block(pfn, order, h->seed);
@@ -147,22 +147,21 @@ static int take_pages(struct held *h, uint64_t pages)
     return 0;
 }
 
-static uint64_t balloon_reserve_pages(void)
-{
-    return balloon ? balloon->cfg.reserve_pages : 0;
-}
-
+/* Decimal with an optional K/M/G suffix; the whole word must be a number. */
 static bool parse_num(const char *s, uint64_t *out)
 {
     uint64_t v = 0;
-    if (!*s)
+    if (*s < '0' || *s > '9')
         return false;
-    for (; *s >= '0' && *s <= '9'; s++)
+    for (; *s >= '0' && *s <= '9'; s++) {
+        if (v > (UINT64_MAX - 9) / 10)
+            return false;
         v = v * 10 + (uint64_t)(*s - '0');
+    }
     unsigned shift = *s == 'K' ? 10 : *s == 'M' ? 20 : *s == 'G' ? 30 : 0;
     if (shift)
         s++;
-    if (*s)
+    if (*s || v > (UINT64_MAX >> shift))
         return false;
     *out = v << shift;
     return true;
@@ -196,12 +195,18 @@ static void cmd_alloc(char **argv, unsigned argc)
         reply_error("alloc", msg);
         return;
     }
-    reply("{\"ok\":true,\"cmd\":\"alloc\",\"id\":%u,\"pages\":%lu,\"blocks\":%lu,\"ms\":%lu}",
-          h->id, h->blocks.pages, h->blocks.blocks, (platform_now_ns() - t0) / 1000000);
+    struct json j;
+    reply_begin(&j, "alloc", true);
+    json_u64(&j, "id", h->id);
+    json_u64(&j, "pages", h->blocks.pages);
+    json_u64(&j, "blocks", h->blocks.blocks);
+    json_u64(&j, "ms", (platform_now_ns() - t0) / 1000000);
+    send_line(&j);
 }
 
-/* "all" or a number; fills ids[] with the allocations named. */
-static unsigned select_held(const char *arg, struct held **out)
+/* "all" (or nothing) or one id; fills out[] with the allocations named, returns how many, or
+ * -1 (the error was replied) when an id names nothing. */
+static int select_held(const char *cmd, const char *arg, struct held **out)
 {
     unsigned n = 0;
     uint64_t id;
@@ -209,56 +214,104 @@ static unsigned select_held(const char *arg, struct held **out)
         for (unsigned i = 0; i < MAX_HELD; i++)
             if (held[i].used)
                 out[n++] = &held[i];
-    } else if (parse_num(arg, &id) && find_held((unsigned)id)) {
-        out[n++] = find_held((unsigned)id);
+        return (int)n;
     }
-    return n;
+    if (parse_num(arg, &id) && id <= UINT32_MAX && find_held((unsigned)id)) {
+        out[0] = find_held((unsigned)id);
+        return 1;
+    }
+    reply_error(cmd, "no such allocation");
+    return -1;
 }
 
 static void cmd_free(char **argv, unsigned argc)
 {
     struct held *sel[MAX_HELD];
-    unsigned n = select_held(argc > 1 ? argv[1] : NULL, sel);
-    if (argc > 1 && strcmp(argv[1], "all") && n == 0) {
-        reply_error("free", "no such allocation");
+    int n = select_held("free", argc > 1 ? argv[1] : NULL, sel);
+    if (n < 0)
         return;
-    }
     uint64_t pages = 0;
-    for (unsigned i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++) {
         pages += sel[i]->blocks.pages;
         release(sel[i]);
     }
-    reply("{\"ok\":true,\"cmd\":\"free\",\"allocations\":%u,\"pages\":%lu}", n, pages);
+    struct json j;
+    reply_begin(&j, "free", true);
+    json_u64(&j, "allocations", (uint64_t)n);
+    json_u64(&j, "pages", pages);
+    send_line(&j);
 }
 
 static void cmd_verify_or_touch(char **argv, unsigned argc, bool touch)
 {
     const char *name = touch ? "touch" : "verify";
     struct held *sel[MAX_HELD];
-    unsigned n = select_held(argc > 1 ? argv[1] : NULL, sel);
-    if (argc > 1 && strcmp(argv[1], "all") && n == 0) {
-        reply_error(name, "no such allocation");
+    uint64_t new_seed = 0;
+    bool reseed = touch && argc > 2;
+    if (reseed && !parse_num(argv[2], &new_seed)) {
+        reply_error(name, "usage: touch [id|all] [seed]");
         return;
     }
+    int n = select_held(name, argc > 1 ? argv[1] : NULL, sel);
+    if (n < 0)
+        return;
     struct verify_ctx v = {0};
     uint64_t t0 = platform_now_ns();
-    for (unsigned i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++) {
         if (touch) {
-            uint64_t seed;
-            if (argc > 2 && parse_num(argv[2], &seed))
-                sel[i]->seed = seed;
-            struct touch_ctx t = {sel[i]->seed};
-            blocklist_for_each(&sel[i]->blocks, touch_block, &t);
+            if (reseed)
+                sel[i]->seed = new_seed;
+            blocklist_for_each(&sel[i]->blocks, touch_block, &sel[i]->seed);
             v.pages += sel[i]->blocks.pages;
         } else {
             v.seed = sel[i]->seed;
             blocklist_for_each(&sel[i]->blocks, verify_block, &v);
         }
     }
-    reply("{\"ok\":%s,\"cmd\":\"%s\",\"allocations\":%u,\"pages\":%lu,\"bad_pages\":%lu,"
-          "\"first_bad\":%lu,\"found\":%lu,\"ms\":%lu}",
-          v.bad_pages ? "false" : "true", name, n, v.pages, v.bad_pages, v.first_bad, v.found,
-          (platform_now_ns() - t0) / 1000000);
+    struct json j;
+    reply_begin(&j, name, v.bad_pages == 0);
+    json_u64(&j, "allocations", (uint64_t)n);
+    json_u64(&j, "pages", v.pages);
+    json_u64(&j, "bad_pages", v.bad_pages);
+    json_u64(&j, "first_bad", v.first_bad);
+    json_u64(&j, "found", v.found);
+    json_u64(&j, "ms", (platform_now_ns() - t0) / 1000000);
+    send_line(&j);
+}
+
+/* corrupt <id> <page> [word]: damage one word of held memory on purpose, so a test can prove
+ * that verify notices (and says where). */
+static void cmd_corrupt(char **argv, unsigned argc)
+{
+    uint64_t page, word = 0;
+    if (argc < 3 || !parse_num(argv[2], &page) || (argc > 3 && !parse_num(argv[3], &word))) {
+        reply_error("corrupt", "usage: corrupt <id> <page> [word]");
+        return;
+    }
+    struct held *sel[MAX_HELD];
+    if (select_held("corrupt", argv[1], sel) < 0)
+        return;
+    if (!strcmp(argv[1], "all")) {
+        reply_error("corrupt", "name one allocation");
+        return;
+    }
+    struct page_ctx pc = {.index = page, .phys = 0};
+    if (page >= sel[0]->blocks.pages || word >= PAGE_SIZE / 8) {
+        reply_error("corrupt", "page or word outside the allocation");
+        return;
+    }
+    blocklist_for_each(&sel[0]->blocks, find_page, &pc);
+    uint64_t addr = pc.phys + word * 8;
+    uint64_t *p = phys_to_virt(addr);
+    uint64_t was = *p;
+    *p = ~was;
+    struct json j;
+    reply_begin(&j, "corrupt", true);
+    json_u64(&j, "id", sel[0]->id);
+    json_u64(&j, "addr", addr);
+    json_u64(&j, "was", was);
+    json_u64(&j, "now", *p);
+    send_line(&j);
 }
 
 static void cmd_state(void)
@@ -273,17 +326,49 @@ static void cmd_state(void)
             n++;
         }
     }
-    static const char *const states[] = {"running", "stalled", "broken"};
-    const struct balloon *b = balloon;
-    reply("{\"ok\":true,\"cmd\":\"state\",\"mm\":{\"total_pages\":%lu,\"free_pages\":%lu},"
-          "\"held\":{\"allocations\":%u,\"pages\":%lu},\"balloon\":{\"state\":\"%s\","
-          "\"target_pages\":%u,\"actual_pages\":%u,\"held_pages\":%lu,\"features\":%lu,"
-          "\"inflate_buffers\":%lu,\"deflate_buffers\":%lu,\"stats_updates\":%lu,"
-          "\"oom_deflated_pages\":%lu}}",
-          st.total_pages, st.free_pages, n, held_pages, b ? states[b->state] : "absent",
-          b ? b->device_target : 0, b ? b->actual : 0, b ? b->held.pages : 0,
-          b ? (unsigned long)b->features : 0, b ? b->inflate_buffers : 0,
-          b ? b->deflate_buffers : 0, b ? b->stats_updates : 0, b ? b->oom_deflated_pages : 0);
+    struct json j;
+    reply_begin(&j, "state", true);
+    json_open_object(&j, "mm");
+    json_u64(&j, "total_pages", st.total_pages);
+    json_u64(&j, "free_pages", st.free_pages);
+    json_u64(&j, "reclaimed_pages", kernel_buddy.reclaimed_pages);
+    json_close(&j);
+    json_open_object(&j, "held");
+    json_u64(&j, "allocations", n);
+    json_u64(&j, "pages", held_pages);
+    json_close(&j);
+    json_open_object(&j, "balloon");
+    if (balloon) {
+        struct balloon_status b;
+        balloon_get_status(balloon, &b);
+        json_str(&j, "state", b.state_name);
+        json_u64(&j, "target_pages", b.device_target);
+        json_u64(&j, "actual_pages", b.actual);
+        json_u64(&j, "held_pages", b.held_pages);
+        json_u64(&j, "features", b.features);
+        json_u64(&j, "inflate_buffers", b.inflate_buffers);
+        json_u64(&j, "deflate_buffers", b.deflate_buffers);
+        json_u64(&j, "stats_updates", b.stats_updates);
+        json_u64(&j, "oom_deflated_pages", b.oom_deflated_pages);
+    } else {
+        json_str(&j, "state", "absent");
+    }
+    json_close(&j);
+    send_line(&j);
+}
+
+static void cmd_quit(char **argv, unsigned argc)
+{
+    uint64_t code = EXIT_SUCCESS_CODE;
+    if (argc > 1 && (!parse_num(argv[1], &code) || code > 0xff)) {
+        reply_error("quit", "usage: quit [code]");
+        return;
+    }
+    struct json j;
+    reply_begin(&j, "quit", true);
+    json_u64(&j, "code", code);
+    send_line(&j);
+    machine_exit((enum exit_code)code, "agent quit");
 }
 
 static void execute(char *cmd)
@@ -301,26 +386,24 @@ static void execute(char *cmd)
     }
     if (argc == 0)
         return;
-    if (!strcmp(argv[0], "ping"))
-        reply("{\"ok\":true,\"cmd\":\"ping\"}");
-    else if (!strcmp(argv[0], "alloc"))
+    if (!strcmp(argv[0], "ping")) {
+        struct json j;
+        reply_begin(&j, "ping", true);
+        send_line(&j);
+    } else if (!strcmp(argv[0], "alloc")) {
         cmd_alloc(argv, argc);
-    else if (!strcmp(argv[0], "free"))
+    } else if (!strcmp(argv[0], "free")) {
         cmd_free(argv, argc);
-    else if (!strcmp(argv[0], "verify"))
+    } else if (!strcmp(argv[0], "verify")) {
         cmd_verify_or_touch(argv, argc, false);
-    else if (!strcmp(argv[0], "touch"))
+    } else if (!strcmp(argv[0], "touch")) {
         cmd_verify_or_touch(argv, argc, true);
-    else if (!strcmp(argv[0], "state"))
+    } else if (!strcmp(argv[0], "corrupt")) {
+        cmd_corrupt(argv, argc);
+    } else if (!strcmp(argv[0], "state")) {
         cmd_state();
-    else if (!strcmp(argv[0], "quit")) {
-        uint64_t code = EXIT_SUCCESS_CODE;
-        if (argc > 1 && !parse_num(argv[1], &code)) {
-            reply_error("quit", "usage: quit [code]");
-            return;
-        }
-        reply("{\"ok\":true,\"cmd\":\"quit\",\"code\":%lu}", code);
-        machine_exit((enum exit_code)code, "agent quit");
+    } else if (!strcmp(argv[0], "quit")) {
+        cmd_quit(argv, argc);
     } else {
         char msg[80];
         ksnprintf(msg, sizeof(msg), "unknown command '%.40s'", argv[0]);
@@ -328,13 +411,15 @@ static void execute(char *cmd)
     }
 }
 
-bool agent_init(struct balloon *b)
+bool agent_init(const struct balloon *b)
 {
     balloon = b;
     enabled = serial_init(COM2);
     if (enabled) {
         kprintf("agent: listening on COM2\n");
-        reply("{\"event\":\"agent_ready\"}");
+        struct json j;
+        event_begin(&j, "agent_ready");
+        send_line(&j);
     }
     return enabled;
 }

@@ -10,7 +10,7 @@
 #include "virtio/balloon.h"
 
 /* Returns false when there is no second UART (the agent is then off). */
-bool agent_init(struct balloon *b);
+bool agent_init(const struct balloon *b);
 /* Handles any complete command lines waiting on COM2; never blocks. */
 void agent_poll(void);
 

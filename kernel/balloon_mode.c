@@ -1,9 +1,8 @@
 #include "kernel/balloon_mode.h"
+#include "arch/x86/exit.h"
 #include "kernel/agent.h"
-#include "kernel/cmdline.h"
 #include "kernel/mem.h"
 #include "lib/printf.h"
-#include "arch/x86/exit.h"
 #include "virtio/balloon.h"
 #include "virtio/virtio_pci.h"
 
@@ -13,23 +12,18 @@ static struct virtio_pci vpci;
 static struct virtio_transport transport;
 static struct balloon balloon;
 
-void balloon_mode_run(void)
+void balloon_mode_run(const struct options *opts)
 {
-    if (virtio_pci_find(VIRTIO_ID_BALLOON, (enum virtio_pci_choice)options.virtio, &vpci,
-                        &transport) != 0) {
+    if (virtio_pci_find(VIRTIO_ID_BALLOON, opts->virtio, &vpci, &transport) != 0) {
         kprintf("blimp: error: no usable virtio balloon device found "
                 "(QEMU: -device virtio-balloon-pci)\n");
         machine_exit(EXIT_NO_DEVICE, "no balloon device");
     }
-    struct balloon_config cfg;
-    balloon_default_config(&cfg);
-    cfg.pfns_per_buffer = (unsigned)options.balloon_pfns;
-    cfg.buffers = (unsigned)options.balloon_buffers;
-    cfg.deflate_on_oom = options.balloon_oom;
-    cfg.ack_timeout_ns = options.balloon_timeout_ms * 1000000ull;
-    if (balloon_init(&balloon, &transport, &kernel_buddy, &cfg) != 0) {
-        if (balloon.violation[0])
-            machine_exit(EXIT_PROTOCOL_ERROR, balloon.violation);
+    struct balloon_status st;
+    if (balloon_init(&balloon, &transport, &kernel_buddy, &opts->balloon) != 0) {
+        balloon_get_status(&balloon, &st);
+        if (st.violation[0])
+            machine_exit(EXIT_PROTOCOL_ERROR, st.violation);
         machine_exit(EXIT_NO_DEVICE, "balloon device could not be brought up");
     }
     agent_init(&balloon);
@@ -40,8 +34,9 @@ void balloon_mode_run(void)
         if (poll_device)
             last_poll = now;
         balloon_poll(&balloon, poll_device);
-        if (balloon.state == BALLOON_BROKEN)
-            machine_exit(EXIT_PROTOCOL_ERROR, balloon.violation);
+        balloon_get_status(&balloon, &st);
+        if (st.state == BALLOON_BROKEN)
+            machine_exit(EXIT_PROTOCOL_ERROR, st.violation);
         agent_poll();
     }
 }

@@ -1,65 +1,90 @@
 #include "kernel/cmdline.h"
+#include "lib/json.h"
 #include "lib/printf.h"
 #include "lib/string.h"
 
-struct options options;
+#include <stddef.h>
 
-enum opt_type { OPT_MODE, OPT_VIRTIO, OPT_BOOL, OPT_U64, OPT_MMIO };
+/* How a value is parsed and stored. */
+enum opt_type {
+    OPT_ENUM, /* one of names[], stored as an int-sized enum */
+    OPT_BOOL, /* 0 | 1 */
+    OPT_U32,  /* number within [min, max] */
+    OPT_U64,
+    OPT_MS_NS, /* milliseconds within [min, max], stored as uint64_t nanoseconds */
+    OPT_MMIO,  /* virtio_mmio.device=<size>@<base>:<irq>; may repeat */
+};
 
 struct option_def {
     const char *name;
     enum opt_type type;
-    void *target;
+    size_t offset;     /* of the field in struct options */
+    const char *value; /* the default, parsed like a command-line value; NULL: the driver's own
+                          default, already in place from balloon_default_config() */
     const char *help;
-    uint64_t min, max; /* OPT_U64 range */
+    uint64_t min, max;        /* OPT_U32, OPT_U64, OPT_MS_NS */
+    const char *const *names; /* OPT_ENUM, NULL-terminated */
 };
 
-static const struct option_def option_defs[] = {
-    {"blimp.mode", OPT_MODE, &options.mode, "balloon (default) | boot | selftest | fault", 0, 0},
-    {"blimp.poison", OPT_BOOL, &options.poison, "0 (default) | 1: poison free pages", 0, 0},
-    {"blimp.poison_pattern", OPT_U64, &options.poison_pattern,
-     "64-bit fill pattern for blimp.poison (default 0xaaaaaaaaaaaaaaaa)", 0, UINT64_MAX},
-    {"blimp.virtio", OPT_VIRTIO, &options.virtio,
-     "auto (default: modern if offered) | modern | legacy", 0, 0},
-    {"blimp.balloon.pfns", OPT_U64, &options.balloon_pfns,
-     "PFNs per inflate/deflate buffer, 1..65536 (default 256)", 1, 65536},
-    {"blimp.balloon.buffers", OPT_U64, &options.balloon_buffers,
-     "buffers in flight per queue, 1..64 (default 16)", 1, 64},
-    {"blimp.balloon.deflate_on_oom", OPT_BOOL, &options.balloon_oom,
-     "1 (default) | 0: accept DEFLATE_ON_OOM when offered", 0, 0},
-    {"blimp.balloon.timeout_ms", OPT_U64, &options.balloon_timeout_ms,
-     "ms without an answer before the device counts as stalled (default 5000)", 1, 3600000},
-    {"virtio_mmio.device", OPT_MMIO, NULL, "<size>@<base>:<irq>, a virtio-mmio device", 0, 0},
-};
-
-static const char *const virtio_names[] = {
-    [VIRTIO_AUTO] = "auto",
-    [VIRTIO_MODERN] = "modern",
-    [VIRTIO_LEGACY] = "legacy",
-};
+_Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
+                   sizeof(enum fault_inject) == sizeof(int) &&
+                   sizeof(enum virtio_pci_choice) == sizeof(int),
+               "OPT_ENUM stores enums as int");
 
 static const char *const mode_names[] = {
     [MODE_BALLOON] = "balloon",
     [MODE_BOOT] = "boot",
     [MODE_SELFTEST] = "selftest",
     [MODE_FAULT] = "fault",
+    NULL,
 };
+static const char *const virtio_names[] = {
+    [VIRTIO_PCI_AUTO] = "auto",
+    [VIRTIO_PCI_MODERN] = "modern",
+    [VIRTIO_PCI_LEGACY] = "legacy",
+    NULL,
+};
+static const char *const inject_names[] = {
+    [INJECT_NONE] = "none",
+    [INJECT_STAMP] = "stamp",
+    [INJECT_POISON] = "poison",
+    NULL,
+};
+
+#define OPT(field) offsetof(struct options, field)
+
+static const struct option_def option_defs[] = {
+    {"blimp.mode", OPT_ENUM, OPT(mode), "balloon",
+     "balloon: follow the host's target | boot: report and exit | selftest | fault", 0, 0,
+     mode_names},
+    {"blimp.poison", OPT_BOOL, OPT(poison), "0",
+     "1: fill free pages with a pattern, check it on "
+     "allocation",
+     0, 0, NULL},
+    {"blimp.poison_pattern", OPT_U64, OPT(poison_pattern), "0xaaaaaaaaaaaaaaaa",
+     "the 64-bit poison pattern", 0, UINT64_MAX, NULL},
+    {"blimp.inject", OPT_ENUM, OPT(inject), "none",
+     "damage done on purpose to prove a detector fires: none | stamp | poison (selftest)", 0, 0,
+     inject_names},
+    {"blimp.virtio", OPT_ENUM, OPT(virtio), "auto",
+     "auto (modern if the device has it) | modern | legacy", 0, 0, virtio_names},
+    {"blimp.balloon.pfns", OPT_U32, OPT(balloon.pfns_per_buffer), NULL,
+     "PFNs per inflate/deflate buffer, 1..65536", 1, 65536, NULL},
+    {"blimp.balloon.buffers", OPT_U32, OPT(balloon.buffers), NULL,
+     "buffers in flight per queue, 1..64", 1, BALLOON_MAX_BUFFERS, NULL},
+    {"blimp.balloon.deflate_on_oom", OPT_BOOL, OPT(balloon.deflate_on_oom), NULL,
+     "accept DEFLATE_ON_OOM when the device offers it", 0, 0, NULL},
+    {"blimp.balloon.timeout_ms", OPT_MS_NS, OPT(balloon.ack_timeout_ns), NULL,
+     "ms without an answer before the device counts as stalled, 1..3600000", 1, 3600000, NULL},
+    {"virtio_mmio.device", OPT_MMIO, OPT(virtio_mmio), NULL,
+     "<size>@<base>:<irq>, a virtio-mmio device (as Linux spells it)", 0, 0, NULL},
+};
+
+#define N_OPTIONS (sizeof(option_defs) / sizeof(option_defs[0]))
 
 const char *kernel_mode_name(enum kernel_mode m)
 {
-    return m < sizeof(mode_names) / sizeof(mode_names[0]) ? mode_names[m] : "unknown";
-}
-
-static void set_defaults(void)
-{
-    memset(&options, 0, sizeof(options));
-    options.mode = MODE_BALLOON;
-    options.poison_pattern = 0xaaaaaaaaaaaaaaaaull;
-    options.virtio = VIRTIO_AUTO;
-    options.balloon_pfns = 256;
-    options.balloon_buffers = 16;
-    options.balloon_oom = true;
-    options.balloon_timeout_ms = 5000;
+    return (unsigned)m < sizeof(mode_names) / sizeof(mode_names[0]) - 1 ? mode_names[m] : "unknown";
 }
 
 /* Decimal or 0x-hex, with an optional K/M/G suffix; the whole string must be consumed. */
@@ -108,77 +133,135 @@ static bool parse_u64(const char *s, uint64_t *out)
 
 static void error(const char *word, const char *why)
 {
-    char esc[200], esc_why[200];
-    json_escape(esc, sizeof(esc), word);
-    json_escape(esc_why, sizeof(esc_why), why);
     kprintf("blimp: error: bad command-line option '%s': %s\n", word, why);
-    kprintf("{\"event\":\"error\",\"kind\":\"cmdline\",\"option\":\"%s\",\"message\":\"%s\"}\n",
-            esc, esc_why);
+    struct json j;
+    event_begin(&j, "error");
+    json_str(&j, "kind", "cmdline");
+    json_str(&j, "option", word);
+    json_str(&j, "message", why);
+    event_emit(&j);
+}
+
+/* The option's current value as text (for the help listing of defaults). */
+static void format_value(const struct option_def *d, const struct options *o, char *buf,
+                         size_t size)
+{
+    const char *field = (const char *)o + d->offset;
+    switch (d->type) {
+    case OPT_ENUM:
+        strlcpy(buf, d->names[*(const int *)field], size);
+        return;
+    case OPT_BOOL:
+        strlcpy(buf, *(const bool *)field ? "1" : "0", size);
+        return;
+    case OPT_U32:
+        ksnprintf(buf, size, "%u", *(const uint32_t *)field);
+        return;
+    case OPT_U64:
+        ksnprintf(buf, size, "0x%lx", *(const uint64_t *)field);
+        return;
+    case OPT_MS_NS:
+        ksnprintf(buf, size, "%lu", *(const uint64_t *)field / 1000000);
+        return;
+    case OPT_MMIO:
+        strlcpy(buf, "none", size);
+        return;
+    }
 }
 
 static void list_known(void)
 {
-    kprintf("blimp: known options:\n");
-    for (unsigned i = 0; i < sizeof(option_defs) / sizeof(option_defs[0]); i++)
-        kprintf("  %-22s %s\n", option_defs[i].name, option_defs[i].help);
+    struct options defaults;
+    cmdline_parse("", &defaults);
+    kprintf("blimp: known options (default in brackets):\n");
+    for (unsigned i = 0; i < N_OPTIONS; i++) {
+        char def[32];
+        format_value(&option_defs[i], &defaults, def, sizeof(def));
+        kprintf("  %-30s [%s] %s\n", option_defs[i].name, def, option_defs[i].help);
+    }
 }
 
-static bool apply(const struct option_def *d, const char *word, const char *value)
+static bool apply(const struct option_def *d, struct options *o, const char *word,
+                  const char *value)
 {
-    char why[160];
+    char why[200];
+    char *field = (char *)o + d->offset;
+    uint64_t v;
     switch (d->type) {
-    case OPT_MODE:
-    case OPT_VIRTIO: {
-        const char *const *names = d->type == OPT_MODE ? mode_names : virtio_names;
-        unsigned count = d->type == OPT_MODE ? sizeof(mode_names) / sizeof(mode_names[0])
-                                             : sizeof(virtio_names) / sizeof(virtio_names[0]);
-        for (unsigned m = 0; m < count; m++) {
-            if (!strcmp(value, names[m])) {
-                *(unsigned *)d->target = m;
+    case OPT_ENUM:
+        for (unsigned m = 0; d->names[m]; m++) {
+            if (!strcmp(value, d->names[m])) {
+                *(int *)field = (int)m;
                 return true;
             }
         }
-        ksnprintf(why, sizeof(why), "unknown value '%s' (expected %s)", value, d->help);
+        ksnprintf(why, sizeof(why), "unknown value '%.40s' (expected %s)", value, d->help);
         error(word, why);
         return false;
-    }
     case OPT_BOOL:
         if (!strcmp(value, "0") || !strcmp(value, "1")) {
-            *(bool *)d->target = value[0] == '1';
+            *(bool *)field = value[0] == '1';
             return true;
         }
         error(word, "expected 0 or 1");
         return false;
+    case OPT_U32:
     case OPT_U64:
-        if (!parse_u64(value, (uint64_t *)d->target)) {
+    case OPT_MS_NS:
+        if (!parse_u64(value, &v)) {
             error(word, "expected a number (decimal or 0x hex, optional K/M/G)");
             return false;
         }
-        if (*(uint64_t *)d->target < d->min || *(uint64_t *)d->target > d->max) {
+        if (v < d->min || v > d->max) {
             ksnprintf(why, sizeof(why), "out of range (%s)", d->help);
             error(word, why);
             return false;
         }
+        if (d->type == OPT_U32)
+            *(uint32_t *)field = (uint32_t)v;
+        else if (d->type == OPT_U64)
+            *(uint64_t *)field = v;
+        else
+            *(uint64_t *)field = v * 1000000;
         return true;
     case OPT_MMIO:
-        if (options.n_virtio_mmio == sizeof(options.virtio_mmio) / sizeof(options.virtio_mmio[0])) {
+        if (o->n_virtio_mmio == MAX_VIRTIO_MMIO) {
             error(word, "too many virtio_mmio.device options");
             return false;
         }
-        if (strlcpy(options.virtio_mmio[options.n_virtio_mmio], value, 64) >= 64 ||
+        if (strlcpy(o->virtio_mmio[o->n_virtio_mmio], value, sizeof(o->virtio_mmio[0])) >=
+                sizeof(o->virtio_mmio[0]) ||
             !strchr(value, '@')) {
             error(word, "expected <size>@<base>:<irq>");
             return false;
         }
-        options.n_virtio_mmio++;
+        o->n_virtio_mmio++;
         return true;
     }
     return false;
 }
 
-int cmdline_parse(const char *cmdline)
+static const struct option_def *lookup(const char *name)
 {
-    set_defaults();
+    for (unsigned i = 0; i < N_OPTIONS; i++)
+        if (!strcmp(name, option_defs[i].name))
+            return &option_defs[i];
+    return NULL;
+}
+
+static void set_defaults(struct options *o)
+{
+    memset(o, 0, sizeof(*o));
+    balloon_default_config(&o->balloon);
+    for (unsigned i = 0; i < N_OPTIONS; i++)
+        if (option_defs[i].value &&
+            !apply(&option_defs[i], o, option_defs[i].name, option_defs[i].value))
+            kprintf("blimp: bug: the default of %s does not parse\n", option_defs[i].name);
+}
+
+int cmdline_parse(const char *cmdline, struct options *o)
+{
+    set_defaults(o);
     int errors = 0;
     const char *p = cmdline;
     while (*p) {
@@ -203,10 +286,7 @@ int cmdline_parse(const char *cmdline)
         char *eq = strchr(word, '=');
         if (eq)
             *eq = '\0';
-        const struct option_def *d = NULL;
-        for (unsigned i = 0; i < sizeof(option_defs) / sizeof(option_defs[0]); i++)
-            if (!strcmp(word, option_defs[i].name))
-                d = &option_defs[i];
+        const struct option_def *d = lookup(word);
         if (eq)
             *eq = '=';
         if (!d) {
@@ -215,7 +295,7 @@ int cmdline_parse(const char *cmdline)
         } else if (!eq) {
             error(word, "missing '=value'");
             errors++;
-        } else if (!apply(d, word, eq + 1)) {
+        } else if (!apply(d, o, word, eq + 1)) {
             errors++;
         }
     }

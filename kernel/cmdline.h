@@ -1,13 +1,18 @@
 /*
- * Kernel command-line options: space-separated key=value words. Every option is declared once in
- * the table in cmdline.c (name, type, default, help); an unknown or malformed word is an error
- * that names the word, never silently ignored.
+ * Kernel command-line options: space-separated key=value words. Every option is declared once,
+ * in the table in cmdline.c, with its parser type, its default and its help text; the parsed
+ * values land in one struct options that kmain owns and hands to whoever needs a part of it
+ * (the balloon driver gets its struct balloon_config as it is). An unknown or malformed word is
+ * an error that names the word, never silently ignored.
  */
 #ifndef KERNEL_CMDLINE_H
 #define KERNEL_CMDLINE_H
 
 #include <stdbool.h>
 #include <stdint.h>
+
+#include "virtio/balloon.h"
+#include "virtio/virtio_pci.h"
 
 enum kernel_mode {
     MODE_BALLOON,  /* default: follow the host's balloon target for as long as the host runs us */
@@ -16,26 +21,29 @@ enum kernel_mode {
     MODE_FAULT,    /* take a page fault on purpose: proves the exception path and its exit code */
 };
 
-enum virtio_choice { VIRTIO_AUTO, VIRTIO_MODERN, VIRTIO_LEGACY };
+/* Damage done on purpose so a test can prove that a detector fires (blimp.inject). */
+enum fault_inject {
+    INJECT_NONE,
+    INJECT_STAMP,  /* selftest: overwrite one page's stamp after stamping, before the check */
+    INJECT_POISON, /* selftest with blimp.poison=1: overwrite one word of a poisoned free page */
+};
+
+#define MAX_VIRTIO_MMIO 4
 
 struct options {
-    enum virtio_choice virtio;   /* blimp.virtio: which face of a transitional device to use */
-    uint64_t balloon_pfns;       /* blimp.balloon.pfns: PFNs per inflate/deflate buffer */
-    uint64_t balloon_buffers;    /* blimp.balloon.buffers: buffers in flight */
-    bool balloon_oom;            /* blimp.balloon.deflate_on_oom: accept DEFLATE_ON_OOM */
-    uint64_t balloon_timeout_ms; /* blimp.balloon.timeout_ms: ack deadline before "stalled" */
     enum kernel_mode mode;
-    bool poison;             /* blimp.poison: fill free pages with a pattern, check on alloc */
-    uint64_t poison_pattern; /* blimp.poison_pattern */
-    char virtio_mmio[4][64]; /* virtio_mmio.device=<size>@<base>:<irq>, as Linux spells it */
+    bool poison;             /* fill free pages with a pattern, check it on allocation */
+    uint64_t poison_pattern; /* the 64-bit pattern */
+    enum fault_inject inject;
+    enum virtio_pci_choice virtio; /* which face of a transitional virtio-pci device to use */
+    struct balloon_config balloon; /* the driver's own settings, filled by blimp.balloon.* */
+    char virtio_mmio[MAX_VIRTIO_MMIO][64]; /* virtio_mmio.device=<size>@<base>:<irq> */
     unsigned n_virtio_mmio;
 };
 
-extern struct options options;
-
-/* Parses into options (defaults first); prints one error line per bad word and returns the number
- * of errors. */
-int cmdline_parse(const char *cmdline);
+/* Fill opts with the defaults, then parse cmdline into it; prints one error line (and event)
+ * per bad word, then the known options. Returns the number of bad words. */
+int cmdline_parse(const char *cmdline, struct options *opts);
 const char *kernel_mode_name(enum kernel_mode m);
 
 #endif

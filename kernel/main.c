@@ -8,6 +8,7 @@
 #include "arch/x86/serial.h"
 #include "kernel/mem.h"
 #include "kernel/panic.h"
+#include "lib/json.h"
 #include "lib/printf.h"
 #include "kernel/selftest.h"
 #include "arch/x86/cpu.h"
@@ -18,16 +19,19 @@
 #define BLIMP_VERSION "0.1"
 
 static struct boot_info boot_info;
+static struct options options;
 
 static void print_boot_event(const struct boot_info *bi)
 {
-    char esc[BOOT_CMDLINE_MAX * 2];
-    json_escape(esc, sizeof(esc), bi->cmdline);
     kprintf("blimp %s: booted via %s, cmdline \"%s\"\n", BLIMP_VERSION,
             boot_protocol_name(bi->protocol), bi->cmdline);
-    kprintf("{\"event\":\"boot\",\"version\":\"%s\",\"protocol\":\"%s\",\"cmdline\":\"%s\","
-            "\"tsc_khz\":%lu}\n",
-            BLIMP_VERSION, boot_protocol_name(bi->protocol), esc, tsc_khz());
+    struct json j;
+    event_begin(&j, "boot");
+    json_str(&j, "version", BLIMP_VERSION);
+    json_str(&j, "protocol", boot_protocol_name(bi->protocol));
+    json_str(&j, "cmdline", bi->cmdline);
+    json_u64(&j, "tsc_khz", tsc_khz());
+    event_emit(&j);
     if (bi->cmdline_truncated)
         kprintf("blimp: warning: command line truncated to %u bytes\n", BOOT_CMDLINE_MAX - 1);
 }
@@ -40,13 +44,21 @@ static void print_memory_map(const struct boot_info *bi)
         kprintf("  %016lx-%016lx %-8s %lu KiB\n", r->base, r->base + r->size - 1,
                 mem_type_name(r->type), r->size >> 10);
     }
-    kprintf("{\"event\":\"memmap\",\"entries\":[");
+    struct json j;
+    event_begin(&j, "memmap");
+    json_open_array(&j, "entries");
     for (unsigned i = 0; i < bi->nregions; i++) {
         const struct mem_region *r = &bi->regions[i];
-        kprintf("%s{\"base\":%lu,\"size\":%lu,\"type\":\"%s\"}", i ? "," : "", r->base, r->size,
-                mem_type_name(r->type));
+        json_open_object(&j, NULL);
+        json_u64(&j, "base", r->base);
+        json_u64(&j, "size", r->size);
+        json_str(&j, "type", mem_type_name(r->type));
+        json_close(&j);
     }
-    kprintf("],\"ram_bytes\":%lu,\"dropped\":%u}\n", boot_ram_bytes(bi), bi->dropped);
+    json_close(&j);
+    json_u64(&j, "ram_bytes", boot_ram_bytes(bi));
+    json_u64(&j, "dropped", bi->dropped);
+    event_emit(&j);
 }
 
 static void print_allocator(void)
@@ -60,12 +72,18 @@ static void print_allocator(void)
     kprintf("buddy: free blocks per order:");
     for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++)
         kprintf(" %u:%lu", k, st.free_blocks[k]);
-    kprintf("\n{\"event\":\"buddy\",\"total_pages\":%lu,\"free_pages\":%lu,\"meta_bytes\":%lu,"
-            "\"excluded_pages\":%lu,\"free_blocks\":[",
-            st.total_pages, st.free_pages, st.meta_bytes, mem_layout.excluded_pages);
+    kprintf("\n");
+    struct json j;
+    event_begin(&j, "buddy");
+    json_u64(&j, "total_pages", st.total_pages);
+    json_u64(&j, "free_pages", st.free_pages);
+    json_u64(&j, "meta_bytes", st.meta_bytes);
+    json_u64(&j, "excluded_pages", mem_layout.excluded_pages);
+    json_open_array(&j, "free_blocks");
     for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++)
-        kprintf("%s%lu", k ? "," : "", st.free_blocks[k]);
-    kprintf("]}\n");
+        json_u64(&j, NULL, st.free_blocks[k]);
+    json_close(&j);
+    event_emit(&j);
 }
 
 void kmain(uint32_t magic, uint32_t info_phys);
@@ -77,23 +95,26 @@ void kmain(uint32_t magic, uint32_t info_phys)
     if (boot_info_parse(magic, info_phys, &boot_info) != 0)
         panic("unknown boot magic 0x%x (info at 0x%x)", magic, info_phys);
     print_boot_event(&boot_info);
-    if (cmdline_parse(boot_info.cmdline) != 0)
+    if (cmdline_parse(boot_info.cmdline, &options) != 0)
         machine_exit(EXIT_BAD_CMDLINE, "bad command line");
     print_memory_map(&boot_info);
-    if (mem_init(&boot_info) != 0)
+    if (mem_init(&boot_info, options.poison, options.poison_pattern) != 0)
         machine_exit(EXIT_OUT_OF_MEMORY, "memory setup failed");
     print_allocator();
 
     uint64_t boot_us = tsc_ns_since_boot() / 1000;
     kprintf("blimp: ready in %lu us (mode %s)\n", boot_us, kernel_mode_name(options.mode));
-    kprintf("{\"event\":\"ready\",\"boot_us\":%lu,\"mode\":\"%s\"}\n", boot_us,
-            kernel_mode_name(options.mode));
+    struct json j;
+    event_begin(&j, "ready");
+    json_u64(&j, "boot_us", boot_us);
+    json_str(&j, "mode", kernel_mode_name(options.mode));
+    event_emit(&j);
 
     switch (options.mode) {
     case MODE_BOOT:
         machine_exit(EXIT_SUCCESS_CODE, "boot report done");
     case MODE_SELFTEST: {
-        int code = selftest_run(&boot_info);
+        int code = selftest_run(&boot_info, &options);
         machine_exit((enum exit_code)code, "selftest done");
     }
     case MODE_FAULT:
@@ -103,5 +124,5 @@ void kmain(uint32_t magic, uint32_t info_phys)
     case MODE_BALLOON:
         break;
     }
-    balloon_mode_run();
+    balloon_mode_run(&options);
 }

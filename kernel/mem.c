@@ -1,5 +1,4 @@
 #include "kernel/mem.h"
-#include "kernel/cmdline.h"
 #include "lib/printf.h"
 #include "lib/string.h"
 #include "arch/x86/paging.h"
@@ -48,7 +47,7 @@ static void add_usable(uint64_t start, uint64_t end, const uint64_t excl[][2], u
         buddy_add_range(&kernel_buddy, start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT);
 }
 
-int mem_init(const struct boot_info *bi)
+int mem_init(const struct boot_info *bi, bool poison, uint64_t poison_pattern)
 {
     uint64_t lo = UINT64_MAX, hi = 0;
     for (unsigned i = 0; i < bi->nregions; i++) {
@@ -137,7 +136,7 @@ int mem_init(const struct boot_info *bi)
     }
     mem_layout.excluded_pages = ram_pages - st.total_pages;
 
-    if (options.poison)
-        buddy_set_poison(&kernel_buddy, true, options.poison_pattern);
+    if (poison)
+        buddy_set_poison(&kernel_buddy, true, poison_pattern);
     return 0;
 }

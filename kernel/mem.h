@@ -19,7 +19,8 @@ struct mem_layout {
 
 extern struct mem_layout mem_layout;
 
-/* Builds the allocator and maps all RAM; returns 0 or -1 (the reason is printed). */
-int mem_init(const struct boot_info *bi);
+/* Builds the allocator and maps all RAM; poisons free pages when asked. Returns 0 or -1 (the
+ * reason is printed). */
+int mem_init(const struct boot_info *bi, bool poison, uint64_t poison_pattern);
 
 #endif

@@ -4,7 +4,6 @@
  * allocator hands out is real, writable, distinct RAM, and everything coalesces back.
  */
 #include "kernel/selftest.h"
-#include "kernel/cmdline.h"
 #include "kernel/mem.h"
 #include "kernel/report.h"
 #include "lib/string.h"
@@ -82,7 +81,17 @@ static void check_accounting(void)
            "allocator metadata is at most 0.1%% of managed RAM (%lu bytes)", st.meta_bytes);
 }
 
-static void check_all_ram(void)
+/* blimp.inject=stamp: overwrite the stamp of one page in the middle of the first block taken,
+ * as a host that corrupted or lost a page would; the stamp check must name exactly this page. */
+static void inject_stamp(uint64_t head)
+{
+    uint64_t pfn = head + (1ull << block_at(head)->order) / 2;
+    uint64_t *p = phys_to_virt(pfn << PAGE_SHIFT);
+    p[PAGE_SIZE / 8 - 1] = ~stamp_for(pfn);
+    report_info("injected: overwrote the stamp of page 0x%lx", pfn << PAGE_SHIFT);
+}
+
+static void check_all_ram(enum fault_inject inject)
 {
     struct buddy_stats before, after;
     buddy_get_stats(&kernel_buddy, &before);
@@ -108,6 +117,8 @@ static void check_all_ram(void)
     for (uint64_t b = head; b != BUDDY_NONE; b = block_at(b)->next_pfn)
         for (uint64_t i = 0; i < (1ull << block_at(b)->order); i++)
             stamp(b + i);
+    if (inject == INJECT_STAMP && head != BUDDY_NONE)
+        inject_stamp(head);
     uint64_t bad = 0, first_bad = 0, found = 0;
     for (uint64_t b = head; b != BUDDY_NONE; b = block_at(b)->next_pfn) {
         for (uint64_t i = 0; i < (1ull << block_at(b)->order); i++) {
@@ -166,24 +177,80 @@ static void check_order0_churn(void)
     report(buddy_free(&kernel_buddy, pfns[0], 0) != 0, "a double free is refused");
 }
 
-static void check_poison(void)
+struct poison_scan {
+    uint64_t pattern, pages, bad, first_bad;
+};
+
+static int scan_free_block(void *ctx, uint64_t pfn, unsigned order, bool reported)
+{
+    struct poison_scan *s = ctx;
+    (void)reported; /* nothing is reported in selftest: every free block must hold the pattern */
+    for (uint64_t i = 0; i < (1ull << order); i++) {
+        const uint64_t *p = phys_to_virt((pfn + i) << PAGE_SHIFT);
+        if (p[0] != s->pattern && !s->bad++)
+            s->first_bad = (pfn + i) << PAGE_SHIFT;
+        s->pages++;
+    }
+    return 0;
+}
+
+/* Poisoning must really have happened: the first word of every free page holds the pattern. */
+static void check_poison_present(const struct options *o)
+{
+    if (!o->poison) {
+        report_skip("free pages hold the poison pattern (blimp.poison=0)");
+        return;
+    }
+    struct poison_scan s = {.pattern = o->poison_pattern};
+    buddy_walk_free(&kernel_buddy, 0, scan_free_block, &s);
+    report(s.pages > 0 && s.bad == 0,
+           "free pages hold the poison pattern (%lu pages, %lu without; first at 0x%lx)", s.pages,
+           s.bad, s.first_bad);
+}
+
+static int first_free_block(void *ctx, uint64_t pfn, unsigned order, bool reported)
+{
+    (void)reported;
+    *(uint64_t *)ctx = pfn + (1ull << order) / 2;
+    return 1;
+}
+
+/* blimp.inject=poison: overwrite one word in the middle of a free, poisoned page, as a stray
+ * write (or a host that handed back the wrong contents) would; allocating it must notice. */
+static void inject_poison(void)
+{
+    uint64_t pfn = BUDDY_NONE;
+    buddy_walk_free(&kernel_buddy, 0, first_free_block, &pfn);
+    if (pfn == BUDDY_NONE)
+        return;
+    uint64_t addr = (pfn << PAGE_SHIFT) + 100 * 8;
+    uint64_t *p = phys_to_virt(addr);
+    *p = ~*p;
+    report_info("injected: overwrote the word at 0x%lx of a free poisoned page", addr);
+}
+
+static void check_poison(const struct options *o)
 {
     struct buddy_stats st;
     buddy_get_stats(&kernel_buddy, &st);
-    if (!options.poison) {
+    if (!o->poison) {
         report_skip("no poison mismatches (blimp.poison=0)");
         return;
     }
-    report(st.poison_errors == 0, "no poison mismatches after all allocations (%lu)",
-           st.poison_errors);
+    report(st.poison_errors == 0,
+           "no poison mismatches after all allocations (%lu; latest at 0x%lx)", st.poison_errors,
+           st.poison_errors ? kernel_buddy.poison_bad_phys : 0);
 }
 
-int selftest_run(const struct boot_info *bi)
+int selftest_run(const struct boot_info *bi, const struct options *o)
 {
     check_memory_map(bi);
     check_accounting();
-    check_all_ram();
+    check_poison_present(o);
+    if (o->inject == INJECT_POISON)
+        inject_poison();
+    check_all_ram(o->inject);
     check_order0_churn();
-    check_poison();
+    check_poison(o);
     return report_summary();
 }

@@ -202,21 +202,3 @@ int kprintf(const char *fmt, ...)
     va_end(ap);
     return n;
 }
-
-void json_escape(char *dst, size_t size, const char *src)
-{
-    size_t n = 0;
-    for (; *src && n + 7 < size; src++) {
-        unsigned char c = (unsigned char)*src;
-        if (c == '"' || c == '\\') {
-            dst[n++] = '\\';
-            dst[n++] = (char)c;
-        } else if (c < 0x20 || c >= 0x7f) {
-            n += (size_t)ksnprintf(dst + n, size - n, "\\u%04x", c);
-        } else {
-            dst[n++] = (char)c;
-        }
-    }
-    if (size)
-        dst[n < size ? n : size - 1] = '\0';
-}

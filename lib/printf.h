@@ -13,7 +13,4 @@ int kvprintf(const char *fmt, va_list ap);
 int ksnprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int kvsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 
-/* Copy src into dst as the inside of a JSON string (quotes and control characters escaped). */
-void json_escape(char *dst, size_t size, const char *src);
-
 #endif

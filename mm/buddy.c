@@ -3,7 +3,8 @@
 
 #include "include/platform.h"
 
-/* 52-bit physical addresses: 2^40 page frames. Also keeps bitmaps within BUDDY_BM_LEVELS (7). */
+/* 52-bit physical addresses: 2^40 page frames. A bitmap of 2^40 bits needs 7 levels of 64-bit
+ * words, so every bitmap fits in BUDDY_BM_LEVELS (8). */
 #define PFN_LIMIT (1ULL << 40)
 
 #define HOT         static inline __attribute__((always_inline))
@@ -256,19 +257,30 @@ HOT uint64_t finish_take(struct buddy *b, uint64_t pfn, unsigned k, unsigned rep
     return pfn;
 }
 
-static uint64_t alloc_fail(struct buddy *b)
+/* Ask the reclaim hook for pages; false when there is none, it is already running (the hook's own
+ * allocations draw on what is left), or it gave nothing back. */
+static bool __attribute__((noinline)) try_reclaim(struct buddy *b, uint64_t pages)
 {
-    b->failures++;
-    return BUDDY_NONE;
+    if (!b->reclaim || b->reclaiming)
+        return false;
+    b->reclaiming = true;
+    uint64_t got = b->reclaim(b->reclaim_ctx, pages);
+    b->reclaiming = false;
+    b->reclaimed_pages += got;
+    return got > 0;
 }
 
-uint64_t buddy_alloc(struct buddy *b, unsigned order)
+void buddy_set_reclaim(struct buddy *b, buddy_reclaim_fn fn, void *ctx)
 {
-    if (UNLIKELY(order > BUDDY_MAX_ORDER))
-        return alloc_fail(b);
+    b->reclaim = fn;
+    b->reclaim_ctx = ctx;
+}
+
+HOT uint64_t alloc_exact(struct buddy *b, unsigned order)
+{
     uint32_t avail = (b->mask[0] | b->mask[1]) >> order;
     if (UNLIKELY(!avail))
-        return alloc_fail(b);
+        return BUDDY_NONE;
     unsigned k = order + (unsigned)__builtin_ctz(avail);
     unsigned rep;
     uint64_t pfn = take_lowest(b, k, &rep);
@@ -281,6 +293,23 @@ uint64_t buddy_alloc(struct buddy *b, unsigned order)
     return finish_take(b, pfn, order, rep);
 }
 
+uint64_t buddy_alloc(struct buddy *b, unsigned order)
+{
+    if (UNLIKELY(order > BUDDY_MAX_ORDER)) {
+        b->failures++;
+        return BUDDY_NONE;
+    }
+    uint64_t pfn = alloc_exact(b, order);
+    for (unsigned round = 0; UNLIKELY(pfn == BUDDY_NONE); round++) {
+        if (round == BUDDY_RECLAIM_ROUNDS || !try_reclaim(b, 1ull << order)) {
+            b->failures++;
+            return BUDDY_NONE;
+        }
+        pfn = alloc_exact(b, order);
+    }
+    return pfn;
+}
+
 uint64_t buddy_alloc_largest(struct buddy *b, unsigned max_order, unsigned *order_out)
 {
     if (max_order > BUDDY_MAX_ORDER)
@@ -290,10 +319,16 @@ uint64_t buddy_alloc_largest(struct buddy *b, unsigned max_order, unsigned *orde
         /* Something at least as big as max_order: split it down like a plain allocation. */
         if (order_out)
             *order_out = max_order;
-        return buddy_alloc(b, max_order);
+        return alloc_exact(b, max_order);
     }
-    if (!avail)
-        return alloc_fail(b);
+    if (!avail) {
+        /* Nothing at all: any block will do, so one page is what must come back. */
+        if (!try_reclaim(b, 1ull << max_order) || !(b->mask[0] | b->mask[1])) {
+            b->failures++;
+            return BUDDY_NONE;
+        }
+        return buddy_alloc_largest(b, max_order, order_out);
+    }
     unsigned k = 31 - (unsigned)__builtin_clz(avail);
     unsigned rep;
     uint64_t pfn = take_lowest(b, k, &rep);

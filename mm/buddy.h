@@ -57,6 +57,15 @@ struct buddy_order {
     struct buddy_bitmap set[2]; /* [0]: free, not reported; [1]: free, reported */
 };
 
+/*
+ * Reclaim hook: called when an allocation finds no block, with the number of pages the request
+ * needs; returns the pages it gave back to the allocator (0: none). The balloon registers its
+ * deflate-on-OOM here, so every allocation in the kernel (agent memory, record pages, rings,
+ * page tables) reaches it. Never re-entered: allocations made inside the hook fail normally.
+ */
+typedef uint64_t (*buddy_reclaim_fn)(void *ctx, uint64_t pages);
+#define BUDDY_RECLAIM_ROUNDS 4 /* reclaim and retry at most this often per allocation */
+
 struct buddy {
     uint64_t base_pfn, end_pfn; /* the span */
     uint32_t mask[2];           /* bit k set <=> ord[k].set[i] is not empty */
@@ -71,6 +80,10 @@ struct buddy {
     uint64_t poison_pattern;
     uint64_t poison_errors;
     uint64_t poison_bad_phys; /* first bad byte of the latest mismatching block, or BUDDY_NONE */
+    buddy_reclaim_fn reclaim;
+    void *reclaim_ctx;
+    bool reclaiming;
+    uint64_t reclaimed_pages;
 };
 
 /* Bytes of metadata needed for a span of span_pages (whatever its base pfn), or 0 if too big. */
@@ -90,7 +103,11 @@ int buddy_init(struct buddy *b, void *meta, size_t meta_bytes, uint64_t base_pfn
  */
 void buddy_add_range(struct buddy *b, uint64_t pfn, uint64_t count);
 
-/* Allocate a naturally aligned block of 2^order pages: its first pfn, or BUDDY_NONE. */
+/* Register (fn) or remove (NULL) the reclaim hook. */
+void buddy_set_reclaim(struct buddy *b, buddy_reclaim_fn fn, void *ctx);
+
+/* Allocate a naturally aligned block of 2^order pages: its first pfn, or BUDDY_NONE (after
+ * the reclaim hook, if any, could not help). */
 uint64_t buddy_alloc(struct buddy *b, unsigned order);
 
 /*

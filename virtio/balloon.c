@@ -12,6 +12,7 @@
  */
 #include "virtio/balloon.h"
 #include "include/platform.h"
+#include "lib/json.h"
 
 #define MAX_QUEUE_SIZE   256
 #define STATS_ENTRY_SIZE 10
@@ -46,6 +47,56 @@ bool balloon_negotiated(const struct balloon *b, unsigned bit)
     return (b->features >> bit) & 1;
 }
 
+const char *balloon_state_name(enum balloon_state s)
+{
+    switch (s) {
+    case BALLOON_RUNNING:
+        return "running";
+    case BALLOON_STALLED:
+        return "stalled";
+    case BALLOON_BROKEN:
+        return "broken";
+    }
+    return "unknown";
+}
+
+void balloon_get_status(const struct balloon *b, struct balloon_status *out)
+{
+    *out = (struct balloon_status){
+        .state = b->state,
+        .state_name = balloon_state_name(b->state),
+        .violation = b->violation,
+        .transport = b->t && b->t->name ? b->t->name : "",
+        .offered = b->offered,
+        .features = b->features,
+        .device_target = b->device_target,
+        .target = b->target,
+        .actual = b->actual,
+        .held_pages = b->held.pages,
+        .inflight_inflate = b->inflight_inflate,
+        .inflight_deflate = b->inflight_deflate,
+        .inflate_buffers = b->inflate_buffers,
+        .deflate_buffers = b->deflate_buffers,
+        .stats_updates = b->stats_updates,
+        .oom_deflated_pages = b->oom_deflated_pages,
+    };
+}
+
+/* The allocator's reclaim hook (mm/buddy.h): deflate on guest OOM for any allocation. */
+static uint64_t reclaim_for_allocator(void *ctx, uint64_t pages)
+{
+    struct balloon *b = ctx;
+    /* The driver's own allocations (record pages while inflating) draw on the reserve it keeps;
+     * deflating from inside them would undo the very work in progress. */
+    if (b->in_driver)
+        return 0;
+    /* Enough to restore the kernel's reserve too, and at least 1 MiB at a time, as Linux does. */
+    uint64_t want = pages + b->cfg.reserve_pages;
+    if (want < 256)
+        want = 256;
+    return balloon_release_for_oom(b, want, b->cfg.ack_timeout_ns);
+}
+
 static void violation(struct balloon *b, const char *what)
 {
     if (b->state == BALLOON_BROKEN)
@@ -56,8 +107,11 @@ static void violation(struct balloon *b, const char *what)
         b->violation[n] = what[n];
     b->violation[n] = '\0';
     platform_log("balloon: protocol violation: %s", b->violation);
-    platform_log("{\"event\":\"violation\",\"device\":\"balloon\",\"message\":\"%s\"}",
-                 b->violation);
+    struct json j;
+    event_begin(&j, "violation");
+    json_str(&j, "device", "balloon");
+    json_str(&j, "message", b->violation);
+    event_emit(&j);
 }
 
 /* Physically contiguous zeroed memory from the allocator for rings and buffers. */
@@ -100,13 +154,11 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
 {
     struct virtio_transport *t = b->t;
     uint16_t max = t->ops->queue_max_size(t, index);
-    char msg[128];
     if (max == 0 || (max & (max - 1)) || max > 32768) {
         /* The device offered the feature that creates this queue, so it must exist. */
         platform_log("balloon: queue %u (%s) has size %u: absent or not a power of two", index,
                      name, max);
         violation(b, "a queue the offered features imply is absent or has an invalid size");
-        (void)msg;
         return -1;
     }
     bool legacy = t->ops->queue_needs_legacy_layout(t);
@@ -219,9 +271,12 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     }
     platform_log("balloon: %s, features offered 0x%lx, accepted 0x%lx", t->name,
                  (unsigned long)b->offered, (unsigned long)b->features);
-    platform_log("{\"event\":\"balloon_features\",\"transport\":\"%s\",\"offered\":%lu,"
-                 "\"accepted\":%lu}",
-                 t->name, (unsigned long)b->offered, (unsigned long)b->features);
+    struct json j;
+    event_begin(&j, "balloon_features");
+    json_str(&j, "transport", t->name);
+    json_u64(&j, "offered", b->offered);
+    json_u64(&j, "accepted", b->features);
+    event_emit(&j);
 
     /* Indices by offered features (see the file comment). */
     b->has_stats = (b->offered >> VIRTIO_BALLOON_F_STATS_VQ) & 1;
@@ -253,6 +308,8 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     if (b->has_stats)
         kick(b, &b->stats_vq);
     b->state = BALLOON_RUNNING;
+    if (balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM))
+        buddy_set_reclaim(mm, reclaim_for_allocator, b);
     balloon_poll(b, true);
     return 0;
 }
@@ -349,9 +406,12 @@ static void inflate_step(struct balloon *b)
                 platform_log("balloon: cannot inflate further: guest memory exhausted "
                              "(actual %u of target %u pages)",
                              b->actual, b->target);
-                platform_log("{\"event\":\"balloon_exhausted\",\"actual_pages\":%u,"
-                             "\"inflight_pages\":%u,\"target_pages\":%u}",
-                             b->actual, b->inflight_inflate, b->target);
+                struct json j;
+                event_begin(&j, "balloon_exhausted");
+                json_u64(&j, "actual_pages", b->actual);
+                json_u64(&j, "inflight_pages", b->inflight_inflate);
+                json_u64(&j, "target_pages", b->target);
+                event_emit(&j);
                 b->exhausted_logged = true;
             }
             break;
@@ -459,13 +519,17 @@ static void check_stall(struct balloon *b)
                      "pages in flight); waiting",
                      (unsigned long)((now - oldest) / 1000000), b->inflight_inflate,
                      b->inflight_deflate);
-        platform_log("{\"event\":\"balloon_stalled\",\"inflight_inflate\":%u,"
-                     "\"inflight_deflate\":%u}",
-                     b->inflight_inflate, b->inflight_deflate);
+        struct json j;
+        event_begin(&j, "balloon_stalled");
+        json_u64(&j, "inflight_inflate", b->inflight_inflate);
+        json_u64(&j, "inflight_deflate", b->inflight_deflate);
+        event_emit(&j);
     } else if (b->state == BALLOON_STALLED && now - oldest <= b->cfg.ack_timeout_ns) {
         b->state = BALLOON_RUNNING;
         platform_log("balloon: device is answering again");
-        platform_log("{\"event\":\"balloon_recovered\"}");
+        struct json j;
+        event_begin(&j, "balloon_recovered");
+        event_emit(&j);
     }
 }
 
@@ -483,14 +547,30 @@ static void update_target(struct balloon *b)
     b->reached_logged = false;
     b->exhausted_logged = false;
     platform_log("balloon: target %u pages (%u MiB), actual %u", dev, dev >> 8, b->actual);
-    platform_log("{\"event\":\"balloon_target\",\"target_pages\":%u,\"actual_pages\":%u}", dev,
-                 b->actual);
+    /* The pages in flight say whether the previous target was still being worked on. */
+    struct json j;
+    event_begin(&j, "balloon_target");
+    json_u64(&j, "target_pages", dev);
+    json_u64(&j, "actual_pages", b->actual);
+    json_u64(&j, "inflight_inflate", b->inflight_inflate);
+    json_u64(&j, "inflight_deflate", b->inflight_deflate);
+    event_emit(&j);
     if (dev != b->target)
         platform_log("balloon: target exceeds the guest's %lu managed pages; aiming at %u",
                      (unsigned long)can, b->target);
 }
 
+static void poll_once(struct balloon *b, bool poll_device);
+
 void balloon_poll(struct balloon *b, bool poll_device)
+{
+    bool was = b->in_driver;
+    b->in_driver = true;
+    poll_once(b, poll_device);
+    b->in_driver = was;
+}
+
+static void poll_once(struct balloon *b, bool poll_device)
 {
     if (b->state == BALLOON_BROKEN)
         return;
@@ -513,8 +593,11 @@ void balloon_poll(struct balloon *b, bool poll_device)
         uint64_t ms = (platform_now_ns() - b->target_changed_ns) / 1000000;
         platform_log("balloon: reached %u pages (%u MiB) in %lu ms", b->actual, b->actual >> 8,
                      (unsigned long)ms);
-        platform_log("{\"event\":\"balloon_reached\",\"actual_pages\":%u,\"ms\":%lu}", b->actual,
-                     (unsigned long)ms);
+        struct json j;
+        event_begin(&j, "balloon_reached");
+        json_u64(&j, "actual_pages", b->actual);
+        json_u64(&j, "ms", ms);
+        event_emit(&j);
         b->reached_logged = true;
     }
 }
@@ -523,6 +606,8 @@ uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t tim
 {
     if (!balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM) || b->state != BALLOON_RUNNING)
         return 0;
+    bool was = b->in_driver;
+    b->in_driver = true;
     uint64_t deadline = platform_now_ns() + timeout_ns;
     /* Let inflation in flight finish first: deflating needs acknowledged pages. */
     while (b->inflight_inflate && platform_now_ns() < deadline && b->state == BALLOON_RUNNING) {
@@ -548,7 +633,11 @@ uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t tim
     b->target_changed_ns = platform_now_ns(); /* "reached" times count from here now */
     platform_log("balloon: deflated %lu pages on guest OOM (actual now %u, target %u)",
                  (unsigned long)released, b->actual, b->target);
-    platform_log("{\"event\":\"balloon_oom_deflate\",\"pages\":%lu,\"actual_pages\":%u}",
-                 (unsigned long)released, b->actual);
+    struct json j;
+    event_begin(&j, "balloon_oom_deflate");
+    json_u64(&j, "pages", released);
+    json_u64(&j, "actual_pages", b->actual);
+    event_emit(&j);
+    b->in_driver = was;
     return released;
 }

@@ -3,7 +3,8 @@
  * struct virtio_transport and takes memory only from the buddy allocator, so the same code runs
  * against QEMU and against the device model in tests/unit. It is a non-blocking state machine:
  * balloon_poll() does one round of work and returns, and every wait has a deadline.
- * Protocol reference: docs/balloon.md and the virtio spec 5.5.
+ * Protocol reference: the virtio spec 5.5 and ../shared/docs/balloon-protocol.md; design notes
+ * in docs/design.md.
  */
 #ifndef VIRTIO_BALLOON_H
 #define VIRTIO_BALLOON_H
@@ -29,8 +30,8 @@
 #define BALLOON_NUM_STATS   10
 
 struct balloon_config {
-    unsigned pfns_per_buffer; /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
-    unsigned buffers;         /* buffers in flight at once (QEMU accepts many) */
+    uint32_t pfns_per_buffer; /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
+    uint32_t buffers;         /* buffers in flight at once (QEMU accepts many) */
     uint64_t ack_timeout_ns;  /* a buffer unanswered this long marks the device stalled */
     uint64_t reserve_pages;   /* free pages never given to the balloon (kernel's own needs) */
     bool deflate_on_oom;      /* accept DEFLATE_ON_OOM when offered */
@@ -45,6 +46,21 @@ struct balloon_buf {
 };
 
 enum balloon_state { BALLOON_RUNNING, BALLOON_STALLED, BALLOON_BROKEN };
+
+/* What the rest of the kernel may know of the driver: a copy, taken by balloon_get_status. */
+struct balloon_status {
+    enum balloon_state state;
+    const char *state_name; /* "running", "stalled", "broken" */
+    const char *violation;  /* the protocol violation that broke it, or "" */
+    const char *transport;  /* the transport's name */
+    uint64_t offered, features;
+    uint32_t device_target; /* num_pages exactly as the device said */
+    uint32_t target;        /* what the driver aims at (clamped to what it can give) */
+    uint32_t actual;        /* pages the device acknowledged */
+    uint64_t held_pages;    /* pages in the balloon, acknowledged or in flight */
+    uint32_t inflight_inflate, inflight_deflate;
+    uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
+};
 
 struct balloon {
     struct virtio_transport *t;
@@ -64,6 +80,7 @@ struct balloon {
     uint8_t *stats_buf;
     uint64_t target_changed_ns; /* when the current target was first seen */
     bool reached_logged, exhausted_logged;
+    bool in_driver; /* inside balloon_poll/release: the reclaim hook must not re-enter */
     char violation[160];
     /* counters */
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
@@ -78,9 +95,13 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
  * poll_device: also re-read the interrupt status and num_pages (rate-limited by the caller). */
 void balloon_poll(struct balloon *b, bool poll_device);
 /* Deflate-on-OOM: give back at least `pages` to the guest (telling the host first) when
- * DEFLATE_ON_OOM was negotiated. Returns the pages released (0 without the feature). */
+ * DEFLATE_ON_OOM was negotiated. Returns the pages released (0 without the feature). When the
+ * feature is negotiated, balloon_init registers this with the allocator as its reclaim hook
+ * (buddy_set_reclaim), so every allocation that finds memory exhausted reaches it. */
 uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t timeout_ns);
 bool balloon_negotiated(const struct balloon *b, unsigned bit);
+void balloon_get_status(const struct balloon *b, struct balloon_status *out);
+const char *balloon_state_name(enum balloon_state s);
 /* Fills the 10-byte stats entries; returns the byte count. */
 unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out);
 

@@ -1,5 +1,6 @@
 #include "arch/x86/exit.h"
 #include "arch/x86/io.h"
+#include "lib/json.h"
 #include "lib/printf.h"
 
 const char *exit_code_name(enum exit_code code)
@@ -27,10 +28,12 @@ const char *exit_code_name(enum exit_code code)
 
 void machine_exit(enum exit_code code, const char *reason)
 {
-    char esc[160];
-    json_escape(esc, sizeof(esc), reason ? reason : "");
-    kprintf("{\"event\":\"exit\",\"code\":%d,\"name\":\"%s\",\"reason\":\"%s\"}\n", (int)code,
-            exit_code_name(code), esc);
+    struct json j;
+    event_begin(&j, "exit");
+    json_u64(&j, "code", (uint64_t)code);
+    json_str(&j, "name", exit_code_name(code));
+    json_str(&j, "reason", reason ? reason : "");
+    event_emit(&j);
     outl(0xf4, (uint32_t)code);
     /* No isa-debug-exit (another VMM, or QEMU without the device): stop here, visibly. */
     kprintf("blimp: halted (no isa-debug-exit device at port 0xf4)\n");

@@ -1,5 +1,6 @@
 #include "arch/x86/cpu.h"
 #include "arch/x86/exit.h"
+#include "lib/json.h"
 #include "lib/printf.h"
 
 struct idt_entry {
@@ -80,8 +81,13 @@ void trap_handler(struct trap_frame *f)
     kprintf("  rsi=%016lx rdi=%016lx rbp=%016lx r8 =%016lx\n", f->rsi, f->rdi, f->rbp, f->r8);
     kprintf("  r9 =%016lx r10=%016lx r11=%016lx r12=%016lx\n", f->r9, f->r10, f->r11, f->r12);
     kprintf("  r13=%016lx r14=%016lx r15=%016lx\n", f->r13, f->r14, f->r15);
-    kprintf("{\"event\":\"exception\",\"vector\":%lu,\"name\":\"%s\",\"error_code\":%lu,"
-            "\"rip\":%lu,\"cr2\":%lu}\n",
-            f->vector, name, f->error_code, f->rip, read_cr2());
+    struct json j;
+    event_begin(&j, "exception");
+    json_u64(&j, "vector", f->vector);
+    json_str(&j, "name", name);
+    json_u64(&j, "error_code", f->error_code);
+    json_u64(&j, "rip", f->rip);
+    json_u64(&j, "cr2", read_cr2());
+    event_emit(&j);
     machine_exit(EXIT_CPU_EXCEPTION, "cpu exception");
 }
