@@ -1318,6 +1318,74 @@ static void test_oom_deflate(void **state)
     env_free(e);
 }
 
+/* Take every page the allocator will give (order-0, as record pages and rings are taken);
+ * returns how many, recording them in a malloc'd array for give_back. */
+static uint64_t exhaust(struct env *e, uint64_t **out)
+{
+    uint64_t n = 0, cap = RAM_PAGES, pfn;
+    uint64_t *pfns = malloc(cap * sizeof(*pfns));
+    assert_non_null(pfns);
+    while ((pfn = buddy_alloc(&e->mm, 0)) != BUDDY_NONE) {
+        assert_true(n < cap);
+        pfns[n++] = pfn;
+    }
+    *out = pfns;
+    return n;
+}
+
+static void give_back(struct env *e, uint64_t *pfns, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        assert_int_equal(buddy_free(&e->mm, pfns[i], 0), 0);
+    free(pfns);
+}
+
+/* Any allocation in the guest, not only the agent's, reaches deflate-on-OOM through the
+ * allocator's reclaim hook, and the host hears of every page before the guest reuses it. */
+static void test_oom_reclaim_from_any_allocation(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    settle_at(e, 1000);
+    assert_consistent(e);
+    uint64_t free0 = free_pages(e), chunks0 = e->b.held.chunks;
+
+    uint64_t *pfns;
+    uint64_t n = exhaust(e, &pfns);
+    /* Everything free, plus all 1000 ballooned pages and their freed record pages. */
+    assert_int_equal(n, free0 + 1000 + chunks0);
+    assert_int_equal(e->b.actual, 0);
+    assert_int_equal(e->fb.deflated_pages, 1000);
+    assert_int_equal(fake_balloon_actual(&e->fb), 0);
+    assert_int_equal(e->b.oom_deflated_pages, 1000);
+    assert_int_equal(e->mm.reclaimed_pages, 1000); /* what the hook reports giving back */
+    assert_true(fake_log_contains("balloon_oom_deflate"));
+    /* The host's wish stands: memory back, the balloon follows the target again. */
+    give_back(e, pfns, n);
+    settle(e);
+    assert_int_equal(e->b.actual, 1000);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_oom_reclaim_needs_the_feature(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN & ~F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM), QSIZE);
+    assert_int_equal(env_start(e), 0);
+    settle_at(e, 1000);
+    uint64_t free0 = free_pages(e);
+    uint64_t *pfns;
+    uint64_t n = exhaust(e, &pfns);
+    assert_int_equal(n, free0); /* nothing came out of the balloon */
+    assert_int_equal(e->b.actual, 1000);
+    assert_int_equal(e->fb.deflated_pages, 0);
+    assert_int_equal(e->mm.reclaimed_pages, 0);
+    give_back(e, pfns, n);
+    assert_clean(e);
+    env_free(e);
+}
+
 static void oom_refused(uint64_t offered, bool cfg_oom)
 {
     struct env *e = env_new(false, offered, QSIZE);
@@ -1380,6 +1448,8 @@ int main(void)
         cmocka_unit_test(test_no_stats_queue),
         cmocka_unit_test(test_oom_deflate),
         cmocka_unit_test(test_oom_without_feature),
+        cmocka_unit_test(test_oom_reclaim_from_any_allocation),
+        cmocka_unit_test(test_oom_reclaim_needs_the_feature),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -761,6 +761,95 @@ static void test_alloc_largest(void **state)
     env_free(e);
 }
 
+/* A reclaim hook standing in for the balloon: it holds some blocks back and frees them on
+ * request; it may try to allocate itself, which must fail without re-entering it. */
+struct reclaimer {
+    struct buddy *b;
+    uint64_t held[8];
+    unsigned nheld;
+    unsigned calls, max_depth, depth;
+    uint64_t asked;
+    bool allocate_inside;
+    uint64_t inner_result;
+};
+
+static uint64_t reclaim_hook(void *ctx, uint64_t pages)
+{
+    struct reclaimer *r = ctx;
+    r->calls++;
+    r->asked = pages;
+    if (++r->depth > r->max_depth)
+        r->max_depth = r->depth;
+    if (r->allocate_inside)
+        r->inner_result = buddy_alloc(r->b, 0); /* nothing free: must fail, not recurse */
+    uint64_t freed = 0;
+    if (r->nheld) {
+        assert_int_equal(buddy_free(r->b, r->held[--r->nheld], 0), 0);
+        freed = 1;
+    }
+    r->depth--;
+    return freed;
+}
+
+static void test_reclaim_hook(void **state)
+{
+    (void)state;
+    struct env *e = env_new(0, 64);
+    env_add(e, 0, 8);
+    struct reclaimer r = {.b = &e->b};
+    /* Take all 8 pages; the reclaimer "balloons" 3 of them. */
+    uint64_t pfns[8];
+    for (unsigned i = 0; i < 8; i++)
+        assert_int_not_equal(pfns[i] = buddy_alloc(&e->b, 0), BUDDY_NONE);
+    for (unsigned i = 0; i < 3; i++)
+        r.held[r.nheld++] = pfns[5 + i];
+
+    /* Without a hook an exhausted allocator just fails. */
+    assert_int_equal(buddy_alloc(&e->b, 0), BUDDY_NONE);
+    buddy_set_reclaim(&e->b, reclaim_hook, &r);
+
+    /* With it: the failing allocation asks the hook (for 1 page), which frees one, and the
+     * retry succeeds with exactly that page. */
+    r.allocate_inside = true;
+    uint64_t got = buddy_alloc(&e->b, 0);
+    assert_int_equal(got, pfns[7]);
+    assert_int_equal(r.calls, 1);
+    assert_int_equal(r.asked, 1);
+    assert_int_equal(r.max_depth, 1);           /* never re-entered ... */
+    assert_int_equal(r.inner_result, BUDDY_NONE); /* ... its own allocation failed plainly */
+    assert_int_equal(e->b.reclaimed_pages, 1);
+
+    /* alloc_largest reaches it too. */
+    unsigned order = 99;
+    assert_int_equal(buddy_alloc_largest(&e->b, 3, &order), pfns[6]);
+    assert_int_equal(order, 0);
+    assert_int_equal(r.calls, 2);
+    assert_int_equal(r.asked, 8);
+
+    /* An order-1 request: freed single pages (pfns[5] and a non-buddy) cannot form the block,
+     * so the hook is asked a bounded number of times and the allocation fails. */
+    assert_int_equal(buddy_free(&e->b, pfns[0], 0), 0);
+    unsigned calls0 = r.calls;
+    assert_int_equal(buddy_alloc(&e->b, 1), BUDDY_NONE);
+    assert_true(r.calls - calls0 >= 1 && r.calls - calls0 <= BUDDY_RECLAIM_ROUNDS);
+    /* The hook ran dry: the next failure asks once more, gets nothing, and fails (counted once). */
+    r.allocate_inside = false;
+    calls0 = r.calls;
+    struct buddy_stats st0, st1;
+    buddy_get_stats(&e->b, &st0);
+    assert_int_equal(buddy_alloc(&e->b, 2), BUDDY_NONE);
+    buddy_get_stats(&e->b, &st1);
+    assert_int_equal(r.calls - calls0, 1);
+    assert_int_equal(st1.failures, st0.failures + 1);
+
+    /* Removing the hook: no more calls. */
+    buddy_set_reclaim(&e->b, NULL, NULL);
+    calls0 = r.calls;
+    assert_int_equal(buddy_alloc(&e->b, 3), BUDDY_NONE);
+    assert_int_equal(r.calls, calls0);
+    env_free(e);
+}
+
 /* buddy_split turns one allocated block into two that are freed separately (partial deflate). */
 static void test_split(void **state)
 {
@@ -956,6 +1045,7 @@ int main(void)
         cmocka_unit_test_setup(test_exhaustion_high_order, setup),
         cmocka_unit_test_setup(test_invalid_frees, setup),
         cmocka_unit_test_setup(test_reported_state, setup),
+        cmocka_unit_test_setup(test_reclaim_hook, setup),
         cmocka_unit_test_setup(test_lowest_across_reported, setup),
         cmocka_unit_test_setup(test_alloc_largest, setup),
         cmocka_unit_test_setup(test_split, setup),
