@@ -1,7 +1,7 @@
 /*
  * The virtio transport interface: everything the device-independent code (virtqueue, balloon)
- * needs from a bus. Implementations: virtio/pci_modern.c, virtio/pci_legacy.c, (later)
- * virtio/mmio.c, and tests/unit/fake_transport.c for host unit tests. Values read through it
+ * needs from a bus. Implementations: virtio/virtio_pci.c (modern and legacy faces) and
+ * tests/unit/fake_transport.c for host unit tests. Values read through it
  * come from the device and are untrusted: callers validate them.
  */
 #ifndef VIRTIO_TRANSPORT_H
