@@ -65,6 +65,14 @@ def test_corrupt_rejects_bad_arguments(balloon_vm):
 
 # ------------------------------------------------------------ selftest stamps
 
+def _injected_address(boot, what: str) -> int:
+    """The address the guest's one `# injected: <what> 0x...` line names."""
+    found = [m.group(1) for m in (re.search(re.escape(what) + r" (0x[0-9a-f]+)", l)
+                                  for l in boot.lines) if m]
+    assert len(found) == 1, "expected one %r injection line\n%s" % (what, boot.context())
+    return int(found[0], 16)
+
+
 STAMP = [Spec("pvh", "q35", "128M", "blimp.mode=selftest blimp.inject=stamp", timeout=60.0,
               tag="inject-stamp")]
 
@@ -72,15 +80,12 @@ STAMP = [Spec("pvh", "q35", "128M", "blimp.mode=selftest blimp.inject=stamp", ti
 @pytest.mark.parametrize("spec", STAMP, ids=[s.id for s in STAMP])
 def test_selftest_stamp_check_fires(boot):
     guest.check_exit(boot, exitcodes.TEST_FAILURES)
-    infos = [re.search(r"injected: overwrote the stamp of page (0x[0-9a-f]+)", l)
-             for l in boot.lines]
-    injected = [m.group(1) for m in infos if m]
-    assert len(injected) == 1, "no injection line\n" + boot.context()
+    injected = _injected_address(boot, "injected: overwrote the stamp of page")
     tap = boot.tap()
     stamp = [r for r in tap.results if r.description.startswith("every page holds its own stamp")]
     assert len(stamp) == 1, "no stamp result\n" + boot.context()
     assert not stamp[0].ok, "the stamp check passed over a damaged page\n" + boot.context()
-    assert "(1 bad; first at %s " % injected[0] in stamp[0].description, stamp[0]
+    assert "(1 bad; first at %#x " % injected in stamp[0].description, stamp[0]
     # only that check failed, and the summary says so
     assert [r.description for r in tap.failed] == [stamp[0].description]
     assert tap.summary[1] == 1
@@ -119,11 +124,7 @@ def test_poison_is_really_written(boot):
 @pytest.mark.parametrize("spec", POISON[2:], ids=[s.id for s in POISON[2:]])
 def test_poison_check_fires(boot):
     guest.check_exit(boot, exitcodes.TEST_FAILURES)
-    m = [re.search(r"injected: overwrote the word at (0x[0-9a-f]+) of a free poisoned page", l)
-         for l in boot.lines]
-    injected = [x.group(1) for x in m if x]
-    assert len(injected) == 1, "no injection line\n" + boot.context()
-    addr = int(injected[0], 16)
+    addr = _injected_address(boot, "injected: overwrote the word at")
     # the allocator names the damaged word when the page is allocated ...
     mismatches = [l for l in boot.lines if l.startswith("poison mismatch at ")]
     assert len(mismatches) == 1, "expected one mismatch line\n" + boot.context()
