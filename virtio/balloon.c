@@ -39,6 +39,8 @@ void balloon_default_config(struct balloon_config *cfg)
         .ack_timeout_ns = 5000ull * 1000 * 1000,
         .reserve_pages = 512,
         .deflate_on_oom = true,
+        .chunks = true,
+        .chunks_per_buffer = BALLOON_MAX_CHUNKS,
     };
 }
 
@@ -233,7 +235,9 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     b->t = t;
     b->mm = mm;
     b->cfg = *cfg;
-    if (b->cfg.buffers == 0 || b->cfg.buffers > BALLOON_MAX_BUFFERS || b->cfg.pfns_per_buffer == 0)
+    if (b->cfg.buffers == 0 || b->cfg.buffers > BALLOON_MAX_BUFFERS ||
+        b->cfg.pfns_per_buffer == 0 || b->cfg.chunks_per_buffer == 0 ||
+        b->cfg.chunks_per_buffer > BALLOON_MAX_CHUNKS)
         return -1;
     blocklist_init(&b->held, mm);
 
@@ -249,6 +253,8 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
                       1ull << VIRTIO_F_VERSION_1 | 1ull << VIRTIO_F_EVENT_IDX;
     if (cfg->deflate_on_oom)
         wanted |= 1ull << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+    if (cfg->chunks)
+        wanted |= 1ull << VIRTIO_BALLOON_F_X_CHUNKS;
     /* Not accepted (yet): PAGE_POISON (we do not write poison_val into deflated pages),
      * FREE_PAGE_HINT and PAGE_REPORTING, and QEMU's bit-30 sentinel. */
     b->features = b->offered & wanted;
@@ -287,8 +293,11 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         return -1;
     }
 
-    /* PFN arrays and block lists for the buffers, one contiguous area. */
-    uint64_t per = (uint64_t)b->cfg.pfns_per_buffer * (4 + 8);
+    /* PFN (or chunk) arrays and block lists for the buffers, one contiguous area. */
+    b->chunked = balloon_negotiated(b, VIRTIO_BALLOON_F_X_CHUNKS);
+    b->max_blocks = b->chunked ? b->cfg.chunks_per_buffer : b->cfg.pfns_per_buffer;
+    unsigned wire = b->chunked ? sizeof(struct balloon_chunk) : 4;
+    uint64_t per = (uint64_t)b->max_blocks * (wire + 8);
     uint8_t *area = alloc_zeroed(mm, per * b->cfg.buffers);
     if (b->has_stats)
         b->stats_buf = alloc_zeroed(mm, PAGE_SIZE);
@@ -299,7 +308,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     }
     for (unsigned i = 0; i < b->cfg.buffers; i++) {
         b->bufs[i].pfns = (uint32_t *)(area + i * per);
-        b->bufs[i].blocks = (uint64_t *)(area + i * per + (uint64_t)b->cfg.pfns_per_buffer * 4);
+        b->bufs[i].blocks = (uint64_t *)(area + i * per + (uint64_t)b->max_blocks * wire);
     }
     if (b->has_stats)
         post_stats(b); /* primed with real values; kicked only after DRIVER_OK */
@@ -327,35 +336,77 @@ static unsigned floor_log2(uint64_t v)
     return 63 - (unsigned)__builtin_clzll(v);
 }
 
-/* Write the PFNs of buf->blocks[0..nb) into buf->pfns; returns how many. */
-static unsigned fill_pfns(struct balloon_buf *buf, unsigned nb)
+/* Sort (pfn << 8 | order) blocks by address: heapsort, O(n log n) whatever the input order (a
+ * deflate pops the newest blocks first, which is usually descending). */
+static void sort_blocks(uint64_t *a, unsigned n)
 {
-    unsigned n = 0;
-    for (unsigned i = 0; i < nb; i++)
-        for (uint64_t k = 0; k < (1ull << (buf->blocks[i] & 0xff)); k++)
-            buf->pfns[n++] = (uint32_t)((buf->blocks[i] >> 8) + k);
-    return n;
+    for (unsigned end = n, start = n / 2;;) {
+        unsigned root;
+        if (start > 0) {
+            root = --start;
+        } else {
+            if (end <= 1)
+                return;
+            uint64_t t = a[--end];
+            a[end] = a[0];
+            a[0] = t;
+            root = 0;
+        }
+        for (unsigned child; (child = 2 * root + 1) < end; root = child) {
+            if (child + 1 < end && a[child] < a[child + 1])
+                child++;
+            if (a[root] >= a[child])
+                break;
+            uint64_t t = a[root];
+            a[root] = a[child];
+            a[child] = t;
+        }
+    }
 }
 
-/* Publish buf (n PFNs from nb blocks) on the inflate or deflate queue; 0 or the vq_add error,
- * in which case nothing changed. */
-static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned n, unsigned nb,
+static uint64_t block_pages(uint64_t block)
+{
+    return 1ull << (block & 0xff);
+}
+
+/* Write what the device reads for buf->blocks[0..nb) (sorted): the PFN array, or the chunk
+ * array with neighbouring blocks merged. Returns its size in bytes. */
+static uint64_t fill_wire(const struct balloon *b, struct balloon_buf *buf, unsigned nb)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < nb; i++) {
+        uint64_t pfn = buf->blocks[i] >> 8, pages = block_pages(buf->blocks[i]);
+        if (!b->chunked) {
+            for (uint64_t k = 0; k < pages; k++)
+                buf->pfns[n++] = (uint32_t)(pfn + k);
+        } else if (n && buf->chunks[n - 1].addr + buf->chunks[n - 1].len == pfn << PAGE_SHIFT) {
+            buf->chunks[n - 1].len += pages << PAGE_SHIFT;
+        } else {
+            buf->chunks[n++] = (struct balloon_chunk){pfn << PAGE_SHIFT, pages << PAGE_SHIFT};
+        }
+    }
+    return (uint64_t)n * (b->chunked ? sizeof(struct balloon_chunk) : 4);
+}
+
+/* Publish buf (`pages` pages in nb blocks, sorted) on the inflate or deflate queue; 0 or the
+ * vq_add error, in which case nothing changed. */
+static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned pages, unsigned nb,
                     bool inflate)
 {
-    struct vq_seg seg = {virt_to_phys(buf->pfns), n * 4};
+    struct vq_seg seg = {virt_to_phys(buf->pfns), (uint32_t)fill_wire(b, buf, nb)};
     int rc = vq_add(inflate ? &b->inflate_vq : &b->deflate_vq, &seg, 1, 0, buf);
     if (rc != 0)
         return rc;
     buf->busy = true;
     buf->inflate = inflate;
-    buf->n_pfns = n;
+    buf->pages = pages;
     buf->n_blocks = nb;
     buf->sent_ns = platform_now_ns();
     if (inflate) {
-        b->inflight_inflate += n;
+        b->inflight_inflate += pages;
         b->inflate_buffers++;
     } else {
-        b->inflight_deflate += n;
+        b->inflight_deflate += pages;
         b->deflate_buffers++;
     }
     return 0;
@@ -367,10 +418,10 @@ static void inflate_step(struct balloon *b)
     struct balloon_buf *buf;
     while (b->actual + b->inflight_inflate < b->target && (buf = free_buf(b))) {
         uint64_t want = b->target - b->actual - b->inflight_inflate;
-        if (want > b->cfg.pfns_per_buffer)
+        if (!b->chunked && want > b->cfg.pfns_per_buffer)
             want = b->cfg.pfns_per_buffer;
         unsigned n = 0, pushed = 0;
-        while (n < want) {
+        while (n < want && pushed < b->max_blocks) {
             struct buddy_stats st;
             buddy_get_stats(b->mm, &st);
             uint64_t room = want - n;
@@ -386,21 +437,18 @@ static void inflate_step(struct balloon *b)
             uint64_t pfn = buddy_alloc_largest(b->mm, max_order, &order);
             if (pfn == BUDDY_NONE)
                 break;
-            if (pfn + (1ull << order) > 0x100000000ull || blocklist_push(&b->held, pfn, order)) {
-                buddy_free(b->mm, pfn, order); /* PFNs are 32-bit on the wire */
+            /* PFNs are 32-bit on the wire (chunks carry 64-bit addresses). */
+            bool unsendable = !b->chunked && pfn + (1ull << order) > 0x100000000ull;
+            if (unsendable || blocklist_push(&b->held, pfn, order)) {
+                buddy_free(b->mm, pfn, order);
                 break;
             }
             buf->blocks[pushed++] = pfn << 8 | order; /* scratch until the buffer is sent */
             n += 1u << order;
         }
-        /* The allocator hands out blocks at any address: send the PFNs in ascending order. */
-        for (unsigned i = 1; i < pushed; i++)
-            for (unsigned j = i; j > 0 && buf->blocks[j - 1] > buf->blocks[j]; j--) {
-                uint64_t t = buf->blocks[j];
-                buf->blocks[j] = buf->blocks[j - 1];
-                buf->blocks[j - 1] = t;
-            }
-        n = fill_pfns(buf, pushed);
+        /* The allocator hands out blocks at any address: send them in ascending order (chunk
+         * arrays must be; PFN arrays are kinder to the host so). */
+        sort_blocks(buf->blocks, pushed);
         if (n == 0) {
             if (!b->exhausted_logged) {
                 platform_log("balloon: cannot inflate further: guest memory exhausted "
@@ -438,12 +486,12 @@ static void deflate_step(struct balloon *b)
     struct balloon_buf *buf;
     while (b->actual > b->target + b->inflight_deflate && (buf = free_buf(b))) {
         uint64_t want = b->actual - b->inflight_deflate - b->target;
-        if (want > b->cfg.pfns_per_buffer)
+        if (!b->chunked && want > b->cfg.pfns_per_buffer)
             want = b->cfg.pfns_per_buffer;
         unsigned n = 0, nb = 0;
         uint64_t pfn;
         unsigned order;
-        while (n < want && blocklist_pop(&b->held, &pfn, &order)) {
+        while (n < want && nb < b->max_blocks && blocklist_pop(&b->held, &pfn, &order)) {
             /* Too big: keep the lower half in the balloon, continue with the upper half. */
             while ((1ull << order) > want - n) {
                 buddy_split(b->mm, pfn, order);
@@ -457,7 +505,7 @@ static void deflate_step(struct balloon *b)
         }
         if (n == 0)
             break;
-        fill_pfns(buf, nb);
+        sort_blocks(buf->blocks, nb);
         if (send_buf(b, buf, n, nb, false) != 0) {
             for (unsigned i = nb; i-- > 0;)
                 blocklist_push(&b->held, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
@@ -476,8 +524,8 @@ static bool collect(struct balloon *b)
     uint32_t len;
     struct balloon_buf *buf;
     while ((buf = vq_get_used(&b->inflate_vq, &len))) {
-        b->inflight_inflate -= buf->n_pfns;
-        b->actual += buf->n_pfns;
+        b->inflight_inflate -= buf->pages;
+        b->actual += buf->pages;
         buf->busy = false;
         changed = true;
     }
@@ -485,8 +533,8 @@ static bool collect(struct balloon *b)
         /* Only now, after the host has seen the PFNs, do the pages return to the guest. */
         for (unsigned i = 0; i < buf->n_blocks; i++)
             buddy_free(b->mm, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
-        b->inflight_deflate -= buf->n_pfns;
-        b->actual -= buf->n_pfns;
+        b->inflight_deflate -= buf->pages;
+        b->actual -= buf->pages;
         buf->busy = false;
         changed = true;
     }

@@ -21,26 +21,40 @@
 #define VIRTIO_BALLOON_F_FREE_PAGE_HINT 3
 #define VIRTIO_BALLOON_F_PAGE_POISON    4
 #define VIRTIO_BALLOON_F_PAGE_REPORTING 5
+/* blimp's experimental chunked inflate/deflate: buffers carry {le64 addr, le64 len} ranges
+ * instead of PFN arrays (docs/chunked-inflate.md). */
+#define VIRTIO_BALLOON_F_X_CHUNKS 23
 
 /* Device config offsets (spec 5.5.4); always little-endian, also on legacy. */
 #define BALLOON_CFG_NUM_PAGES 0
 #define BALLOON_CFG_ACTUAL    4
 
 #define BALLOON_MAX_BUFFERS 64
+#define BALLOON_MAX_CHUNKS  256 /* per buffer: the most a chunked device must accept */
 #define BALLOON_NUM_STATS   10
 
 struct balloon_config {
-    uint32_t pfns_per_buffer; /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
-    uint32_t buffers;         /* buffers in flight at once (QEMU accepts many) */
-    uint64_t ack_timeout_ns;  /* a buffer unanswered this long marks the device stalled */
-    uint64_t reserve_pages;   /* free pages never given to the balloon (kernel's own needs) */
-    bool deflate_on_oom;      /* accept DEFLATE_ON_OOM when offered */
+    uint32_t pfns_per_buffer;   /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
+    uint32_t buffers;           /* buffers in flight at once (QEMU accepts many) */
+    uint64_t ack_timeout_ns;    /* a buffer unanswered this long marks the device stalled */
+    uint64_t reserve_pages;     /* free pages never given to the balloon (kernel's own needs) */
+    bool deflate_on_oom;        /* accept DEFLATE_ON_OOM when offered */
+    bool chunks;                /* accept VIRTIO_BALLOON_F_X_CHUNKS when offered */
+    uint32_t chunks_per_buffer; /* chunks per inflate/deflate buffer, 1..BALLOON_MAX_CHUNKS */
+};
+
+/* One range of a chunked buffer (docs/chunked-inflate.md); little-endian, as x86 is. */
+struct balloon_chunk {
+    uint64_t addr, len;
 };
 
 struct balloon_buf {
-    uint32_t *pfns;   /* the PFN array the device reads */
+    union {                           /* what the device reads: */
+        uint32_t *pfns;               /* a PFN array, or */
+        struct balloon_chunk *chunks; /* with X_CHUNKS, a chunk array */
+    };
     uint64_t *blocks; /* deflate: the (pfn << 8 | order) blocks this buffer returns */
-    unsigned n_pfns, n_blocks;
+    unsigned pages, n_blocks;
     bool busy, inflate;
     uint64_t sent_ns;
 };
@@ -69,6 +83,8 @@ struct balloon {
     uint64_t offered, features;
     struct virtqueue inflate_vq, deflate_vq, stats_vq;
     bool has_stats;
+    bool chunked;        /* X_CHUNKS negotiated */
+    unsigned max_blocks; /* buddy blocks per buffer: PFNs, or chunks when chunked */
     struct balloon_buf bufs[BALLOON_MAX_BUFFERS];
     struct blocklist held;   /* every block given to the balloon (acked or in flight) */
     uint32_t target;         /* num_pages as last read, clamped to what we can give */

@@ -95,8 +95,10 @@ static struct fb_snapshot *snap_slot(struct fake_balloon *fb, enum fb_role role,
                                      const struct fake_vq *d, uint16_t head)
 {
     if (fb->snap_size[role] != d->size) {
-        for (unsigned i = 0; i < fb->snap_size[role]; i++)
+        for (unsigned i = 0; i < fb->snap_size[role]; i++) {
             free(fb->snap[role][i].pfns);
+            free(fb->snap[role][i].raw);
+        }
         free(fb->snap[role]);
         fb->snap[role] = calloc(d->size, sizeof(struct fb_snapshot));
         if (!fb->snap[role])
@@ -106,24 +108,100 @@ static struct fb_snapshot *snap_slot(struct fake_balloon *fb, enum fb_role role,
     return &fb->snap[role][head];
 }
 
-/* Copy the PFN array of a just-popped chain: what the device read at that moment. */
+int64_t fake_balloon_check_chunks(const struct fake_balloon *fb, const void *raw, size_t len,
+                                  char *why, size_t why_size)
+{
+    if (len == 0 || len % sizeof(struct balloon_chunk)) {
+        snprintf(why, why_size, "%zu bytes is not a non-empty array of 16-byte chunks", len);
+        return -1;
+    }
+    size_t n = len / sizeof(struct balloon_chunk);
+    if (n > BALLOON_MAX_CHUNKS) {
+        snprintf(why, why_size, "%zu chunks in one buffer (at most %u)", n, BALLOON_MAX_CHUNKS);
+        return -1;
+    }
+    const uint8_t *p = raw;
+    uint64_t prev_end = 0, pages = 0;
+    uint64_t ram_start = fb->ram_pfn << PAGE_SHIFT, ram_end = ram_start + (fb->ram_pages << 12);
+    for (size_t i = 0; i < n; i++) {
+        struct balloon_chunk ch;
+        memcpy(&ch, p + i * sizeof(ch), sizeof(ch));
+        const char *rule = NULL;
+        if (ch.len == 0 || (ch.addr | ch.len) & (PAGE_SIZE - 1))
+            rule = "is empty or not 4 KiB-aligned";
+        else if (ch.addr + ch.len < ch.addr)
+            rule = "wraps around";
+        else if (ch.addr < prev_end)
+            rule = "overlaps or precedes the previous chunk";
+        else if (ch.addr < ram_start || ch.addr + ch.len > ram_end)
+            rule = "is not inside guest RAM";
+        if (rule) {
+            snprintf(why, why_size, "chunk %zu of %zu (addr 0x%llx, len 0x%llx) %s", i, n,
+                     (unsigned long long)ch.addr, (unsigned long long)ch.len, rule);
+            return -1;
+        }
+        prev_end = ch.addr + ch.len;
+        pages += ch.len >> PAGE_SHIFT;
+    }
+    return (int64_t)pages;
+}
+
+/* Chunked: check the array and expand it into the pages it names (s->pfns). */
+static void expand_chunks(struct fake_balloon *fb, enum fb_role role, uint16_t head,
+                          struct fb_snapshot *s)
+{
+    char why[160];
+    int64_t pages = fake_balloon_check_chunks(fb, s->raw, s->raw_len, why, sizeof(why));
+    if (pages < 0) {
+        fb_error(fb, "%s buffer %u: %s", role_name(role), head, why);
+        pages = 0;
+    }
+    s->nchunks = pages ? (unsigned)(s->raw_len / sizeof(struct balloon_chunk)) : 0;
+    s->n = (unsigned)pages;
+    s->pfns = malloc((s->n ? s->n : 1) * sizeof(uint32_t));
+    if (!s->pfns)
+        abort();
+    unsigned k = 0;
+    for (unsigned i = 0; i < s->nchunks; i++) {
+        struct balloon_chunk ch;
+        memcpy(&ch, s->raw + i * sizeof(ch), sizeof(ch));
+        for (uint64_t a = ch.addr; a < ch.addr + ch.len; a += PAGE_SIZE)
+            s->pfns[k++] = (uint32_t)(a >> PAGE_SHIFT);
+    }
+    fb->chunk_buffers++;
+    if (s->nchunks > fb->max_chunks)
+        fb->max_chunks = s->nchunks;
+}
+
+/* Copy the PFN (or chunk) array of a just-popped chain: what the device read at that moment. */
 static void take_snapshot(struct fake_balloon *fb, enum fb_role role, struct fake_vq *d,
                           const struct fake_chain *c)
 {
     struct fb_snapshot *s = snap_slot(fb, role, d, c->head);
     free(s->pfns);
+    free(s->raw);
     memset(s, 0, sizeof(*s));
+    bool chunked = fake_transport_negotiated(fb->ft, VIRTIO_BALLOON_F_X_CHUNKS);
     if (c->in_bytes)
         fb_error(fb, "%s buffer %u has %llu device-writable bytes (must be read-only)",
                  role_name(role), c->head, (unsigned long long)c->in_bytes);
-    if (c->out_bytes == 0 || c->out_bytes % 4)
-        fb_error(fb, "%s buffer %u is %llu bytes: not a non-empty array of le32 PFNs",
-                 role_name(role), c->head, (unsigned long long)c->out_bytes);
-    s->n = (unsigned)(c->out_bytes / 4);
-    s->pfns = malloc((s->n ? s->n : 1) * sizeof(uint32_t));
-    if (!s->pfns)
+    s->raw_len = (size_t)c->out_bytes;
+    s->raw = malloc(s->raw_len ? s->raw_len : 1);
+    if (!s->raw)
         abort();
-    fake_chain_read(c, s->pfns, (size_t)s->n * 4);
+    fake_chain_read(c, s->raw, s->raw_len);
+    if (chunked) {
+        expand_chunks(fb, role, c->head, s);
+    } else {
+        if (c->out_bytes == 0 || c->out_bytes % 4)
+            fb_error(fb, "%s buffer %u is %llu bytes: not a non-empty array of le32 PFNs",
+                     role_name(role), c->head, (unsigned long long)c->out_bytes);
+        s->n = (unsigned)(c->out_bytes / 4);
+        s->pfns = malloc((s->n ? s->n : 1) * sizeof(uint32_t));
+        if (!s->pfns)
+            abort();
+        memcpy(s->pfns, s->raw, (size_t)s->n * 4);
+    }
     s->valid = true;
     /* The device owns inflated pages from the moment it has read their PFNs (QEMU discards
      * them right away), so the canary goes in now: a driver that writes a page between handing
@@ -134,7 +212,8 @@ static void take_snapshot(struct fake_balloon *fb, enum fb_role role, struct fak
                 canary_fill(s->pfns[i]);
 }
 
-static void log_buffer(struct fake_balloon *fb, enum fb_role role, unsigned n, uint32_t *pfns)
+static void log_buffer(struct fake_balloon *fb, enum fb_role role, unsigned n, uint32_t *pfns,
+                       unsigned nchunks)
 {
     if (fb->nlog == fb->caplog) {
         fb->caplog = fb->caplog ? 2 * fb->caplog : 64;
@@ -142,7 +221,7 @@ static void log_buffer(struct fake_balloon *fb, enum fb_role role, unsigned n, u
         if (!fb->log)
             abort();
     }
-    fb->log[fb->nlog++] = (struct fb_buffer){role, n, pfns};
+    fb->log[fb->nlog++] = (struct fb_buffer){role, n, pfns, nchunks};
     if (n > fb->max_pfns)
         fb->max_pfns = n;
 }
@@ -157,13 +236,13 @@ static void process(struct fake_balloon *fb, enum fb_role role, struct fake_vq *
         return;
     }
     /* The driver must leave the array alone while the device holds the buffer. */
-    uint32_t *now = malloc((s->n ? s->n : 1) * sizeof(uint32_t));
+    uint8_t *now = malloc(s->raw_len ? s->raw_len : 1);
     if (!now)
         abort();
-    fake_chain_read(c, now, (size_t)s->n * 4);
-    if (memcmp(now, s->pfns, (size_t)s->n * 4))
-        fb_error(fb, "%s buffer %u: PFN array changed while the device held it", role_name(role),
-                 c->head);
+    fake_chain_read(c, now, s->raw_len);
+    if (memcmp(now, s->raw, s->raw_len))
+        fb_error(fb, "%s buffer %u: %s array changed while the device held it", role_name(role),
+                 c->head, s->nchunks ? "chunk" : "PFN");
     free(now);
 
     for (unsigned i = 0; i < s->n; i++) {
@@ -202,8 +281,10 @@ static void process(struct fake_balloon *fb, enum fb_role role, struct fake_vq *
         fb->inflated_pages += s->n;
     else
         fb->deflated_pages += s->n;
-    log_buffer(fb, role, s->n, s->pfns); /* the log takes the array */
+    log_buffer(fb, role, s->n, s->pfns, s->nchunks); /* the log takes the array */
     s->pfns = NULL;
+    free(s->raw);
+    s->raw = NULL;
     s->valid = false;
 }
 
@@ -431,8 +512,10 @@ void fake_balloon_fini(struct fake_balloon *fb)
         free(fb->log[i].pfns);
     free(fb->log);
     for (unsigned r = 0; r < 2; r++) {
-        for (unsigned i = 0; i < fb->snap_size[r]; i++)
+        for (unsigned i = 0; i < fb->snap_size[r]; i++) {
             free(fb->snap[r][i].pfns);
+            free(fb->snap[r][i].raw);
+        }
         free(fb->snap[r]);
     }
     free(fb->ballooned);

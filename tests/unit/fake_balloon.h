@@ -4,14 +4,15 @@
  * sections 2-4) and checks the driver's part while doing so:
  *
  *  - inflateq / deflateq: on notify it pops every available buffer, copies its PFN array (le32
- *    each) and, unless told to hold the buffers, completes them at once with used len 0. On
- *    completion it validates every PFN (inside the guest's RAM; not already in the balloon for
- *    inflate; in the balloon for deflate), keeps a per-page bitmap of ballooned pages and a log
- *    of every buffer it processed. A page handed over for inflation is filled with a canary
- *    when the device pops its buffer (the device owns it from then on); when the page is
- *    deflated (at the deflate buffer's completion) the canary must still be there, so a driver
- *    that touched a ballooned page is caught. Deflated pages then read back as zero (as after
- *    QEMU's discard).
+ *    each) -- or, with VIRTIO_BALLOON_F_X_CHUNKS negotiated, its chunk array, checked against
+ *    every rule of docs/chunked-inflate.md and expanded to the pages it names -- and, unless told
+ * to hold the buffers, completes them at once with used len 0. On completion it validates every PFN
+ * (inside the guest's RAM; not already in the balloon for inflate; in the balloon for deflate),
+ * keeps a per-page bitmap of ballooned pages and a log of every buffer it processed. A page handed
+ * over for inflation is filled with a canary when the device pops its buffer (the device owns it
+ * from then on); when the page is deflated (at the deflate buffer's completion) the canary must
+ * still be there, so a driver that touched a ballooned page is caught. Deflated pages then read
+ * back as zero (as after QEMU's discard).
  *  - statsq: the device keeps the one buffer the driver gives it and parses its 10-byte entries;
  *    fake_balloon_request_stats() returns it (used len 0) so the driver refreshes it.
  *  - config: num_pages (offset 0) set by the test, actual (offset 4) written by the driver.
@@ -48,8 +49,9 @@ enum fb_misbehave {
 /* An inflate/deflate buffer the device processed, as it read it. */
 struct fb_buffer {
     enum fb_role role;
-    unsigned n;
-    uint32_t *pfns;
+    unsigned n;       /* pages */
+    uint32_t *pfns;   /* the pages, in the order the buffer named them */
+    unsigned nchunks; /* chunked buffers: how many chunks named them (0: a PFN array) */
 };
 
 /* What the device read from a buffer when it popped it (indexed by head descriptor). */
@@ -57,6 +59,9 @@ struct fb_snapshot {
     bool valid;
     unsigned n;
     uint32_t *pfns;
+    unsigned nchunks;
+    uint8_t *raw; /* the bytes as read, to see the driver change them while the device holds them */
+    size_t raw_len;
 };
 
 struct fake_balloon {
@@ -78,6 +83,7 @@ struct fake_balloon {
     uint16_t snap_size[2];
     uint64_t inflated_pages, deflated_pages; /* totals over all processed buffers */
     unsigned max_pfns;                       /* largest buffer seen */
+    unsigned chunk_buffers, max_chunks;      /* chunked buffers seen, most chunks in one */
     unsigned actual_writes;                  /* driver writes of `actual` */
     unsigned canary_errors;
 
@@ -122,6 +128,15 @@ unsigned fake_balloon_answer(struct fake_balloon *fb, enum fb_role role, unsigne
 bool fake_balloon_request_stats(struct fake_balloon *fb);
 
 bool fake_balloon_is_ballooned(const struct fake_balloon *fb, uint64_t pfn);
+
+/*
+ * The device's check of a chunk array (docs/chunked-inflate.md section 4): length a non-zero
+ * multiple of 16, at most BALLOON_MAX_CHUNKS chunks, each non-empty, 4 KiB-aligned, not
+ * wrapping, after the previous one without overlap, and inside the guest's RAM. Returns the
+ * number of pages named, or -1 with the broken rule in why.
+ */
+int64_t fake_balloon_check_chunks(const struct fake_balloon *fb, const void *raw, size_t len,
+                                  char *why, size_t why_size);
 /* Value of a stat tag in the latest stats buffer; false if absent. */
 bool fake_balloon_stat(const struct fake_balloon *fb, uint16_t tag, uint64_t *val);
 /* Check the canary of every page now in the balloon; returns the number of bad pages. */

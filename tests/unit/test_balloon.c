@@ -1277,6 +1277,169 @@ static void test_no_stats_queue(void **state)
     env_free(e);
 }
 
+/* ---- Chunked inflate / deflate (docs/chunked-inflate.md) ------------------------------------- */
+
+#define CHUNKED (MODERN | F(VIRTIO_BALLOON_F_X_CHUNKS))
+
+/* Every chunked buffer logged from `from`: ascending, and every chunk maximal (two chunks of a
+ * buffer never touch: the driver merged neighbours). Returns the chunked buffers seen. */
+static unsigned check_chunk_log(const struct env *e, unsigned from)
+{
+    unsigned seen = 0;
+    for (unsigned i = from; i < e->fb.nlog; i++) {
+        const struct fb_buffer *l = &e->fb.log[i];
+        if (l->role == FB_STATS)
+            continue;
+        if (!l->nchunks)
+            fail_msg("buffer %u of a chunked device is a PFN array", i);
+        unsigned runs = l->n ? 1 : 0;
+        for (unsigned k = 1; k < l->n; k++) {
+            if (l->pfns[k] <= l->pfns[k - 1])
+                fail_msg("buffer %u is not ascending at page %u", i, k);
+            runs += l->pfns[k] != l->pfns[k - 1] + 1;
+        }
+        assert_int_equal(runs, l->nchunks); /* one chunk per contiguous run, no more */
+        assert_true(l->nchunks <= e->cfg.chunks_per_buffer);
+        seen++;
+    }
+    return seen;
+}
+
+static void test_chunks_inflate_and_deflate(void **state)
+{
+    (void)state;
+    for (int legacy = 0; legacy <= 1; legacy++) {
+        uint64_t offered = legacy ? (CHUNKED & ~F(VIRTIO_F_VERSION_1)) : CHUNKED;
+        struct env *e = env_up(legacy, offered);
+        assert_true(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_X_CHUNKS));
+        settle_at(e, 5000);
+        assert_consistent(e);
+        /* 5000 pages of unfragmented RAM are a handful of blocks: one buffer, few chunks. */
+        assert_int_equal(check_chunk_log(e, 0), e->fb.nlog);
+        assert_int_equal(e->fb.inflated_pages, 5000);
+        assert_true(e->fb.max_chunks <= 4);
+        assert_true(e->b.inflate_buffers <= 2);
+        unsigned from = e->fb.nlog;
+        settle_at(e, 1234);
+        assert_consistent(e);
+        settle_at(e, 0);
+        assert_consistent(e);
+        assert_int_equal(check_chunk_log(e, from), e->fb.nlog - from);
+        assert_int_equal(e->fb.deflated_pages, 5000);
+        assert_int_equal(free_pages(e), e->free_after_init);
+        env_free(e);
+    }
+}
+
+static void test_chunks_declined_or_not_offered(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, CHUNKED, QSIZE);
+    e->cfg.chunks = false; /* blimp.balloon.chunks=0 */
+    assert_int_equal(env_start(e), 0);
+    assert_false(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_X_CHUNKS));
+    settle_at(e, 700);
+    assert_consistent(e);
+    assert_int_equal(e->fb.chunk_buffers, 0);
+    assert_true(e->fb.max_pfns <= e->cfg.pfns_per_buffer);
+    env_free(e);
+
+    e = env_up(false, MODERN); /* a stock host: PFN arrays, the bit never accepted */
+    assert_false(e->ft.driver_features & F(VIRTIO_BALLOON_F_X_CHUNKS));
+    settle_at(e, 700);
+    assert_consistent(e);
+    assert_int_equal(e->fb.chunk_buffers, 0);
+    env_free(e);
+}
+
+static void test_chunks_bad_arrays_rejected(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, CHUNKED, QSIZE);
+    char why[160];
+    const uint64_t base = RAM_BASE, end = RAM_BASE + RAM_BYTES;
+    struct {
+        const char *rule;
+        unsigned n;
+        struct balloon_chunk c[3];
+    } bad[] = {
+        {"empty or not 4 KiB-aligned", 1, {{base + 8, 4096}}},
+        {"empty or not 4 KiB-aligned", 1, {{base, 100}}},
+        {"empty or not 4 KiB-aligned", 1, {{base, 0}}},
+        {"wraps around", 1, {{0xfffffffffffff000ULL, 0x2000}}},
+        {"overlaps or precedes", 2, {{base, 0x3000}, {base + 0x2000, 0x1000}}},
+        {"overlaps or precedes", 2, {{base + 0x5000, 0x1000}, {base, 0x1000}}},
+        {"not inside guest RAM", 1, {{base - 0x1000, 0x1000}}},
+        {"not inside guest RAM", 1, {{end - 0x1000, 0x2000}}},
+        {"not inside guest RAM", 2, {{base, 0x1000}, {end, 0x1000}}},
+    };
+    for (unsigned i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        why[0] = '\0';
+        assert_int_equal(
+            fake_balloon_check_chunks(&e->fb, bad[i].c, bad[i].n * 16, why, sizeof(why)), -1);
+        if (!strstr(why, bad[i].rule))
+            fail_msg("case %u: \"%s\" should say \"%s\"", i, why, bad[i].rule);
+    }
+    struct balloon_chunk ok[2] = {{base, 0x2000}, {base + 0x2000, 0x1000}}; /* touching is fine */
+    assert_int_equal(fake_balloon_check_chunks(&e->fb, ok, sizeof(ok), why, sizeof(why)), 3);
+    assert_int_equal(fake_balloon_check_chunks(&e->fb, ok, 0, why, sizeof(why)), -1);
+    assert_int_equal(fake_balloon_check_chunks(&e->fb, ok, 24, why, sizeof(why)), -1);
+    static struct balloon_chunk many[BALLOON_MAX_CHUNKS + 1];
+    for (unsigned i = 0; i <= BALLOON_MAX_CHUNKS; i++)
+        many[i] = (struct balloon_chunk){base + i * 0x2000, 0x1000};
+    assert_int_equal(
+        fake_balloon_check_chunks(&e->fb, many, BALLOON_MAX_CHUNKS * 16, why, sizeof(why)),
+        BALLOON_MAX_CHUNKS);
+    assert_int_equal(fake_balloon_check_chunks(&e->fb, many, sizeof(many), why, sizeof(why)), -1);
+    env_free(e);
+}
+
+/* Property: over random allocator states (memory fragmented by blocks the "kernel" holds) and
+ * random targets, the driver never sends a chunk the device would reject, always merges
+ * neighbours, respects its chunk cap, and gets every page back. */
+static void test_chunks_random_allocator_states(void **state)
+{
+    (void)state;
+    uint64_t seed = 0x5eed;
+    for (unsigned round = 0; round < 12; round++) {
+        struct env *e =
+            env_new(round & 1, (round & 1) ? (CHUNKED & ~F(VIRTIO_F_VERSION_1)) : CHUNKED, QSIZE);
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        e->cfg.chunks_per_buffer = 1 + (unsigned)(seed >> 33) % (round < 6 ? 4 : 256);
+        e->cfg.buffers = 1 + (unsigned)(seed >> 40) % 8;
+        assert_int_equal(env_start(e), 0);
+        /* Fragment: take many random-order blocks, give back a random half of them. */
+        enum { HOLD = 2000 };
+        uint64_t held[HOLD];
+        unsigned nheld = 0;
+        for (unsigned i = 0; i < HOLD; i++) {
+            seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+            uint64_t pfn = buddy_alloc(&e->mm, (unsigned)(seed >> 60) % 4);
+            assert_int_not_equal(pfn, BUDDY_NONE);
+            if ((seed >> 20) & 1)
+                held[nheld++] = pfn << 8 | (seed >> 60) % 4;
+            else
+                buddy_free(&e->mm, pfn, (unsigned)(seed >> 60) % 4);
+        }
+        uint64_t free_fragmented = free_pages(e);
+        e->free_after_init = free_fragmented;
+        unsigned from = e->fb.nlog;
+        for (unsigned step = 0; step < 8; step++) {
+            seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+            settle_at(e, (uint32_t)((seed >> 33) % (free_fragmented - 1024)));
+            assert_consistent(e);
+        }
+        settle_at(e, 0);
+        assert_consistent(e);
+        assert_int_equal(e->fb.errors, 0);
+        assert_int_equal(check_chunk_log(e, from), e->fb.nlog - from);
+        assert_int_equal(free_pages(e), free_fragmented);
+        for (unsigned i = 0; i < nheld; i++)
+            assert_int_equal(buddy_free(&e->mm, held[i] >> 8, held[i] & 0xff), 0);
+        env_free(e);
+    }
+}
+
 /* ---- Deflate on OOM ------------------------------------------------------------------------- */
 
 static void test_oom_deflate(void **state)
@@ -1449,6 +1612,10 @@ int main(void)
         cmocka_unit_test(test_oom_deflate),
         cmocka_unit_test(test_oom_without_feature),
         cmocka_unit_test(test_oom_reclaim_from_any_allocation),
+        cmocka_unit_test(test_chunks_inflate_and_deflate),
+        cmocka_unit_test(test_chunks_declined_or_not_offered),
+        cmocka_unit_test(test_chunks_bad_arrays_rejected),
+        cmocka_unit_test(test_chunks_random_allocator_states),
         cmocka_unit_test(test_oom_reclaim_needs_the_feature),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

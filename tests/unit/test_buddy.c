@@ -815,7 +815,7 @@ static void test_reclaim_hook(void **state)
     assert_int_equal(got, pfns[7]);
     assert_int_equal(r.calls, 1);
     assert_int_equal(r.asked, 1);
-    assert_int_equal(r.max_depth, 1);           /* never re-entered ... */
+    assert_int_equal(r.max_depth, 1);             /* never re-entered ... */
     assert_int_equal(r.inner_result, BUDDY_NONE); /* ... its own allocation failed plainly */
     assert_int_equal(e->b.reclaimed_pages, 1);
 
