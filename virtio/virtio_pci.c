@@ -1,17 +1,36 @@
 /*
  * virtio-pci transports (virtio spec 4.1). Modern: the common, notify, ISR and device-config
- * structures are found through vendor capabilities (cap id 0x09) and mapped uncached wherever
- * the firmware put the BAR (OVMF: 0xE000000000). Legacy: a 20-byte register header in I/O BAR0
- * followed by the device config (QEMU's balloon has no MSI-X, so the config is at +20).
+ * structures are found through vendor capabilities (cap id 0x09) and reached as bus regions
+ * wherever the firmware put the BAR (OVMF: 0xE000000000). Legacy: a 20-byte register header in
+ * I/O BAR0 followed by the device config (QEMU's balloon has no MSI-X, so the config is at +20).
+ * Everything the device reports -- capability fields, BARs, queue notify offsets -- is checked
+ * before it becomes an address.
  */
 #include "virtio/virtio_pci.h"
-#include "arch/x86/io.h"
-#include "arch/x86/paging.h"
+#include "include/bus.h"
 #include "include/platform.h"
-#include "lib/printf.h"
 
 #define VIRTIO_VENDOR    0x1af4
 #define RESET_TIMEOUT_NS (1000ull * 1000 * 1000)
+
+/* Device ids (spec 4.1.2): modern-only 0x1040 + type; transitional 0x1000..0x103f, with the
+ * type in the subsystem device id. */
+#define VIRTIO_PCI_MODERN_BASE      0x1040
+#define VIRTIO_PCI_TRANSITIONAL_MIN 0x1000
+#define VIRTIO_PCI_TRANSITIONAL_MAX 0x103f
+
+/* Vendor capability layout (spec 4.1.4). */
+enum {
+    CAP_LEN = 2,
+    CAP_CFG_TYPE = 3,
+    CAP_BAR = 4,
+    CAP_OFFSET = 8,
+    CAP_LENGTH = 12,
+    CAP_NOTIFY_MULT = 16,
+    CAP_SIZE = 16,        /* struct virtio_pci_cap */
+    CAP_NOTIFY_SIZE = 20, /* struct virtio_pci_notify_cap */
+};
+enum { CFG_COMMON = 1, CFG_NOTIFY = 2, CFG_ISR = 3, CFG_DEVICE = 4 };
 
 /* Modern common configuration offsets (spec 4.1.4.3). */
 enum {
@@ -34,6 +53,7 @@ enum {
     CC_Q_AVAILHI = 0x2c,
     CC_Q_USEDLO = 0x30,
     CC_Q_USEDHI = 0x34,
+    CC_SIZE = 0x38, /* everything up to and including queue_used */
 };
 
 /* Legacy I/O header offsets (spec 4.1.4.10). */
@@ -54,86 +74,75 @@ static struct virtio_pci *vp_of(struct virtio_transport *t)
     return t->priv;
 }
 
-static inline uint8_t r8(volatile uint8_t *base, unsigned off)
+static bool cfg_in_range(struct virtio_transport *t, unsigned off, unsigned width)
 {
-    return *(volatile uint8_t *)(base + off);
+    return (width == 1 || width == 2 || width == 4) && off % width == 0 && off < t->config_size &&
+           width <= t->config_size - off;
 }
-static inline uint16_t r16(volatile uint8_t *base, unsigned off)
+
+static uint32_t region_read(const struct bus_region *r, uint64_t off, unsigned width)
 {
-    return *(volatile uint16_t *)(base + off);
+    return width == 1 ? bus_read8(r, off) : width == 2 ? bus_read16(r, off) : bus_read32(r, off);
 }
-static inline uint32_t r32(volatile uint8_t *base, unsigned off)
+
+static void region_write(const struct bus_region *r, uint64_t off, unsigned width, uint32_t v)
 {
-    return *(volatile uint32_t *)(base + off);
-}
-static inline void w8(volatile uint8_t *base, unsigned off, uint8_t v)
-{
-    *(volatile uint8_t *)(base + off) = v;
-}
-static inline void w16(volatile uint8_t *base, unsigned off, uint16_t v)
-{
-    *(volatile uint16_t *)(base + off) = v;
-}
-static inline void w32(volatile uint8_t *base, unsigned off, uint32_t v)
-{
-    *(volatile uint32_t *)(base + off) = v;
+    if (width == 1)
+        bus_write8(r, off, (uint8_t)v);
+    else if (width == 2)
+        bus_write16(r, off, (uint16_t)v);
+    else
+        bus_write32(r, off, v); /* one 4-byte access: the spec's rule for multi-byte fields */
 }
 
 /* ---- modern ---- */
 
 static uint8_t m_get_status(struct virtio_transport *t)
 {
-    return r8(vp_of(t)->common, CC_STATUS);
+    return bus_read8(&vp_of(t)->common, CC_STATUS);
 }
 
 static void m_set_status(struct virtio_transport *t, uint8_t s)
 {
-    w8(vp_of(t)->common, CC_STATUS, s);
+    bus_write8(&vp_of(t)->common, CC_STATUS, s);
 }
 
 static int m_reset(struct virtio_transport *t)
 {
     m_set_status(t, 0);
+    /* A modern device may take a while: it is reset when status reads back 0 (spec 4.1.4.3.2).
+     * Each read is a device access (a VM exit under a hypervisor), which paces the loop. */
     uint64_t deadline = platform_now_ns() + RESET_TIMEOUT_NS;
-    while (m_get_status(t) != 0) {
+    while (m_get_status(t) != 0)
         if (platform_now_ns() > deadline)
             return -1;
-        cpu_pause();
-    }
     return 0;
 }
 
 static uint64_t m_get_features(struct virtio_transport *t)
 {
-    volatile uint8_t *c = vp_of(t)->common;
-    w32(c, CC_DFSELECT, 0);
-    uint64_t lo = r32(c, CC_DF);
-    w32(c, CC_DFSELECT, 1);
-    uint64_t hi = r32(c, CC_DF);
+    const struct bus_region *c = &vp_of(t)->common;
+    bus_write32(c, CC_DFSELECT, 0);
+    uint64_t lo = bus_read32(c, CC_DF);
+    bus_write32(c, CC_DFSELECT, 1);
+    uint64_t hi = bus_read32(c, CC_DF);
     return hi << 32 | lo;
 }
 
 static void m_set_features(struct virtio_transport *t, uint64_t f)
 {
-    volatile uint8_t *c = vp_of(t)->common;
-    w32(c, CC_GFSELECT, 0);
-    w32(c, CC_GF, (uint32_t)f);
-    w32(c, CC_GFSELECT, 1);
-    w32(c, CC_GF, (uint32_t)(f >> 32));
-}
-
-static bool cfg_in_range(struct virtio_transport *t, unsigned off, unsigned width)
-{
-    return (width == 1 || width == 2 || width == 4) && off % width == 0 &&
-           off + width <= t->config_size;
+    const struct bus_region *c = &vp_of(t)->common;
+    bus_write32(c, CC_GFSELECT, 0);
+    bus_write32(c, CC_GF, (uint32_t)f);
+    bus_write32(c, CC_GFSELECT, 1);
+    bus_write32(c, CC_GF, (uint32_t)(f >> 32));
 }
 
 static bool m_config_read(struct virtio_transport *t, unsigned off, unsigned width, uint32_t *v)
 {
     if (!cfg_in_range(t, off, width))
         return false;
-    volatile uint8_t *d = vp_of(t)->device_cfg;
-    *v = width == 1 ? r8(d, off) : width == 2 ? r16(d, off) : r32(d, off);
+    *v = region_read(&vp_of(t)->device_cfg, off, width);
     return true;
 }
 
@@ -141,28 +150,22 @@ static bool m_config_write(struct virtio_transport *t, unsigned off, unsigned wi
 {
     if (!cfg_in_range(t, off, width))
         return false;
-    volatile uint8_t *d = vp_of(t)->device_cfg;
-    if (width == 1)
-        w8(d, off, (uint8_t)v);
-    else if (width == 2)
-        w16(d, off, (uint16_t)v);
-    else
-        w32(d, off, v);
+    region_write(&vp_of(t)->device_cfg, off, width, v);
     return true;
 }
 
 static uint32_t m_config_generation(struct virtio_transport *t)
 {
-    return r8(vp_of(t)->common, CC_CFGGEN);
+    return bus_read8(&vp_of(t)->common, CC_CFGGEN);
 }
 
 static uint16_t m_queue_max_size(struct virtio_transport *t, unsigned index)
 {
-    volatile uint8_t *c = vp_of(t)->common;
-    if (index >= r16(c, CC_NUMQ))
+    const struct bus_region *c = &vp_of(t)->common;
+    if (index >= bus_read16(c, CC_NUMQ))
         return 0;
-    w16(c, CC_Q_SELECT, (uint16_t)index);
-    return r16(c, CC_Q_SIZE);
+    bus_write16(c, CC_Q_SELECT, (uint16_t)index);
+    return bus_read16(c, CC_Q_SIZE);
 }
 
 static bool m_needs_legacy_layout(struct virtio_transport *t)
@@ -175,28 +178,29 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
                           const struct vq_addrs *a)
 {
     struct virtio_pci *vp = vp_of(t);
-    volatile uint8_t *c = vp->common;
+    const struct bus_region *c = &vp->common;
     if (index >= VIRTIO_PCI_MAX_QUEUES)
         return -1;
-    w16(c, CC_Q_SELECT, (uint16_t)index);
-    w16(c, CC_Q_SIZE, size);
-    w16(c, CC_Q_MSIX, 0xffff); /* no vector: we poll the used rings and the ISR */
-    w32(c, CC_Q_DESCLO, (uint32_t)a->desc);
-    w32(c, CC_Q_DESCHI, (uint32_t)(a->desc >> 32));
-    w32(c, CC_Q_AVAILLO, (uint32_t)a->avail);
-    w32(c, CC_Q_AVAILHI, (uint32_t)(a->avail >> 32));
-    w32(c, CC_Q_USEDLO, (uint32_t)a->used);
-    w32(c, CC_Q_USEDHI, (uint32_t)(a->used >> 32));
-    uint16_t noff = r16(c, CC_Q_NOFF);
-    /* The notify address must lie inside the notify structure (untrusted value). */
-    if ((uint64_t)noff * vp->notify_mult + 2 > vp->notify_len) {
-        kprintf("virtio-pci: queue %u notify offset %u (x%u) is outside the %u-byte notify "
-                "area\n",
-                index, noff, vp->notify_mult, vp->notify_len);
+    bus_write16(c, CC_Q_SELECT, (uint16_t)index);
+    bus_write16(c, CC_Q_SIZE, size);
+    bus_write16(c, CC_Q_MSIX, 0xffff); /* no vector: we poll the used rings and the ISR */
+    bus_write32(c, CC_Q_DESCLO, (uint32_t)a->desc);
+    bus_write32(c, CC_Q_DESCHI, (uint32_t)(a->desc >> 32));
+    bus_write32(c, CC_Q_AVAILLO, (uint32_t)a->avail);
+    bus_write32(c, CC_Q_AVAILHI, (uint32_t)(a->avail >> 32));
+    bus_write32(c, CC_Q_USEDLO, (uint32_t)a->used);
+    bus_write32(c, CC_Q_USEDHI, (uint32_t)(a->used >> 32));
+    uint16_t noff = bus_read16(c, CC_Q_NOFF);
+    /* The 16-bit notify store must land, aligned, inside the notify structure. */
+    uint64_t at = (uint64_t)noff * vp->notify_mult;
+    if (at % 2 != 0 || at + 2 > vp->notify.size) {
+        platform_log("virtio-pci: queue %u notify offset %u (x%u) is outside the %llu-byte "
+                     "notify area",
+                     index, noff, vp->notify_mult, (unsigned long long)vp->notify.size);
         return -1;
     }
     vp->notify_off[index] = noff;
-    w16(c, CC_Q_ENABLE, 1);
+    bus_write16(c, CC_Q_ENABLE, 1);
     return 0;
 }
 
@@ -204,12 +208,13 @@ static void m_notify(struct virtio_transport *t, unsigned index)
 {
     struct virtio_pci *vp = vp_of(t);
     if (index < VIRTIO_PCI_MAX_QUEUES)
-        w16(vp->notify_base, vp->notify_off[index] * vp->notify_mult, (uint16_t)index);
+        bus_write16(&vp->notify, (uint64_t)vp->notify_off[index] * vp->notify_mult,
+                    (uint16_t)index);
 }
 
 static uint8_t m_read_isr(struct virtio_transport *t)
 {
-    return r8(vp_of(t)->isr, 0);
+    return bus_read8(&vp_of(t)->isr, 0);
 }
 
 static const struct virtio_transport_ops modern_ops = {
@@ -230,19 +235,19 @@ static const struct virtio_transport_ops modern_ops = {
 
 /* ---- legacy ---- */
 
-static uint16_t io_of(struct virtio_transport *t)
+static const struct bus_region *io_of(struct virtio_transport *t)
 {
-    return vp_of(t)->io_base;
+    return &vp_of(t)->legacy;
 }
 
 static uint8_t l_get_status(struct virtio_transport *t)
 {
-    return inb(io_of(t) + L_STATUS);
+    return bus_read8(io_of(t), L_STATUS);
 }
 
 static void l_set_status(struct virtio_transport *t, uint8_t s)
 {
-    outb(io_of(t) + L_STATUS, s);
+    bus_write8(io_of(t), L_STATUS, s);
 }
 
 static int l_reset(struct virtio_transport *t)
@@ -253,20 +258,19 @@ static int l_reset(struct virtio_transport *t)
 
 static uint64_t l_get_features(struct virtio_transport *t)
 {
-    return inl(io_of(t) + L_HOST_FEATURES);
+    return bus_read32(io_of(t), L_HOST_FEATURES);
 }
 
 static void l_set_features(struct virtio_transport *t, uint64_t f)
 {
-    outl(io_of(t) + L_GUEST_FEATURES, (uint32_t)f);
+    bus_write32(io_of(t), L_GUEST_FEATURES, (uint32_t)f);
 }
 
 static bool l_config_read(struct virtio_transport *t, unsigned off, unsigned width, uint32_t *v)
 {
     if (!cfg_in_range(t, off, width))
         return false;
-    uint16_t port = (uint16_t)(io_of(t) + L_CONFIG + off);
-    *v = width == 1 ? inb(port) : width == 2 ? inw(port) : inl(port);
+    *v = region_read(io_of(t), L_CONFIG + off, width);
     return true;
 }
 
@@ -274,13 +278,7 @@ static bool l_config_write(struct virtio_transport *t, unsigned off, unsigned wi
 {
     if (!cfg_in_range(t, off, width))
         return false;
-    uint16_t port = (uint16_t)(io_of(t) + L_CONFIG + off);
-    if (width == 1)
-        outb(port, (uint8_t)v);
-    else if (width == 2)
-        outw(port, (uint16_t)v);
-    else
-        outl(port, v); /* one 4-byte access: the spec's rule for `actual` */
+    region_write(io_of(t), L_CONFIG + off, width, v);
     return true;
 }
 
@@ -292,8 +290,8 @@ static uint32_t l_config_generation(struct virtio_transport *t)
 
 static uint16_t l_queue_max_size(struct virtio_transport *t, unsigned index)
 {
-    outw(io_of(t) + L_QUEUE_SEL, (uint16_t)index);
-    return inw(io_of(t) + L_QUEUE_NUM);
+    bus_write16(io_of(t), L_QUEUE_SEL, (uint16_t)index);
+    return bus_read16(io_of(t), L_QUEUE_NUM);
 }
 
 static bool l_needs_legacy_layout(struct virtio_transport *t)
@@ -305,22 +303,23 @@ static bool l_needs_legacy_layout(struct virtio_transport *t)
 static int l_queue_enable(struct virtio_transport *t, unsigned index, uint16_t size,
                           const struct vq_addrs *a)
 {
-    outw(io_of(t) + L_QUEUE_SEL, (uint16_t)index);
+    bus_write16(io_of(t), L_QUEUE_SEL, (uint16_t)index);
     /* Legacy queues have the device's fixed size and one contiguous 4 KiB-aligned area. */
-    if (inw(io_of(t) + L_QUEUE_NUM) != size || (a->desc & 0xfff) || (a->desc >> 12) > 0xffffffffu)
+    if (bus_read16(io_of(t), L_QUEUE_NUM) != size || (a->desc & 0xfff) ||
+        (a->desc >> 12) > 0xffffffffu)
         return -1;
-    outl(io_of(t) + L_QUEUE_PFN, (uint32_t)(a->desc >> 12));
+    bus_write32(io_of(t), L_QUEUE_PFN, (uint32_t)(a->desc >> 12));
     return 0;
 }
 
 static void l_notify(struct virtio_transport *t, unsigned index)
 {
-    outw(io_of(t) + L_QUEUE_NOTIFY, (uint16_t)index);
+    bus_write16(io_of(t), L_QUEUE_NOTIFY, (uint16_t)index);
 }
 
 static uint8_t l_read_isr(struct virtio_transport *t)
 {
-    return inb(io_of(t) + L_ISR);
+    return bus_read8(io_of(t), L_ISR);
 }
 
 static const struct virtio_transport_ops legacy_ops = {
@@ -343,79 +342,99 @@ static const struct virtio_transport_ops legacy_ops = {
 
 struct find_ctx {
     uint16_t device_id;
-    struct virtio_pci *vp;
-    bool found;
+    struct pci_func *found;
 };
 
-static bool match(struct pci_dev *d, void *p)
+static bool match(const struct pci_func *f, void *p)
 {
     struct find_ctx *ctx = p;
-    if (d->vendor != VIRTIO_VENDOR)
+    if (f->vendor != VIRTIO_VENDOR)
         return false;
-    /* Modern devices are 0x1040 + type; transitional ones 0x1000..0x103f with the type in the
-     * subsystem device id. */
-    bool ok = d->device == 0x1040 + ctx->device_id ||
-              (d->device >= 0x1000 && d->device <= 0x103f && d->subsys_device == ctx->device_id);
-    if (ok) {
-        ctx->vp->pci = *d;
-        ctx->found = true;
-    }
-    return ok;
+    bool modern = f->device == VIRTIO_PCI_MODERN_BASE + ctx->device_id;
+    bool transitional = f->device >= VIRTIO_PCI_TRANSITIONAL_MIN &&
+                        f->device <= VIRTIO_PCI_TRANSITIONAL_MAX &&
+                        f->subsys_device == ctx->device_id;
+    if (modern || transitional)
+        *ctx->found = *f;
+    return modern || transitional;
 }
 
-/* Map the part of a BAR a capability points at; NULL if it does not fit the BAR. */
-static volatile uint8_t *map_cap(const struct pci_dev *d, unsigned cap, uint32_t *len_out)
+/* The smallest structure of each type the driver will touch. */
+static uint32_t min_length(uint8_t type)
 {
-    uint8_t bar = pci_read8(d, cap + 4);
-    uint32_t off = pci_read32(d, cap + 8), len = pci_read32(d, cap + 12);
-    if (bar > 5 || d->bar[bar].io || !d->bar[bar].base || (uint64_t)off + len > d->bar[bar].size)
-        return NULL;
-    uint64_t phys = d->bar[bar].base + off;
-    if (paging_map(phys, len, MAP_MMIO) != 0)
-        return NULL;
-    if (len_out)
-        *len_out = len;
-    return phys_to_virt(phys);
+    switch (type) {
+    case CFG_COMMON:
+        return CC_SIZE;
+    case CFG_NOTIFY:
+        return 2;
+    case CFG_ISR:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Map the structure the capability at cap describes; false (logged) when it is unusable. */
+static bool map_cap(const struct pci_func *f, unsigned cap, uint8_t type, struct bus_region *out)
+{
+    unsigned need = type == CFG_NOTIFY ? CAP_NOTIFY_SIZE : CAP_SIZE;
+    if (cap + need > PCI_CFG_SIZE || pci_cfg_read8(f, cap + CAP_LEN) < need) {
+        platform_log("virtio-pci: capability at 0x%x is too short", cap);
+        return false;
+    }
+    uint8_t bar = pci_cfg_read8(f, cap + CAP_BAR);
+    uint32_t off = pci_cfg_read32(f, cap + CAP_OFFSET);
+    uint32_t len = pci_cfg_read32(f, cap + CAP_LENGTH);
+    /* Checked here, not left to pci_map_bar: bar indexes f->bar, and the sum must not wrap. */
+    if (bar >= PCI_BARS || len < min_length(type) || !f->bar[bar].size ||
+        (uint64_t)off + len > f->bar[bar].size || pci_map_bar(f, bar, off, len, out) != 0) {
+        platform_log("virtio-pci: capability at 0x%x (type %u, BAR %u, 0x%x+0x%x) is unusable", cap,
+                     type, bar, off, len);
+        return false;
+    }
+    return true;
 }
 
 static int setup_modern(struct virtio_pci *vp, struct virtio_transport *t)
 {
-    const struct pci_dev *d = &vp->pci;
+    const struct pci_func *f = &vp->pci;
     unsigned notify_cap = 0;
-    uint32_t cfg_len = 0;
-    for (unsigned cap = pci_find_cap(d, 0x09, 0); cap; cap = pci_find_cap(d, 0x09, cap)) {
-        uint8_t type = pci_read8(d, cap + 3);
-        /* The first capability of each type wins (spec 4.1.4). */
-        if (type == 1 && !vp->common)
-            vp->common = map_cap(d, cap, NULL);
-        else if (type == 2 && !vp->notify_base) {
-            vp->notify_base = map_cap(d, cap, &vp->notify_len);
-            notify_cap = cap;
-        } else if (type == 3 && !vp->isr)
-            vp->isr = map_cap(d, cap, NULL);
-        else if (type == 4 && !vp->device_cfg)
-            vp->device_cfg = map_cap(d, cap, &cfg_len);
+    struct pci_cap_walk w;
+    pci_cap_walk_start(&w, f);
+    for (unsigned cap; (cap = pci_cap_walk_next(&w, PCI_CAP_ID_VENDOR)) != 0;) {
+        uint8_t type = pci_cfg_read8(f, cap + CAP_CFG_TYPE);
+        /* The first usable capability of each type wins (spec 4.1.4); others are ignored. */
+        if (type == CFG_COMMON && !vp->common.size)
+            map_cap(f, cap, type, &vp->common);
+        else if (type == CFG_NOTIFY && !vp->notify.size) {
+            if (map_cap(f, cap, type, &vp->notify))
+                notify_cap = cap;
+        } else if (type == CFG_ISR && !vp->isr.size)
+            map_cap(f, cap, type, &vp->isr);
+        else if (type == CFG_DEVICE && !vp->device_cfg.size)
+            map_cap(f, cap, type, &vp->device_cfg);
     }
-    if (!vp->common || !vp->notify_base || !vp->isr || !vp->device_cfg)
+    if (!vp->common.size || !vp->notify.size || !vp->isr.size || !vp->device_cfg.size)
         return -1;
-    vp->notify_mult = pci_read32(d, notify_cap + 16);
+    vp->notify_mult = pci_cfg_read32(f, notify_cap + CAP_NOTIFY_MULT);
     t->ops = &modern_ops;
     t->name = "virtio-pci-modern";
     t->legacy = false;
-    t->config_size = cfg_len;
+    t->config_size = (unsigned)vp->device_cfg.size;
     return 0;
 }
 
 static int setup_legacy(struct virtio_pci *vp, struct virtio_transport *t)
 {
     const struct pci_bar *b = &vp->pci.bar[0];
-    if (!b->io || !b->base || b->size <= L_CONFIG || vp->pci.device >= 0x1040)
+    /* Modern-only devices (0x1040+) have no legacy face, whatever BAR0 looks like. */
+    if (vp->pci.device >= VIRTIO_PCI_MODERN_BASE || !b->io || !b->base || b->size <= L_CONFIG ||
+        pci_map_bar(&vp->pci, 0, 0, b->size, &vp->legacy) != 0)
         return -1;
-    vp->io_base = (uint16_t)b->base;
     t->ops = &legacy_ops;
     t->name = "virtio-pci-legacy";
     t->legacy = true;
-    t->config_size = (unsigned)b->size - L_CONFIG;
+    t->config_size = (unsigned)(vp->legacy.size - L_CONFIG);
     return 0;
 }
 
@@ -423,13 +442,13 @@ int virtio_pci_find(uint16_t device_id, enum virtio_pci_choice choice, struct vi
                     struct virtio_transport *t)
 {
     *vp = (struct virtio_pci){0};
-    struct find_ctx ctx = {.device_id = device_id, .vp = vp};
+    struct find_ctx ctx = {.device_id = device_id, .found = &vp->pci};
     if (!pci_scan(match, &ctx))
         return -1;
-    const struct pci_dev *d = &vp->pci;
-    kprintf("virtio-pci: %02x:%02x.%u %04x:%04x rev %u (virtio type %u)\n", d->bus, d->dev, d->fn,
-            d->vendor, d->device, d->revision, device_id);
-    pci_enable(d);
+    const struct pci_func *f = &vp->pci;
+    platform_log("virtio-pci: %02x:%02x.%u %04x:%04x rev %u (virtio type %u)", f->bus, f->dev,
+                 f->fn, f->vendor, f->device, f->revision, device_id);
+    pci_enable(f);
     t->priv = vp;
     t->device_id = device_id;
     int rc = -1;
@@ -438,9 +457,9 @@ int virtio_pci_find(uint16_t device_id, enum virtio_pci_choice choice, struct vi
     if (rc != 0 && choice != VIRTIO_PCI_MODERN)
         rc = setup_legacy(vp, t);
     if (rc != 0)
-        kprintf("virtio-pci: the device has no usable %s interface\n",
-                choice == VIRTIO_PCI_MODERN   ? "modern"
-                : choice == VIRTIO_PCI_LEGACY ? "legacy"
-                                              : "modern or legacy");
+        platform_log("virtio-pci: the device has no usable %s interface",
+                     choice == VIRTIO_PCI_MODERN   ? "modern"
+                     : choice == VIRTIO_PCI_LEGACY ? "legacy"
+                                                   : "modern or legacy");
     return rc;
 }

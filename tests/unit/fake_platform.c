@@ -63,11 +63,18 @@ uint64_t virt_to_phys(const void *virt)
     return ram_base + (uint64_t)(p - ram);
 }
 
+static uint64_t clock_skip_ns;
+
 uint64_t platform_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec + clock_skip_ns;
+}
+
+void fake_clock_skip(uint64_t ns)
+{
+    clock_skip_ns += ns;
 }
 
 void platform_log(const char *fmt, ...)

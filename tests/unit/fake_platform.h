@@ -16,6 +16,10 @@
 void fake_ram_init(uint64_t base_phys, uint64_t bytes);
 void fake_ram_fini(void);
 
+/* platform_now_ns is the host's monotonic clock plus every skip so far: a test moves time on
+ * (e.g. to run a deadline out) without sleeping. */
+void fake_clock_skip(uint64_t ns);
+
 /* Log capture: every platform_log line is kept (the latest FAKE_LOG_KEEP of them). */
 #define FAKE_LOG_KEEP 64
 #define FAKE_LOG_LINE 256
