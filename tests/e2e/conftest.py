@@ -13,17 +13,12 @@ land in pytest's temp dir (printed in failures).
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-for p in (os.path.join(REPO, "tools"), HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+import guest
 
-import guest  # noqa: E402
+REPO = guest.REPO
 
 
 def pytest_addoption(parser):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +14,9 @@ from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = os.path.join(REPO, "tools")
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
 
-import exitcodes  # noqa: E402
-import guestlog   # noqa: E402
-from qemu import Qemu, parse_memory  # noqa: E402
+from blimp import exitcodes, guestlog  # noqa: E402
+from blimp.qemu import Qemu, parse_memory  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
@@ -406,7 +402,7 @@ class BalloonVM:
         self.features: Optional[dict] = None
 
     def __enter__(self) -> "BalloonVM":
-        import balloon as balloonmod
+        from blimp import balloon as balloonmod
         self.q.start()
         try:
             # connect first: what the guest sends on COM2 before that is lost
@@ -469,7 +465,7 @@ class BalloonVM:
 
     def resize(self, balloon_bytes: int, timeout: float = 60.0) -> float:
         """Set the balloon size and poll query-balloon until it shows it; seconds."""
-        import balloon as balloonmod
+        from blimp import balloon as balloonmod
         try:
             return self.balloon.resize(balloon_bytes, timeout=timeout)
         except balloonmod.BalloonTimeout as e:

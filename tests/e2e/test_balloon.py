@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-import exitcodes
 import guest
+from blimp import exitcodes
 from guest import GiB, MiB, PAGE
 
 MODERN = "virtio-pci-modern"
@@ -368,17 +368,18 @@ def test_no_balloon_device_error_line(boot):
 # ------------------------------------------------------------ the command line tools
 
 def _blimp_py(images, pytestconfig, *argv, timeout=240):
+    import os
     import subprocess
     import sys
-    tools = guest.TOOLS
-    cmd = [sys.executable, "-u", tools + "/blimp.py"] + list(argv) + [
+    cmd = [sys.executable, "-u", "-m", "blimp"] + list(argv) + [
         "--kernel", images["pvh"], "--accel", pytestconfig.getoption("accel")]
+    env = dict(os.environ, PYTHONPATH=guest.TOOLS)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env)
 
 
 def test_cli_demo(images, pytestconfig):
-    """`blimp.py demo` (what `./blimp demo` runs) goes through all its steps and exits 0."""
+    """`python3 -m blimp demo` (what `./blimp demo` runs) goes through all its steps and exits 0."""
     r = _blimp_py(images, pytestconfig, "demo")
     out = r.stdout
     assert r.returncode == 0, "demo failed (%d):\n%s\n%s" % (r.returncode, out, r.stderr)

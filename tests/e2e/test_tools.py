@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-import exitcodes
-import guestlog
-import qemu as qemumod
-from qemu import Qemu, QemuExited, SerialTimeout
-from qmp import QMP, QMPError, QMPTimeout
+from blimp import exitcodes, guestlog
+from blimp import qemu as qemumod
+from blimp.qemu import Qemu, QemuExited, SerialTimeout
+from blimp.qmp import QMP, QMPError, QMPTimeout
 
 
 # ------------------------------------------------------------ exit codes

@@ -1,7 +1,7 @@
 """Drive QEMU's virtio balloon from the host over QMP (standard library only).
 
-    from qemu import Qemu
-    from balloon import Balloon
+    from blimp.qemu import Qemu
+    from blimp.balloon import Balloon
     with Qemu("build/blimp.elf", memory="1G", balloon=True) as q:
         b = Balloon.of(q)                  # QMP client, RAM size, QEMU pid, QOM path
         b.set_size(512 << 20)              # balloon holds 512 MiB (guest left with 512 MiB)
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import time
 from typing import Callable, Optional
+
+from .qemu import balloon_qom_path
 
 PAGE = 4096
 DEFAULT_POLL_S = 0.002
@@ -69,7 +71,6 @@ class Balloon:
     @classmethod
     def of(cls, q) -> "Balloon":
         """A Balloon for a started tools/qemu.py Qemu (with balloon=True)."""
-        from qemu import balloon_qom_path
         return cls(q.qmp(), q.memory_bytes, pid=q.pid, qom_path=balloon_qom_path(q.balloon_id),
                    alive=q.running)
 

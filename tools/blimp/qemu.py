@@ -2,7 +2,7 @@
 
 Usage::
 
-    from qemu import Qemu
+    from blimp.qemu import Qemu
     with Qemu("build/blimp.elf", machine="q35", memory="128M",
               append="blimp.mode=boot", timeout=30) as q:
         q.wait_for(r"^blimp: ready in \\d+ us", timeout=10)
@@ -33,18 +33,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from typing import List, Optional, Sequence, Union
 
-_here = os.path.dirname(os.path.abspath(__file__))
-if _here not in sys.path:
-    sys.path.insert(0, _here)
-
-import exitcodes  # noqa: E402
-import guestlog   # noqa: E402
+from . import exitcodes, guestlog
+from .agent import Agent
+from .qmp import QMP
 
 QEMU_BINARY = os.environ.get("BLIMP_QEMU", "qemu-system-x86_64")
 MACHINES = ("pc", "q35", "microvm")
@@ -512,10 +508,7 @@ class Qemu:
         if not self.use_qmp:
             raise QemuError("started without qmp=True")
         if self._qmp_client is None:
-            import qmp as qmpmod
-            alive = self.running
-            self._qmp_client = qmpmod.QMP(self.qmp_path, connect_timeout=timeout,
-                                          alive=alive)
+            self._qmp_client = QMP(self.qmp_path, connect_timeout=timeout, alive=self.running)
         return self._qmp_client
 
     def agent_client(self, timeout: float = 10.0, ready: bool = True):
@@ -525,9 +518,8 @@ class Qemu:
         if not self.agent_path or not self.agent:
             raise QemuError("started without agent=True")
         if self._agent_client is None:
-            import agent as agentmod
-            self._agent_client = agentmod.Agent(self.agent_path, connect_timeout=timeout,
-                                                alive=self.running)
+            self._agent_client = Agent(self.agent_path, connect_timeout=timeout,
+                                       alive=self.running)
         if ready and not self._agent_client.ready:
             self._agent_client.wait_ready(timeout)
         return self._agent_client

@@ -1,6 +1,6 @@
 """Client of blimp's in-guest agent (COM2, line-based JSON; standard library only).
 
-    from qemu import Qemu
+    from blimp.qemu import Qemu
     with Qemu("build/blimp.elf", memory="1G", balloon=True, agent=True) as q:
         a = q.agent_client()               # connected and ready (agent_ready or a ping answer)
         r = a.cmd("alloc 256M 7")          # {"ok": true, "cmd": "alloc", "id": 1, ...}
@@ -26,7 +26,7 @@ import socket
 import time
 from typing import Callable, List, Optional
 
-from sockclient import SocketClient
+from .sockclient import SocketClient
 
 DEFAULT_TIMEOUT = 10.0
 SUCCESS_CODE = 0x10

@@ -18,7 +18,7 @@ import socket
 import time
 from typing import Callable, List, Optional
 
-from sockclient import SocketClient
+from .sockclient import SocketClient
 
 DEFAULT_TIMEOUT = 10.0
 

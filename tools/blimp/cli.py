@@ -28,16 +28,13 @@ import statistics
 import subprocess
 import sys
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
+from typing import Optional
 
-import exitcodes  # noqa: E402
-from typing import Optional  # noqa: E402
+from . import agent as agentmod, balloon as balloonmod, exitcodes, guestlog, qmp as qmpmod
+from .qemu import (ACCELS, MACHINES, Qemu, QemuError, QemuExited, SerialTimeout,
+                   parse_memory, resolve_accel)
 
-from qemu import (ACCELS, MACHINES, Qemu, QemuError, QemuExited, SerialTimeout,  # noqa: E402
-                  parse_memory, resolve_accel)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_KERNEL = os.path.join(REPO, "build", "blimp.elf")
 DEFAULT_MB1_KERNEL = os.path.join(REPO, "build", "blimp-mb1.elf")
@@ -339,9 +336,6 @@ def _mib(n: int) -> str:
 
 def _balloon_errors():
     """The exceptions a balloon session can raise that mean 'this step failed'."""
-    import agent as agentmod
-    import balloon as balloonmod
-    import qmp as qmpmod
     return (QemuError, agentmod.AgentError, balloonmod.BalloonTimeout, qmpmod.QMPError,
             qmpmod.QMPTimeout, qmpmod.QMPConnectionError, Failure, FileNotFoundError,
             ProcessLookupError, TimeoutError)
@@ -374,7 +368,6 @@ class GuestConsole:
 def boot_balloon_guest(q: Qemu, timeout: float = 30.0):
     """Start `q` (balloon=True, agent optional), wait for the driver's balloon_features
     event and the agent; returns (features event, Agent or None, Balloon)."""
-    import balloon as balloonmod
     if q.proc is None:
         q.start()
     if q.agent:
@@ -394,7 +387,6 @@ def _reached_event(q: Qemu, start: int, pages: int, timeout: float = 5.0):
                    timeout=timeout, start=start)
     except (SerialTimeout, QemuExited):
         return None
-    import guestlog
     return guestlog.parse_event(q.lines[q.last_index])
 
 
@@ -1065,7 +1057,7 @@ SUBCOMMANDS = [add_run, add_bench_boot, add_demo, add_balloon, add_bench_balloon
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blimp.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python3 -m blimp", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
