@@ -258,3 +258,39 @@ def test_qmp_connect_deadline(tmp_path):
     with pytest.raises(ConnectionError):
         QMP(str(tmp_path / "nothing.sock"), connect_timeout=0.3)
     assert time.monotonic() - t0 < 2
+
+
+# ------------------------------------------------------------ the one socket client
+
+def test_sockclient_lines_deadline_and_hangup(tmp_path):
+    """blimp.sockclient joins split reads into lines, drops CR/NUL and empty lines, returns
+    None at the deadline and raises its connection error when the peer hangs up."""
+    from blimp.sockclient import SocketClient
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+    go_on = threading.Event()
+
+    def serve():
+        c, _ = srv.accept()
+        c.sendall(b"fir")
+        time.sleep(0.05)
+        c.sendall(b"st\r\n\n\x00second\nthi")
+        go_on.wait(5)
+        c.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with SocketClient(path, connect_timeout=2, timeout=2) as s:
+        soon = time.monotonic() + 2
+        assert s.read_line(soon) == "first"
+        assert s.read_line(soon) == "second"
+        t0 = time.monotonic()
+        assert s.read_line(time.monotonic() + 0.2) is None      # "thi" is not a line yet
+        assert 0.15 < time.monotonic() - t0 < 1.5
+        go_on.set()
+        with pytest.raises(ConnectionError):
+            s.read_line(time.monotonic() + 2)
+    with pytest.raises(ConnectionError):
+        s.send_line("after close")
