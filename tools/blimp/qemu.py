@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, TypeVar, Union
 
 from . import exitcodes, guestlog
 from .agent import Agent
@@ -48,6 +48,8 @@ ACCELS = ("auto", "tcg", "kvm")
 DEBUG_EXIT_DEVICE = "isa-debug-exit,iobase=0xf4,iosize=0x04"
 AGENT_SERIAL = "isa-serial,chardev=agent,iobase=0x2f8,irq=3"
 KILL_GRACE = 2.0      # seconds between SIGTERM and SIGKILL
+
+T = TypeVar("T")
 
 
 class QemuError(Exception):
@@ -63,6 +65,16 @@ class QemuExited(QemuError):
 
 
 # ------------------------------------------------------------ helpers
+
+def qemu_version(qemu: str = QEMU_BINARY) -> str:
+    """The first line of `qemu --version`, or '?'."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+        return out.splitlines()[0] if out else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
 
 def hardware_kvm_available() -> bool:
     """True only for real hardware virtualisation: /dev/kvm AND kvm_intel/kvm_amd.
@@ -460,22 +472,22 @@ class Qemu:
         with self._cond:
             return bytes(self._stderr).decode("utf-8", "replace")
 
-    def wait_for(self, pattern, timeout: float = 10.0, start: int = 0) -> "re.Match":
-        """Wait until a serial line (index >= start) matches `pattern` (re.search).
+    def wait_line(self, test: Callable[[str], T], timeout: float = 10.0, start: int = 0,
+                  what: str = "the awaited line") -> T:
+        """Wait until test(line) is truthy for a serial line with index >= start and
+        return that value; ``self.last_index`` is then the line's index.
 
-        Returns the match; ``self.last_index`` is the matching line's index.
         Raises SerialTimeout after `timeout` s (or at the run's deadline), and
-        QemuExited as soon as QEMU has exited without printing a match."""
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        QemuExited as soon as QEMU has exited without printing such a line."""
         end = min(time.monotonic() + timeout, self.deadline())
         i = start
         while True:
             with self._cond:
                 while i < len(self._lines):
-                    m = rx.search(self._lines[i])
-                    if m:
+                    found = test(self._lines[i])
+                    if found:
                         self.last_index = i
-                        return m
+                        return found
                     i += 1
                 eof = self._eof
                 left = end - time.monotonic()
@@ -483,20 +495,33 @@ class Qemu:
                     self._cond.wait(min(left, 0.5))
                     continue
             if eof:
-                if self.proc is not None:
-                    try:
-                        self.proc.wait(2)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    self._reaped()
-                raise QemuExited("QEMU exited (status %s) before serial matched %r"
-                                 % (self.returncode, rx.pattern))
-            raise SerialTimeout("no serial line matched %r within %.1f s"
-                                % (rx.pattern, timeout))
+                self._reap_after_eof()
+                raise QemuExited("QEMU exited (status %s) before serial showed %s"
+                                 % (self.returncode, what))
+            raise SerialTimeout("serial did not show %s within %.1f s" % (what, timeout))
 
-    def wait_for_event(self, name: str, timeout: float = 10.0, start: int = 0) -> dict:
-        self.wait_for(r'^\{"event":\s*"%s"' % re.escape(name), timeout, start)
-        return guestlog.parse_event(self._lines[self.last_index])
+    def _reap_after_eof(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+            self._reaped()
+
+    def wait_for(self, pattern: Union[str, re.Pattern], timeout: float = 10.0,
+                 start: int = 0) -> re.Match:
+        """Wait until a serial line (index >= start) matches `pattern` (re.search);
+        returns the match.  For human text; events have wait_event."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        return self.wait_line(rx.search, timeout, start, "a line matching %r" % rx.pattern)
+
+    def wait_event(self, name: str, predicate: Optional[Callable[[dict], bool]] = None,
+                   timeout: float = 10.0, start: int = 0) -> dict:
+        """Wait for the guest's event `name` (a serial line parsed as JSON, so key order
+        and spacing do not matter) at index >= start for which predicate(event) holds."""
+        return self.wait_line(lambda line: guestlog.event_named(line, name, predicate),
+                              timeout, start, "a %s event%s" % (
+                                  name, "" if predicate is None else " as expected"))
 
     def events(self, name: Optional[str] = None) -> List[dict]:
         return guestlog.events(self.lines, name)
