@@ -8,12 +8,13 @@
         a.quit()                           # the guest exits with 0x10 => QEMU status 33
 
 The guest side (kernel/agent.c) reads one command per line and answers each with exactly
-one JSON line; the first word of the command comes back as ``"cmd"``.  Lines that start with
-``{"event":`` (such as ``{"event":"agent_ready"}``) are events, not replies: they are kept in
-``events`` and never taken for a reply.
+one JSON line; the first word of the command comes back as ``"cmd"``.  JSON objects with an
+``"event"`` key (such as ``{"event":"agent_ready"}``) are events, not replies: they are kept in
+``events`` and never taken for a reply.  ``cmd``/``check`` send any command line, so new
+guest commands need nothing here.
 
 Connecting: QEMU's chardev is a unix-socket server with ``wait=off``, so bytes the guest
-writes before we are connected are dropped.  ``connect`` therefore retries fast (the socket
+writes before we are connected are dropped.  Connecting (blimp.sockclient) therefore retries fast (the socket
 exists long before the guest has booted) and ``wait_ready`` accepts either the
 ``agent_ready`` event or, failing that, an answer to ``ping`` (sent once per second), so a
 missed ``agent_ready`` costs at most a second.  Every read has a timeout.
@@ -25,10 +26,10 @@ import json
 import time
 from typing import Callable, List, Optional, Union
 
+from .exitcodes import SUCCESS as SUCCESS_CODE
 from .sockclient import SocketClient
 
 DEFAULT_TIMEOUT = 10.0
-SUCCESS_CODE = 0x10
 
 
 class AgentError(Exception):
@@ -57,7 +58,7 @@ class Agent(SocketClient):
     connection_error = AgentConnectionError
 
     def __init__(self, path: str, connect_timeout: float = DEFAULT_TIMEOUT,
-                 timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None):
+                 timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None) -> None:
         """Connect to the agent socket at `path`, retrying until `connect_timeout`.
         `alive`, if given, is polled while retrying/waiting so a dead QEMU fails fast.
         `timeout` is the default per-command timeout."""

@@ -55,7 +55,7 @@ def rss_of(pid: int) -> int:
 class Balloon:
     def __init__(self, qmp: QMP, ram_bytes: int, pid: Optional[int] = None,
                  qom_path: str = "/machine/peripheral/balloon0",
-                 alive: Optional[Callable[[], bool]] = None):
+                 alive: Optional[Callable[[], bool]] = None) -> None:
         self.qmp = qmp
         self.ram = ram_bytes
         self.pid = pid

@@ -5,7 +5,8 @@ Usage::
     from blimp.qemu import Qemu
     with Qemu("build/blimp.elf", machine="q35", memory="128M",
               append="blimp.mode=boot", timeout=30) as q:
-        q.wait_for(r"^blimp: ready in \\d+ us", timeout=10)
+        q.wait_for(r"^blimp: ready in \\d+ us", timeout=10)   # human text: a regex
+        ev = q.wait_event("exit", lambda e: e["code"] == 0x10)  # events: parsed JSON
         status = q.wait()          # raw QEMU exit status (33 = guest success)
         print(q.outcome.describe())
 
@@ -36,7 +37,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Callable, List, Optional, Sequence, TypeVar, Union
+from typing import (IO, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set, TypeVar,
+                    Union)
 
 from . import exitcodes, guestlog
 from .agent import Agent
@@ -114,7 +116,11 @@ def qemu_memory_arg(mem: Union[str, int]) -> str:
         else "%dK" % (parse_memory(mem) >> 10)
 
 
-def _opts(opts) -> List[str]:
+#: device/machine properties: 'a=1,b=2', ['a=1', 'b=2'] or {'a': 1}
+Opts = Union[None, str, Sequence[str], Dict[str, object]]
+
+
+def _opts(opts: Opts) -> List[str]:
     if not opts:
         return []
     if isinstance(opts, dict):
@@ -124,7 +130,7 @@ def _opts(opts) -> List[str]:
     return list(opts)
 
 
-def balloon_device(machine: str, opts=None, dev_id: Optional[str] = "balloon0") -> str:
+def balloon_device(machine: str, opts: Opts = None, dev_id: Optional[str] = "balloon0") -> str:
     dev = "virtio-balloon-device" if machine == "microvm" else "virtio-balloon-pci"
     parts = [dev] + (["id=" + dev_id] if dev_id else []) + _opts(opts)
     return ",".join(parts)
@@ -135,11 +141,11 @@ def balloon_qom_path(dev_id: str = "balloon0") -> str:
 
 
 _SETPRIV = shutil.which("setpriv")
-_live = set()
+_live: Set[Qemu] = set()
 _live_lock = threading.Lock()
 
 
-def _kill_all_live():
+def _kill_all_live() -> None:
     with _live_lock:
         live = list(_live)
     for q in live:
@@ -157,14 +163,14 @@ atexit.register(_kill_all_live)
 class Qemu:
     """One QEMU run of a blimp image (context manager)."""
 
-    def __init__(self, kernel: str, *, machine: str = "q35", memory="128M",
+    def __init__(self, kernel: str, *, machine: str = "q35", memory: Union[str, int] = "128M",
                  accel: str = "auto", append: Optional[str] = None,
-                 balloon: bool = False, balloon_opts=None, balloon_id: str = "balloon0",
+                 balloon: bool = False, balloon_opts: Opts = None, balloon_id: str = "balloon0",
                  agent: bool = False, qmp: bool = True, smp: Optional[int] = None,
-                 machine_opts=None, cpu: Optional[str] = None,
+                 machine_opts: Opts = None, cpu: Optional[str] = None,
                  extra_args: Sequence[str] = (), timeout: float = 60.0,
-                 echo=None, serial_log: Optional[str] = None, paused: bool = False,
-                 qemu: str = QEMU_BINARY, keep_tmp: bool = False):
+                 echo: Optional[BinaryIO] = None, serial_log: Optional[str] = None,
+                 paused: bool = False, qemu: str = QEMU_BINARY, keep_tmp: bool = False) -> None:
         if machine not in MACHINES:
             raise ValueError("machine must be one of %s, not %r" % (MACHINES, machine))
         self.kernel = kernel
@@ -208,9 +214,10 @@ class Qemu:
         self._eof = False
         self._threads: List[threading.Thread] = []
         self._watchdog: Optional[threading.Timer] = None
-        self._log_fp = None
-        self._qmp_client = None
-        self._agent_client = None
+        self._log_fp: Optional[BinaryIO] = None
+        self._qmp_client: Optional[QMP] = None
+        self._agent_client: Optional[Agent] = None
+        self.last_index = -1                   # the line the last wait_* found
 
     # -------------------------------------------------------- argv
 
@@ -247,7 +254,7 @@ class Qemu:
         argv += self.extra_args
         return argv
 
-    def _make_tmp(self):
+    def _make_tmp(self) -> None:
         if self.tmpdir is None:
             # short path: unix socket paths are limited to 107 bytes
             self.tmpdir = tempfile.mkdtemp(prefix="blimp-", dir="/tmp")
@@ -260,7 +267,7 @@ class Qemu:
 
     # -------------------------------------------------------- lifecycle
 
-    def start(self) -> "Qemu":
+    def start(self) -> Qemu:
         if self.proc is not None:
             raise QemuError("already started")
         if not os.path.isfile(self.kernel):
@@ -289,10 +296,10 @@ class Qemu:
             self._threads.append(t)
         return self
 
-    def __enter__(self) -> "Qemu":
+    def __enter__(self) -> Qemu:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         self.close()
         return False
 
@@ -306,12 +313,12 @@ class Qemu:
     def deadline(self) -> float:
         return (self.t_start or time.monotonic()) + self.timeout
 
-    def _on_deadline(self):
+    def _on_deadline(self) -> None:
         if self.running():
             self.timed_out = True
             self.kill()
 
-    def kill(self):
+    def kill(self) -> None:
         """SIGTERM, then SIGKILL after KILL_GRACE seconds; by PID only."""
         p = self.proc
         if p is None or p.poll() is not None:
@@ -328,7 +335,7 @@ class Qemu:
             pass
         self._reaped()
 
-    def _reaped(self):
+    def _reaped(self) -> None:
         if self.proc is not None and self.proc.returncode is not None and self.returncode is None:
             self.returncode = self.proc.returncode
             self.t_exit = time.monotonic()
@@ -353,11 +360,11 @@ class Qemu:
         self._join_readers()
         return self.proc.returncode
 
-    def _join_readers(self, timeout: float = 5.0):
+    def _join_readers(self, timeout: float = 5.0) -> None:
         for t in self._threads:
             t.join(timeout)
 
-    def close(self):
+    def close(self) -> None:
         """Kill QEMU if still running, stop helpers, remove the temp dir."""
         for client in (self._qmp_client, self._agent_client):
             try:
@@ -398,7 +405,7 @@ class Qemu:
 
     # -------------------------------------------------------- serial
 
-    def _read_serial(self, stream):
+    def _read_serial(self, stream: IO[bytes]) -> None:
         fd = stream.fileno()
         while True:
             try:
@@ -434,11 +441,11 @@ class Qemu:
                     self._add_line(line, now)
                 self._cond.notify_all()
 
-    def _add_line(self, raw: bytes, t: float):
+    def _add_line(self, raw: bytes, t: float) -> None:
         self._lines.append(guestlog.clean(raw.decode("utf-8", "replace")))
         self._line_times.append(t)
 
-    def _read_stderr(self, stream):
+    def _read_stderr(self, stream: IO[bytes]) -> None:
         fd = stream.fileno()
         while True:
             try:
@@ -528,7 +535,7 @@ class Qemu:
 
     # -------------------------------------------------------- QMP
 
-    def qmp(self, timeout: float = 10.0):
+    def qmp(self, timeout: float = 10.0) -> QMP:
         """Connected QMP client (created on first use, closed by close())."""
         if not self.use_qmp:
             raise QemuError("started without qmp=True")
@@ -536,8 +543,8 @@ class Qemu:
             self._qmp_client = QMP(self.qmp_path, connect_timeout=timeout, alive=self.running)
         return self._qmp_client
 
-    def agent_client(self, timeout: float = 10.0, ready: bool = True):
-        """Connected client of the guest agent on COM2 (tools/agent.py; created on
+    def agent_client(self, timeout: float = 10.0, ready: bool = True) -> Agent:
+        """Connected client of the guest agent on COM2 (blimp.agent; created on
         first use, closed by close()).  With `ready` it also waits (up to `timeout`)
         until the guest agent answers."""
         if not self.agent_path or not self.agent:
@@ -562,7 +569,7 @@ class Qemu:
         return "\n".join(out)
 
 
-def run(kernel: str, timeout: float = 60.0, **kw) -> Qemu:
+def run(kernel: str, timeout: float = 60.0, **kw: Any) -> Qemu:
     """Boot, wait for exit (or the timeout), return the finished Qemu (closed)."""
     q = Qemu(kernel, timeout=timeout, **kw)
     try:

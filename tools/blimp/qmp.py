@@ -46,7 +46,7 @@ class QMP(SocketClient):
 
     def __init__(self, path: str, connect_timeout: float = DEFAULT_TIMEOUT,
                  timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None,
-                 negotiate: bool = True):
+                 negotiate: bool = True) -> None:
         """Connect to QEMU's QMP unix socket at `path`, retrying until
         `connect_timeout` (QEMU creates the socket a little after it starts).
         `alive`, if given, is polled while retrying so a dead QEMU fails fast.

@@ -25,7 +25,7 @@ class SocketClient:
     connection_error: Type[Exception] = ConnectionError
 
     def __init__(self, path: str, connect_timeout: float, timeout: float,
-                 alive: Optional[Callable[[], bool]] = None):
+                 alive: Optional[Callable[[], bool]] = None) -> None:
         """Connect to the unix socket at `path` (retrying up to `connect_timeout` s).
         `timeout` is the default per-request timeout of the subclass; `alive`, if given,
         is polled while connecting and reading so that a dead QEMU fails fast."""
