@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from blimp import exitcodes, guestlog
 from blimp.qemu import Qemu, parse_memory
-from blimp.units import GiB, KiB, MiB, PAGE  # noqa: F401  (the tests take them from here)
+from blimp.units import GiB, MiB, PAGE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = os.path.join(REPO, "tools")

@@ -14,10 +14,10 @@ one JSON line; the first word of the command comes back as ``"cmd"``.  JSON obje
 guest commands need nothing here.
 
 Connecting: QEMU's chardev is a unix-socket server with ``wait=off``, so bytes the guest
-writes before we are connected are dropped.  Connecting (blimp.sockclient) therefore retries fast (the socket
-exists long before the guest has booted) and ``wait_ready`` accepts either the
-``agent_ready`` event or, failing that, an answer to ``ping`` (sent once per second), so a
-missed ``agent_ready`` costs at most a second.  Every read has a timeout.
+writes before we are connected are dropped.  Connecting (blimp.sockclient) therefore
+retries fast (the socket exists long before the guest has booted) and ``wait_ready``
+accepts either the ``agent_ready`` event or, failing that, an answer to ``ping`` (sent once
+per second), so a missed ``agent_ready`` costs at most a second.  Every read has a timeout.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class Agent(SocketClient):
     connection_error = AgentConnectionError
 
     def __init__(self, path: str, connect_timeout: float = DEFAULT_TIMEOUT,
-                 timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT,
+                 alive: Optional[Callable[[], bool]] = None) -> None:
         """Connect to the agent socket at `path`, retrying until `connect_timeout`.
         `alive`, if given, is polled while retrying/waiting so a dead QEMU fails fast.
         `timeout` is the default per-command timeout."""
@@ -153,7 +154,8 @@ class Agent(SocketClient):
     def ping(self, timeout: Optional[float] = None) -> dict:
         return self.check("ping", timeout)
 
-    def alloc(self, size: Union[int, str], seed: Optional[int] = None, timeout: Optional[float] = None) -> dict:
+    def alloc(self, size: Union[int, str], seed: Optional[int] = None,
+              timeout: Optional[float] = None) -> dict:
         """alloc <size> [seed]; `size` is bytes (int) or text like '256M'. Not checked."""
         arg = str(size) if isinstance(size, int) else size
         return self.cmd("alloc %s%s" % (arg, "" if seed is None else " %d" % seed), timeout)

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from .qemu import Qemu, balloon_qom_path
 from .qmp import QMP
-from .units import PAGE, mib, page_round
+from .units import mib, page_round
 
 DEFAULT_POLL_S = 0.002
 UNSET_STAT = (1 << 64) - 1    # QEMU's "-1" for a stat the guest did not send

@@ -18,7 +18,7 @@ stderr, the serial tail, the agent transcript) captured when it happened.  Leavi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import exitcodes, guestlog
 from .agent import Agent, AgentError
@@ -46,7 +46,7 @@ class SessionError(Exception):
 #: what a session step can raise; callers that report any failure catch these
 SESSION_ERRORS: Tuple[type, ...] = (
     SessionError, QemuError, AgentError, BalloonTimeout, QMPError, QMPTimeout,
-    QMPConnectionError, FileNotFoundError, ProcessLookupError, TimeoutError)
+    QMPConnectionError, guestlog.BadEvent, FileNotFoundError, ProcessLookupError, TimeoutError)
 
 
 @dataclass
@@ -316,7 +316,7 @@ def _reason(e: BaseException) -> str:
     return e.reason if isinstance(e, SessionError) else str(e)
 
 
-def describe_failure(session: BalloonSession, e: Union[SessionError, Exception]) -> Tuple[str, str]:
+def describe_failure(session: BalloonSession, e: Exception) -> Tuple[str, str]:
     """(reason, context) of a failure from a session step: a SessionError carries its
     own; for anything else the session's context now."""
     if isinstance(e, SessionError):
