@@ -25,7 +25,7 @@ from .agent import Agent, AgentError
 from .balloon import DEFAULT_POLL_S, Balloon, BalloonTimeout
 from .qemu import Qemu, QemuError
 from .qmp import QMPConnectionError, QMPError, QMPTimeout
-from .units import PAGE, mib
+from .units import PAGE, mib, page_round
 
 #: events that mean the host or the device misbehaved
 PROBLEM_EVENTS = ("violation", "balloon_stalled")
@@ -268,9 +268,10 @@ class BalloonSession:
         previous = balloon.size()
         since = self.mark()
         abort = self._exhausted_since(since) if stop_if_exhausted else None
+        size = page_round(balloon_bytes)
         try:
-            size = balloon.set_size(balloon_bytes)
-            seconds = balloon.wait_size(size, timeout, poll, abort=abort)
+            # timed from just before the QMP command
+            seconds = balloon.resize(size, timeout, poll, abort=abort)
         except (BalloonTimeout, QMPError, QMPTimeout, QMPConnectionError, ValueError) as e:
             raise self.failure(str(e)) from None
         reached = None
