@@ -19,16 +19,19 @@ accept), then one JSON line.  The accelerator is TCG unless --accel says otherwi
     /usr/bin/python3 bench/balloon_bench.py [--runs 3] [--configs 256/4,1024/16]
                                             [--no-touched] [--check-targets]
 
-This is `tools/blimp.py bench-balloon`; see its --help for all options.
+This is `PYTHONPATH=tools python3 -m blimp bench-balloon`; see its --help for all options.
 """
+
+from __future__ import annotations
 
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
-
-import blimp  # noqa: E402
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 if __name__ == "__main__":
-    sys.exit(blimp.main(["bench-balloon"] + sys.argv[1:]))
+    # run the package in a fresh interpreter with tools/ on its PYTHONPATH
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (TOOLS, os.environ.get("PYTHONPATH")) if p))
+    argv = [sys.executable, "-m", "blimp", "bench-balloon"] + sys.argv[1:]
+    os.execve(sys.executable, argv, env)

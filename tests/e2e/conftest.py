@@ -13,17 +13,13 @@ land in pytest's temp dir (printed in failures).
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-for p in (os.path.join(REPO, "tools"), HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+import guest
+from blimp.session import BalloonSession
 
-import guest  # noqa: E402
+REPO = guest.REPO
 
 
 def pytest_addoption(parser):
@@ -96,25 +92,28 @@ def kernel_bytes(images):
 
 @pytest.fixture
 def balloon_vm(pytestconfig, images, request, tmp_path_factory):
-    """Factory of guest.BalloonVM runs (pvh image, balloon + agent); use as
+    """Factory of blimp.session.BalloonSession runs (pvh image, balloon + agent); use as
     ``with balloon_vm(machine="pc", balloon_opts=[...], append="...") as vm:``.
-    Every run's serial log goes to pytest's temp dir; every QEMU is closed at the
-    end of the test even if the test forgot."""
+    What it adds for pytest: the accelerator and timeout scale of the command line,
+    every run's serial log in pytest's temp dir, a longer serial tail in failure
+    messages, and every QEMU closed at the end of the test even if the test forgot."""
     made = []
     log_dir = tmp_path_factory.mktemp("balloon")
     scale = pytestconfig.getoption("timeout_scale")
 
-    def make(machine="q35", memory="1G", balloon_opts=(), append="", timeout=120.0):
+    def make(machine="q35", memory="1G", balloon_opts=(), append="",
+             timeout=120.0) -> BalloonSession:
         name = "%s-%d.log" % (request.node.name, len(made))
-        vm = guest.BalloonVM(images["pvh"], machine=machine, memory=memory,
-                             balloon_opts=balloon_opts, append=append,
-                             accel=pytestconfig.getoption("accel"), timeout=timeout * scale,
-                             log_path=os.path.join(str(log_dir),
-                                                   "".join(c if c.isalnum() or c in "-_.[]=,"
-                                                           else "_" for c in name)))
-        made.append(vm)
-        return vm
+        log_name = "".join(c if c.isalnum() or c in "-_.[]=," else "_" for c in name)
+        session = BalloonSession(images["pvh"], machine=machine, memory=memory,
+                                 balloon_opts=balloon_opts, append=append,
+                                 accel=pytestconfig.getoption("accel"),
+                                 timeout=timeout * scale, boot_timeout=30.0 * scale,
+                                 serial_log=os.path.join(str(log_dir), log_name),
+                                 context_lines=40)
+        made.append(session)
+        return session
 
     yield make
-    for vm in made:
-        vm.q.close()
+    for session in made:
+        session.close()

@@ -1,29 +1,24 @@
 """Shared helpers of the e2e tests: boot specs, a cached/parallel boot runner, and
-checks of blimp's serial output against the guest interface spec."""
+checks of blimp's serial output against the guest interface spec.  Interactive
+balloon runs use blimp.session.BalloonSession (see conftest's balloon_vm)."""
 
 from __future__ import annotations
 
 import os
 import re
 import struct
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from blimp import exitcodes, guestlog
+from blimp.qemu import Qemu, parse_memory
+from blimp.units import GiB, MiB, PAGE
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = os.path.join(REPO, "tools")
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
-
-import exitcodes  # noqa: E402
-import guestlog   # noqa: E402
-from qemu import Qemu, parse_memory  # noqa: E402
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-PAGE = 4096
 
 IMAGES = {"pvh": "blimp.elf", "mb1": "blimp-mb1.elf"}
 PROTOCOL = {"pvh": "pvh", "mb1": "multiboot1"}
@@ -368,141 +363,7 @@ def check_tap(boot: Boot, allow_skips: bool = True) -> guestlog.Tap:
     return tap
 
 
-# ---------------------------------------------------------------- interactive balloon runs
+# ---------------------------------------------------------------- balloon features
 
 #: DEFLATE_ON_OOM feature bit (virtio 5.5.3)
 F_DEFLATE_ON_OOM = 1 << 2
-
-
-class BalloonVM:
-    """A running blimp in balloon mode (the default mode) with a virtio-balloon device
-    and the agent on COM2, for interactive tests::
-
-        with BalloonVM(kernel, machine="q35", memory="1G") as vm:
-            vm.agent.check("alloc 64M 7")
-            vm.resize(256 * MiB)             # set + poll query-balloon; returns seconds
-            st = vm.state()                   # the agent's state reply
-            vm.check_verify()
-            vm.quit()                         # guest exit 0x10, QEMU status 33
-
-    Leaving the block always ends QEMU (by PID).  Assertion messages carry
-    ``vm.context()``: argv, QEMU stderr, serial tail and the agent transcript."""
-
-    def __init__(self, kernel: str, machine: str = "q35", memory: str = "1G",
-                 balloon_opts=(), append: str = "", accel: str = "tcg",
-                 timeout: float = 120.0, log_path: Optional[str] = None):
-        self.kernel = kernel
-        self.machine = machine
-        self.memory = memory
-        self.ram = parse_memory(memory)
-        self.balloon_opts = list(balloon_opts)
-        self.append = append
-        self.q = Qemu(kernel, machine=machine, memory=memory, accel=accel,
-                      append=append or None, balloon=True, balloon_opts=self.balloon_opts,
-                      agent=True, timeout=timeout, serial_log=log_path)
-        self.log_path = log_path
-        self.agent = None
-        self.balloon = None
-        self.features: Optional[dict] = None
-
-    def __enter__(self) -> "BalloonVM":
-        import balloon as balloonmod
-        self.q.start()
-        try:
-            # connect first: what the guest sends on COM2 before that is lost
-            self.q.agent_client(timeout=30, ready=False)
-            self.features = self.q.wait_for_event("balloon_features", timeout=30)
-            self.agent = self.q.agent_client(timeout=30)
-            self.balloon = balloonmod.Balloon.of(self.q)
-        except BaseException as e:
-            msg = "guest did not come up (%s)\n%s" % (e, self.context())
-            self.q.close()
-            raise AssertionError(msg) from None
-        return self
-
-    def __exit__(self, *exc):
-        self.q.close()
-        return False
-
-    # ------------------------------------------------------------ reporting
-
-    def context(self, n: int = 40) -> str:
-        s = [self.q.describe() if self.q.tmpdir else "QEMU not started"]
-        if self.log_path:
-            s.append("serial log: " + self.log_path)
-        if self.agent is not None:
-            s.append("agent transcript (last 20):\n" + self.agent.history(20))
-        return "\n".join(s)
-
-    def events(self, name: Optional[str] = None) -> List[dict]:
-        return self.q.events(name)
-
-    @property
-    def accepted(self) -> int:
-        return int(self.features.get("accepted", 0))
-
-    # ------------------------------------------------------------ actions
-
-    def cmd(self, line: str, timeout: float = 60.0) -> dict:
-        try:
-            return self.agent.cmd(line, timeout)
-        except Exception as e:
-            raise AssertionError("agent %r: %s\n%s" % (line, e, self.context())) from None
-
-    def check(self, line: str, timeout: float = 60.0) -> dict:
-        r = self.cmd(line, timeout)
-        assert r.get("ok") is True, "agent %r failed: %r\n%s" % (line, r, self.context())
-        return r
-
-    def state(self) -> dict:
-        return self.check("state", 10.0)
-
-    def check_verify(self, what: str = "all", pages: Optional[int] = None) -> dict:
-        r = self.cmd("verify %s" % what, 60.0)
-        assert r.get("ok") is True and r.get("bad_pages") == 0, (
-            "guest memory corrupted: %r (first bad word at %#x holds %#x)\n%s" % (
-                r, r.get("first_bad") or 0, r.get("found") or 0, self.context()))
-        if pages is not None:
-            assert r.get("pages") == pages, "verify covered %r pages, expected %d" % (
-                r.get("pages"), pages)
-        return r
-
-    def resize(self, balloon_bytes: int, timeout: float = 60.0) -> float:
-        """Set the balloon size and poll query-balloon until it shows it; seconds."""
-        import balloon as balloonmod
-        try:
-            return self.balloon.resize(balloon_bytes, timeout=timeout)
-        except balloonmod.BalloonTimeout as e:
-            raise AssertionError("%s\n%s" % (e, self.context())) from None
-
-    def balloon_size(self) -> int:
-        return self.balloon.size()
-
-    def check_balloon_agrees(self, balloon_bytes: int) -> dict:
-        """query-balloon, the guest's state and the target all say `balloon_bytes`."""
-        pages = balloon_bytes // PAGE
-        host = self.balloon.size()
-        st = self.state()
-        b = st["balloon"]
-        assert host == balloon_bytes, "query-balloon: balloon %d MiB, expected %d MiB\n%s" % (
-            host >> 20, balloon_bytes >> 20, self.context())
-        assert b["target_pages"] == pages, "guest target_pages %d, expected %d\n%s" % (
-            b["target_pages"], pages, self.context())
-        assert b["actual_pages"] == pages, "guest actual_pages %d, expected %d\n%s" % (
-            b["actual_pages"], pages, self.context())
-        assert b["held_pages"] == pages, "guest held_pages %d != actual %d\n%s" % (
-            b["held_pages"], pages, self.context())
-        assert b["state"] == "running", "balloon state %r\n%s" % (b["state"], self.context())
-        return st
-
-    def check_no_violation(self):
-        bad = [e for e in self.events() if e["event"] in ("violation", "balloon_stalled")]
-        assert not bad, "unexpected events %r\n%s" % (bad, self.context())
-
-    def quit(self, code: int = exitcodes.SUCCESS) -> int:
-        self.check("quit %d" % code, 10.0)
-        status = self.q.wait(timeout=15)
-        assert status == exitcodes.qemu_status(code), (
-            "QEMU status %r after quit %d, expected %d\n%s" % (
-                status, code, exitcodes.qemu_status(code), self.context()))
-        return status

@@ -1,9 +1,9 @@
 """End-to-end tests of blimp's virtio balloon driver against real QEMU (TCG).
 
 Each test boots blimp in balloon mode (no blimp.mode option) with a
-virtio-balloon-pci device and the agent on COM2 (guest.BalloonVM), drives the
-balloon over QMP (tools/balloon.py) and checks the guest through the agent
-(tools/agent.py): query-balloon reaches every target, the guest's own state
+virtio-balloon-pci device and the agent on COM2 (blimp.session.BalloonSession),
+drives the balloon over QMP (blimp.balloon) and checks the guest through the agent
+(blimp.agent): query-balloon reaches every target, the guest's own state
 agrees, deflating gives back every page, memory the guest holds stays intact,
 QEMU's RSS falls when touched memory is ballooned, guest stats reach QEMU,
 deflate-on-OOM works exactly when negotiated, and impossible or changing
@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-import exitcodes
 import guest
+from blimp import exitcodes
 from guest import GiB, MiB, PAGE
 
 MODERN = "virtio-pci-modern"
@@ -49,14 +49,6 @@ def _id(p):
     return "%s-%s" % (machine, name)
 
 
-def wait_serial(vm, pattern, start=0, timeout=10.0):
-    try:
-        vm.q.wait_for(pattern, timeout=timeout, start=start)
-    except Exception as e:
-        raise AssertionError("serial never matched %r: %s\n%s" % (pattern, e, vm.context()))
-    return vm.q.last_index
-
-
 # ------------------------------------------------------------ inflate / deflate
 
 @pytest.mark.parametrize("machine,transport", ROUNDTRIP, ids=[_id(p) for p in ROUNDTRIP])
@@ -78,21 +70,19 @@ def test_inflate_deflate_roundtrip(balloon_vm, machine, transport):
         # the agent's blocklist takes a record page or two on top of the data
         want = st0["mm"]["free_pages"] - HELD // PAGE
         assert want - 4 <= free1 <= want, (st0, st1)
-        seen_from = len(vm.q.lines)
         for size in STEPS:
-            secs = vm.resize(size, timeout=60)
-            st = vm.check_balloon_agrees(size)
+            r = vm.resize(size, timeout=60)
+            st = vm.check_balloon(size)
             pages = size // PAGE
             free = st["mm"]["free_pages"]
             assert free1 - pages - RECORD_SLACK <= free <= free1 - pages, (
                 "balloon %d MiB: free_pages %d, expected %d - %d (- <=%d record pages)\n%s" % (
                     size >> 20, free, free1, pages, RECORD_SLACK, vm.context()))
-            vm.check_verify(pages=HELD // PAGE)
-            # the guest reports reaching it on serial, too
-            idx = wait_serial(vm, r'^\{"event":"balloon_reached","actual_pages":%d,' % pages,
-                              start=seen_from)
-            seen_from = idx + 1
-            assert secs < 30
+            vm.verify(pages=HELD // PAGE)
+            # the guest reports reaching it on serial, too (after the previous step's report)
+            assert r.reached is not None and r.reached["actual_pages"] == pages, r
+            assert isinstance(r.guest_ms, int), r.reached
+            assert r.seconds < 30
         st_end = vm.state()
         assert st_end["mm"]["free_pages"] == free1, (
             "after deflating to 0 the allocator has %d free pages, %d before inflating: "
@@ -125,18 +115,18 @@ def test_rss_falls_when_touched_memory_is_ballooned(balloon_vm, machine):
         assert rss_before >= 700 * MiB, "guest touched 768 MiB but QEMU RSS is %d MiB" % (
             rss_before >> 20)
         vm.resize(768 * MiB)
-        vm.check_balloon_agrees(768 * MiB)
+        vm.check_balloon(768 * MiB)
         rss_after = vm.balloon.rss()
         drop = rss_before - rss_after
         assert drop >= 400 * MiB, (
             "QEMU RSS fell by only %d MiB (%d -> %d MiB) after inflating 768 MiB of touched "
             "memory\n%s" % (drop >> 20, rss_before >> 20, rss_after >> 20, vm.context()))
-        vm.check_verify(pages=HELD // PAGE)
+        vm.verify(pages=HELD // PAGE)
         vm.resize(0)
-        vm.check_verify(pages=HELD // PAGE)
+        vm.verify(pages=HELD // PAGE)
         # the guest can use (and we can verify) all that memory again
         r = vm.check("alloc 768M 6", timeout=120)
-        vm.check_verify(str(r["id"]), pages=768 * MiB // PAGE)
+        vm.verify(str(r["id"]), pages=768 * MiB // PAGE)
         vm.quit()
 
 
@@ -179,7 +169,7 @@ def test_guest_stats(balloon_vm):
         assert s2["stats"]["stat-total-memory"] == total
         assert vm.state()["balloon"]["stats_updates"] >= 2
         bal.enable_stats(0)
-        vm.check_verify()
+        vm.verify()
         vm.quit()
 
 
@@ -205,13 +195,13 @@ def test_deflate_on_oom(balloon_vm, case):
                 vm.accepted, negotiated, vm.context()))
         vm.check("alloc %d 31" % HELD)
         vm.resize(768 * MiB)
-        vm.check_balloon_agrees(768 * MiB)
-        before = len(vm.q.lines)
+        vm.check_balloon(768 * MiB)
+        before = vm.mark()
         r = vm.cmd("alloc 512M 32", timeout=120)
         if negotiated:
             assert r.get("ok") is True, "alloc 512M failed despite DEFLATE_ON_OOM: %r\n%s" % (
                 r, vm.context())
-            ev = vm.q.wait_for_event("balloon_oom_deflate", timeout=10, start=before)
+            ev = vm.wait_event("balloon_oom_deflate", timeout=10, since=before)
             assert ev["pages"] > 0
             size = vm.balloon_size()
             assert size < 768 * MiB, "balloon still %d MiB after OOM deflate" % (size >> 20)
@@ -229,22 +219,22 @@ def test_deflate_on_oom(balloon_vm, case):
                         st["balloon"]["actual_pages"], vm.balloon_size(), vm.context()))
                 time.sleep(0.05)
                 st = vm.state()
-            vm.check_verify()          # both allocations intact
+            vm.verify()          # both allocations intact
             # memory freed again: the guest re-inflates to the host's target
             vm.check("free %d" % r["id"])
             vm.balloon.wait_size(768 * MiB, timeout=30)
-            vm.check_balloon_agrees(768 * MiB)
+            vm.check_balloon(768 * MiB)
         else:
             assert r.get("ok") is False and "out of memory" in r.get("error", ""), (
                 "alloc 512M should fail cleanly without DEFLATE_ON_OOM: %r\n%s" % (
                     r, vm.context()))
             assert not vm.events("balloon_oom_deflate"), vm.context()
-            vm.check_balloon_agrees(768 * MiB)
+            vm.check_balloon(768 * MiB)
             assert vm.state()["balloon"]["oom_deflated_pages"] == 0
             vm.check("ping")
-        vm.check_verify(pages=HELD // PAGE)     # only the first allocation is left
+        vm.verify(pages=HELD // PAGE)     # only the first allocation is left
         vm.resize(0)
-        vm.check_balloon_agrees(0)
+        vm.check_balloon(0)
         vm.check_no_violation()
         vm.quit()
 
@@ -260,9 +250,9 @@ def test_target_beyond_guest_memory(balloon_vm, machine, dev_opts):
     with balloon_vm(machine=machine, balloon_opts=dev_opts) as vm:
         vm.check("alloc %d 9" % HELD)
         free1 = vm.state()["mm"]["free_pages"]
-        before = len(vm.q.lines)
+        before = vm.mark()
         vm.balloon.set_guest_size(1 * MiB)
-        ev = vm.q.wait_for_event("balloon_exhausted", timeout=60, start=before)
+        ev = vm.wait_event("balloon_exhausted", timeout=60, since=before)
         assert ev["target_pages"] <= (1 * GiB) // PAGE
         # it settles: query-balloon stops moving, near everything the guest had free
         last, stable_since = None, time.monotonic()
@@ -283,12 +273,12 @@ def test_target_beyond_guest_memory(balloon_vm, machine, dev_opts):
         assert b["actual_pages"] >= free1 - 1024, (
             "only %d of %d free pages ballooned" % (b["actual_pages"], free1))
         assert st["mm"]["free_pages"] < 1024
-        assert vm.q.running()
-        vm.check_verify(pages=HELD // PAGE)
+        assert vm.running()
+        vm.verify(pages=HELD // PAGE)
         vm.resize(0)
-        vm.check_balloon_agrees(0)
+        vm.check_balloon(0)
         assert vm.state()["mm"]["free_pages"] == free1
-        vm.check_verify(pages=HELD // PAGE)
+        vm.verify(pages=HELD // PAGE)
         vm.check_no_violation()
         vm.quit()
 
@@ -323,7 +313,7 @@ def test_target_changes_mid_flight(balloon_vm, machine, dev_opts, append):
         vm.balloon.set_size(128 * MiB)
         vm.balloon.wait_size(128 * MiB, timeout=30)
         time.sleep(0.2)                       # settled, not passing through
-        vm.check_balloon_agrees(128 * MiB)
+        vm.check_balloon(128 * MiB)
         targets = [e["target_pages"] for e in vm.events("balloon_target")]
         assert (768 * MiB) // PAGE in targets and targets[-1] == (128 * MiB) // PAGE, targets
 
@@ -340,8 +330,8 @@ def test_target_changes_mid_flight(balloon_vm, machine, dev_opts, append):
         vm.balloon.set_size(512 * MiB)
         vm.balloon.wait_size(512 * MiB, timeout=30)
         time.sleep(0.2)
-        vm.check_balloon_agrees(512 * MiB)
-        vm.check_verify(pages=HELD // PAGE)
+        vm.check_balloon(512 * MiB)
+        vm.verify(pages=HELD // PAGE)
         vm.resize(0)
         assert vm.state()["mm"]["free_pages"] == free1
         vm.check_no_violation()
@@ -368,17 +358,18 @@ def test_no_balloon_device_error_line(boot):
 # ------------------------------------------------------------ the command line tools
 
 def _blimp_py(images, pytestconfig, *argv, timeout=240):
+    import os
     import subprocess
     import sys
-    tools = guest.TOOLS
-    cmd = [sys.executable, "-u", tools + "/blimp.py"] + list(argv) + [
+    cmd = [sys.executable, "-u", "-m", "blimp"] + list(argv) + [
         "--kernel", images["pvh"], "--accel", pytestconfig.getoption("accel")]
+    env = dict(os.environ, PYTHONPATH=guest.TOOLS)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env)
 
 
 def test_cli_demo(images, pytestconfig):
-    """`blimp.py demo` (what `./blimp demo` runs) goes through all its steps and exits 0."""
+    """`python3 -m blimp demo` (what `./blimp demo` runs) goes through all its steps and exits 0."""
     r = _blimp_py(images, pytestconfig, "demo")
     out = r.stdout
     assert r.returncode == 0, "demo failed (%d):\n%s\n%s" % (r.returncode, out, r.stderr)

@@ -1,4 +1,4 @@
-"""Tests of tools/agent.py and tools/balloon.py without QEMU: a fake agent socket
+"""Tests of blimp.agent and blimp.balloon without QEMU: a fake agent socket
 server and a fake QMP object stand in for the guest and QEMU."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-import balloon as balloonmod
-from agent import Agent, AgentCommandFailed, AgentConnectionError, AgentTimeout
-from balloon import Balloon, BalloonAborted, BalloonTimeout
+from blimp import balloon as balloonmod
+from blimp.agent import Agent, AgentCommandFailed, AgentConnectionError, AgentTimeout
+from blimp.balloon import Balloon, BalloonAborted, BalloonTimeout
 
 MiB = 1 << 20
 

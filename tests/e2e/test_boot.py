@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-import exitcodes
 import guest
+from blimp import exitcodes
 from guest import Spec
 
 MACHINES = ("pc", "q35", "microvm")
@@ -166,8 +166,8 @@ def test_microvm_virtio_mmio_option_accepted(boot):
 def test_qmp_controls_real_qemu(images, pytestconfig, machine):
     """QMP on a paused VM with a balloon device: the harness' QMP client, the
     balloon QOM path and QEMU's balloon commands work; then the guest boots."""
-    from qemu import Qemu, balloon_qom_path
-    from qmp import QMPError
+    from blimp.qemu import Qemu, balloon_qom_path
+    from blimp.qmp import QMPError
     with Qemu(images["pvh"], machine=machine, memory="256M",
               accel=pytestconfig.getoption("accel"), append="blimp.mode=boot",
               balloon=True, balloon_opts=["deflate-on-oom=on"], paused=True,

@@ -4,8 +4,7 @@ import os
 
 import pytest
 
-import guest  # noqa: F401  (puts tools/ on sys.path)
-from qemu import Qemu
+from blimp.qemu import Qemu
 
 
 def run(kernel, append, machine="q35", memory="128M", timeout=60):

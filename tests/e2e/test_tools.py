@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-import exitcodes
-import guestlog
-import qemu as qemumod
-from qemu import Qemu, QemuExited, SerialTimeout
-from qmp import QMP, QMPError, QMPTimeout
+from blimp import exitcodes, guestlog
+from blimp import qemu as qemumod
+from blimp.qemu import Qemu, QemuExited, SerialTimeout
+from blimp.qmp import QMP, QMPError, QMPTimeout
 
 
 # ------------------------------------------------------------ exit codes
@@ -62,6 +61,24 @@ def test_parse_events_and_tap():
     assert tap.summary == (3, 1, 1)
     with pytest.raises(guestlog.BadEvent):
         guestlog.parse_event('{"event":"boot",')
+
+
+def test_parse_event_ignores_key_order_and_spacing():
+    """Events are JSON: the kernel may order keys and space them as it likes."""
+    assert guestlog.parse_event('{ "actual_pages": 5, "event" : "balloon_reached", "ms": 1 }') == {
+        "event": "balloon_reached", "actual_pages": 5, "ms": 1}
+    assert guestlog.parse_event('{"ok":true,"cmd":"ping"}') is None      # an object, no event
+    assert guestlog.parse_event("blimp: ready in 5 us") is None
+    with pytest.raises(guestlog.BadEvent):
+        guestlog.parse_event('{"ms":1,"event":')
+    with pytest.raises(guestlog.BadEvent):
+        guestlog.parse_event('{"event":7}')
+    assert guestlog.event_named('{"ms":1,"event":"x"}', "x", lambda e: e["ms"] == 1)
+    assert guestlog.event_named('{"ms":1,"event":"x"}', "x", lambda e: e["ms"] == 2) is None
+    assert guestlog.event_named('{"event":"x",', "x") is None          # garbage never matches
+    assert guestlog.ready_line('{"boot_us":5,"event":"ready"}') == {"event": "ready", "boot_us": 5}
+    assert guestlog.ready_line("blimp: ready in 5 us").group(1) == "5"
+    assert not guestlog.ready_line('{"event":"boot"}')
 
 
 # ------------------------------------------------------------ argv / accel
@@ -150,6 +167,45 @@ def test_serial_capture_and_status(tmp_path, kernel):
         assert q.lines == ["hello", '{"event":"ready","boot_us":5}', "blimp: ready in 5 us",
                            "partial"]
         assert q.events("ready") == [{"event": "ready", "boot_us": 5}]
+
+
+def test_wait_event_tests_parsed_fields(tmp_path, kernel):
+    """wait_event parses each line: it finds an event by its fields whatever their order,
+    skips events that fail the predicate and lines that only look similar."""
+    fq = fake_qemu(tmp_path, """
+        for line in ['{"event":"balloon_reached","actual_pages":1,"ms":3}',
+                     'balloon_reached actual_pages 7',
+                     '{"ms": 9, "actual_pages": 7, "event": "balloon_reached"}',
+                     '{"event":"balloon_reached","actual_pages":7,"ms":11}']:
+            print(line, flush=True)
+        time.sleep(0.2); sys.exit(33)""")
+    with Qemu(kernel, qemu=fq, timeout=10, qmp=False) as q:
+        ev = q.wait_event("balloon_reached", lambda e: e["actual_pages"] == 7, timeout=5)
+        assert ev["ms"] == 9 and q.last_index == 2
+        assert q.wait_event("balloon_reached", start=3, timeout=5)["ms"] == 11
+        with pytest.raises(QemuExited):
+            q.wait_event("balloon_reached", lambda e: e["actual_pages"] == 8, timeout=5)
+        assert q.wait() == 33
+
+
+def test_session_that_never_comes_up_reports_context(tmp_path, kernel):
+    """A BalloonSession whose guest dies during boot fails with a SessionError that
+    carries QEMU's outcome and the serial tail, and leaves no QEMU behind."""
+    from blimp.session import BalloonSession, SessionError
+    fq = fake_qemu(tmp_path, """
+        print('blimp: panic: no memory map', flush=True)
+        sys.exit(39)""")
+    session = BalloonSession(kernel, memory="128M", accel="tcg", timeout=10, boot_timeout=5,
+                             qemu=fq)
+    t0 = time.monotonic()
+    with pytest.raises(SessionError) as ei:
+        with session:
+            pytest.fail("the session must not start")
+    assert time.monotonic() - t0 < 5
+    assert "did not come up" in ei.value.reason
+    assert "QEMU ended: guest exit 0x13 panic" in ei.value.context
+    assert "| blimp: panic: no memory map" in ei.value.context
+    assert not session.running()
 
 
 def test_timeout_kills_by_deadline(tmp_path, kernel):
@@ -259,3 +315,39 @@ def test_qmp_connect_deadline(tmp_path):
     with pytest.raises(ConnectionError):
         QMP(str(tmp_path / "nothing.sock"), connect_timeout=0.3)
     assert time.monotonic() - t0 < 2
+
+
+# ------------------------------------------------------------ the one socket client
+
+def test_sockclient_lines_deadline_and_hangup(tmp_path):
+    """blimp.sockclient joins split reads into lines, drops CR/NUL and empty lines, returns
+    None at the deadline and raises its connection error when the peer hangs up."""
+    from blimp.sockclient import SocketClient
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+    go_on = threading.Event()
+
+    def serve():
+        c, _ = srv.accept()
+        c.sendall(b"fir")
+        time.sleep(0.05)
+        c.sendall(b"st\r\n\n\x00second\nthi")
+        go_on.wait(5)
+        c.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with SocketClient(path, connect_timeout=2, timeout=2) as s:
+        soon = time.monotonic() + 2
+        assert s.read_line(soon) == "first"
+        assert s.read_line(soon) == "second"
+        t0 = time.monotonic()
+        assert s.read_line(time.monotonic() + 0.2) is None      # "thi" is not a line yet
+        assert 0.15 < time.monotonic() - t0 < 1.5
+        go_on.set()
+        with pytest.raises(ConnectionError):
+            s.read_line(time.monotonic() + 2)
+    with pytest.raises(ConnectionError):
+        s.send_line("after close")

@@ -5,7 +5,7 @@ status ``code * 2 + 1``.  An even status can never come from the guest: 0 means
 the guest triple-faulted or reset (with ``-no-reboot``) without reaching the
 exit port.  docs/ carries the same table for humans; keep the two in step.
 
-This module also fixes the exit status of the ``tools/blimp.py`` command line
+This module also fixes the exit status of the ``python3 -m blimp`` command line
 (``cli_status``), so shell scripts can tell the outcomes apart.
 """
 
@@ -45,7 +45,7 @@ QEMU_ERROR = "qemu-error"    # status 1: QEMU refused to start / fatal error (gu
 SIGNALLED = "signal"         # QEMU died from a signal (not ours)
 OTHER = "other"              # any other even status
 
-# Exit statuses of the blimp.py command line for non-guest outcomes.
+# Exit statuses of the `python3 -m blimp` command line for non-guest outcomes.
 CLI_TRIPLE_FAULT = 3
 CLI_TIMEOUT = 124            # like coreutils timeout(1)
 CLI_QEMU_ERROR = 125
@@ -104,7 +104,7 @@ class Outcome:
         return "unexpected QEMU status %s" % self.status
 
     def cli_status(self) -> int:
-        """Exit status for the blimp.py command line.
+        """Exit status for the `python3 -m blimp` command line.
 
         0 for guest success; the guest code (0x11..0x17 = 17..23) for other guest
         codes; 3 triple fault; 124 timeout; 125 QEMU error; 128+N signal N.

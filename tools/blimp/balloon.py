@@ -1,7 +1,7 @@
 """Drive QEMU's virtio balloon from the host over QMP (standard library only).
 
-    from qemu import Qemu
-    from balloon import Balloon
+    from blimp.qemu import Qemu
+    from blimp.balloon import Balloon
     with Qemu("build/blimp.elf", memory="1G", balloon=True) as q:
         b = Balloon.of(q)                  # QMP client, RAM size, QEMU pid, QOM path
         b.set_size(512 << 20)              # balloon holds 512 MiB (guest left with 512 MiB)
@@ -24,13 +24,16 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-PAGE = 4096
+from .qemu import Qemu, balloon_qom_path
+from .qmp import QMP
+from .units import mib, page_round
+
 DEFAULT_POLL_S = 0.002
 UNSET_STAT = (1 << 64) - 1    # QEMU's "-1" for a stat the guest did not send
 
 
 class BalloonTimeout(TimeoutError):
-    def __init__(self, msg: str, last_actual: Optional[int] = None):
+    def __init__(self, msg: str, last_actual: Optional[int] = None) -> None:
         super().__init__(msg)
         self.last_actual = last_actual
 
@@ -49,16 +52,10 @@ def rss_of(pid: int) -> int:
     raise RuntimeError("no VmRSS in /proc/%d/status (a kernel thread?)" % pid)
 
 
-def mib(n: int) -> str:
-    """Bytes as a short MiB figure: '512 MiB', '0.5 MiB'."""
-    v = n / (1 << 20)
-    return ("%d MiB" % v) if v == int(v) else ("%.1f MiB" % v)
-
-
 class Balloon:
-    def __init__(self, qmp, ram_bytes: int, pid: Optional[int] = None,
+    def __init__(self, qmp: QMP, ram_bytes: int, pid: Optional[int] = None,
                  qom_path: str = "/machine/peripheral/balloon0",
-                 alive: Optional[Callable[[], bool]] = None):
+                 alive: Optional[Callable[[], bool]] = None) -> None:
         self.qmp = qmp
         self.ram = ram_bytes
         self.pid = pid
@@ -67,16 +64,15 @@ class Balloon:
         self.polls = 0            # query-balloon calls made by the last wait
 
     @classmethod
-    def of(cls, q) -> "Balloon":
-        """A Balloon for a started tools/qemu.py Qemu (with balloon=True)."""
-        from qemu import balloon_qom_path
+    def of(cls, q: Qemu) -> Balloon:
+        """A Balloon for a started Qemu (with balloon=True)."""
         return cls(q.qmp(), q.memory_bytes, pid=q.pid, qom_path=balloon_qom_path(q.balloon_id),
                    alive=q.running)
 
     # ---------------------------------------------------------- targets
 
     def page_round(self, n: int) -> int:
-        return n // PAGE * PAGE
+        return page_round(n)
 
     def set_guest_size(self, guest_bytes: int) -> int:
         """QMP balloon value=guest_bytes (rounded down to a page); returns the value sent."""
@@ -171,7 +167,7 @@ class Balloon:
 
     # ---------------------------------------------------------- stats
 
-    def enable_stats(self, interval_s: int = 1):
+    def enable_stats(self, interval_s: int = 1) -> None:
         """qom-set guest-stats-polling-interval (seconds; 0 stops polling)."""
         self.qmp.execute("qom-set", path=self.qom_path,
                          property="guest-stats-polling-interval", value=int(interval_s))

@@ -2,10 +2,11 @@
 
 Usage::
 
-    from qemu import Qemu
+    from blimp.qemu import Qemu
     with Qemu("build/blimp.elf", machine="q35", memory="128M",
               append="blimp.mode=boot", timeout=30) as q:
-        q.wait_for(r"^blimp: ready in \\d+ us", timeout=10)
+        q.wait_for(r"^blimp: ready in \\d+ us", timeout=10)   # human text: a regex
+        ev = q.wait_event("exit", lambda e: e["code"] == 0x10)  # events: parsed JSON
         status = q.wait()          # raw QEMU exit status (33 = guest success)
         print(q.outcome.describe())
 
@@ -33,18 +34,15 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from typing import List, Optional, Sequence, Union
+from typing import (IO, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set, TypeVar,
+                    Union)
 
-_here = os.path.dirname(os.path.abspath(__file__))
-if _here not in sys.path:
-    sys.path.insert(0, _here)
-
-import exitcodes  # noqa: E402
-import guestlog   # noqa: E402
+from . import exitcodes, guestlog
+from .agent import Agent
+from .qmp import QMP
 
 QEMU_BINARY = os.environ.get("BLIMP_QEMU", "qemu-system-x86_64")
 MACHINES = ("pc", "q35", "microvm")
@@ -52,6 +50,8 @@ ACCELS = ("auto", "tcg", "kvm")
 DEBUG_EXIT_DEVICE = "isa-debug-exit,iobase=0xf4,iosize=0x04"
 AGENT_SERIAL = "isa-serial,chardev=agent,iobase=0x2f8,irq=3"
 KILL_GRACE = 2.0      # seconds between SIGTERM and SIGKILL
+
+T = TypeVar("T")
 
 
 class QemuError(Exception):
@@ -67,6 +67,16 @@ class QemuExited(QemuError):
 
 
 # ------------------------------------------------------------ helpers
+
+def qemu_version(qemu: str = QEMU_BINARY) -> str:
+    """The first line of `qemu --version`, or '?'."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+        return out.splitlines()[0] if out else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
 
 def hardware_kvm_available() -> bool:
     """True only for real hardware virtualisation: /dev/kvm AND kvm_intel/kvm_amd.
@@ -106,7 +116,11 @@ def qemu_memory_arg(mem: Union[str, int]) -> str:
         else "%dK" % (parse_memory(mem) >> 10)
 
 
-def _opts(opts) -> List[str]:
+#: device/machine properties: 'a=1,b=2', ['a=1', 'b=2'] or {'a': 1}
+Opts = Union[None, str, Sequence[str], Dict[str, object]]
+
+
+def _opts(opts: Opts) -> List[str]:
     if not opts:
         return []
     if isinstance(opts, dict):
@@ -116,7 +130,7 @@ def _opts(opts) -> List[str]:
     return list(opts)
 
 
-def balloon_device(machine: str, opts=None, dev_id: Optional[str] = "balloon0") -> str:
+def balloon_device(machine: str, opts: Opts = None, dev_id: Optional[str] = "balloon0") -> str:
     dev = "virtio-balloon-device" if machine == "microvm" else "virtio-balloon-pci"
     parts = [dev] + (["id=" + dev_id] if dev_id else []) + _opts(opts)
     return ",".join(parts)
@@ -127,11 +141,11 @@ def balloon_qom_path(dev_id: str = "balloon0") -> str:
 
 
 _SETPRIV = shutil.which("setpriv")
-_live = set()
+_live: Set[Qemu] = set()
 _live_lock = threading.Lock()
 
 
-def _kill_all_live():
+def _kill_all_live() -> None:
     with _live_lock:
         live = list(_live)
     for q in live:
@@ -149,14 +163,14 @@ atexit.register(_kill_all_live)
 class Qemu:
     """One QEMU run of a blimp image (context manager)."""
 
-    def __init__(self, kernel: str, *, machine: str = "q35", memory="128M",
+    def __init__(self, kernel: str, *, machine: str = "q35", memory: Union[str, int] = "128M",
                  accel: str = "auto", append: Optional[str] = None,
-                 balloon: bool = False, balloon_opts=None, balloon_id: str = "balloon0",
+                 balloon: bool = False, balloon_opts: Opts = None, balloon_id: str = "balloon0",
                  agent: bool = False, qmp: bool = True, smp: Optional[int] = None,
-                 machine_opts=None, cpu: Optional[str] = None,
+                 machine_opts: Opts = None, cpu: Optional[str] = None,
                  extra_args: Sequence[str] = (), timeout: float = 60.0,
-                 echo=None, serial_log: Optional[str] = None, paused: bool = False,
-                 qemu: str = QEMU_BINARY, keep_tmp: bool = False):
+                 echo: Optional[BinaryIO] = None, serial_log: Optional[str] = None,
+                 paused: bool = False, qemu: str = QEMU_BINARY, keep_tmp: bool = False) -> None:
         if machine not in MACHINES:
             raise ValueError("machine must be one of %s, not %r" % (MACHINES, machine))
         self.kernel = kernel
@@ -200,9 +214,10 @@ class Qemu:
         self._eof = False
         self._threads: List[threading.Thread] = []
         self._watchdog: Optional[threading.Timer] = None
-        self._log_fp = None
-        self._qmp_client = None
-        self._agent_client = None
+        self._log_fp: Optional[BinaryIO] = None
+        self._qmp_client: Optional[QMP] = None
+        self._agent_client: Optional[Agent] = None
+        self.last_index = -1                   # the line the last wait_* found
 
     # -------------------------------------------------------- argv
 
@@ -239,7 +254,7 @@ class Qemu:
         argv += self.extra_args
         return argv
 
-    def _make_tmp(self):
+    def _make_tmp(self) -> None:
         if self.tmpdir is None:
             # short path: unix socket paths are limited to 107 bytes
             self.tmpdir = tempfile.mkdtemp(prefix="blimp-", dir="/tmp")
@@ -252,7 +267,7 @@ class Qemu:
 
     # -------------------------------------------------------- lifecycle
 
-    def start(self) -> "Qemu":
+    def start(self) -> Qemu:
         if self.proc is not None:
             raise QemuError("already started")
         if not os.path.isfile(self.kernel):
@@ -281,10 +296,10 @@ class Qemu:
             self._threads.append(t)
         return self
 
-    def __enter__(self) -> "Qemu":
+    def __enter__(self) -> Qemu:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         self.close()
         return False
 
@@ -298,12 +313,12 @@ class Qemu:
     def deadline(self) -> float:
         return (self.t_start or time.monotonic()) + self.timeout
 
-    def _on_deadline(self):
+    def _on_deadline(self) -> None:
         if self.running():
             self.timed_out = True
             self.kill()
 
-    def kill(self):
+    def kill(self) -> None:
         """SIGTERM, then SIGKILL after KILL_GRACE seconds; by PID only."""
         p = self.proc
         if p is None or p.poll() is not None:
@@ -320,7 +335,7 @@ class Qemu:
             pass
         self._reaped()
 
-    def _reaped(self):
+    def _reaped(self) -> None:
         if self.proc is not None and self.proc.returncode is not None and self.returncode is None:
             self.returncode = self.proc.returncode
             self.t_exit = time.monotonic()
@@ -345,11 +360,11 @@ class Qemu:
         self._join_readers()
         return self.proc.returncode
 
-    def _join_readers(self, timeout: float = 5.0):
+    def _join_readers(self, timeout: float = 5.0) -> None:
         for t in self._threads:
             t.join(timeout)
 
-    def close(self):
+    def close(self) -> None:
         """Kill QEMU if still running, stop helpers, remove the temp dir."""
         for client in (self._qmp_client, self._agent_client):
             try:
@@ -390,7 +405,7 @@ class Qemu:
 
     # -------------------------------------------------------- serial
 
-    def _read_serial(self, stream):
+    def _read_serial(self, stream: IO[bytes]) -> None:
         fd = stream.fileno()
         while True:
             try:
@@ -426,11 +441,11 @@ class Qemu:
                     self._add_line(line, now)
                 self._cond.notify_all()
 
-    def _add_line(self, raw: bytes, t: float):
+    def _add_line(self, raw: bytes, t: float) -> None:
         self._lines.append(guestlog.clean(raw.decode("utf-8", "replace")))
         self._line_times.append(t)
 
-    def _read_stderr(self, stream):
+    def _read_stderr(self, stream: IO[bytes]) -> None:
         fd = stream.fileno()
         while True:
             try:
@@ -464,22 +479,22 @@ class Qemu:
         with self._cond:
             return bytes(self._stderr).decode("utf-8", "replace")
 
-    def wait_for(self, pattern, timeout: float = 10.0, start: int = 0) -> "re.Match":
-        """Wait until a serial line (index >= start) matches `pattern` (re.search).
+    def wait_line(self, test: Callable[[str], T], timeout: float = 10.0, start: int = 0,
+                  what: str = "the awaited line") -> T:
+        """Wait until test(line) is truthy for a serial line with index >= start and
+        return that value; ``self.last_index`` is then the line's index.
 
-        Returns the match; ``self.last_index`` is the matching line's index.
         Raises SerialTimeout after `timeout` s (or at the run's deadline), and
-        QemuExited as soon as QEMU has exited without printing a match."""
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        QemuExited as soon as QEMU has exited without printing such a line."""
         end = min(time.monotonic() + timeout, self.deadline())
         i = start
         while True:
             with self._cond:
                 while i < len(self._lines):
-                    m = rx.search(self._lines[i])
-                    if m:
+                    found = test(self._lines[i])
+                    if found:
                         self.last_index = i
-                        return m
+                        return found
                     i += 1
                 eof = self._eof
                 left = end - time.monotonic()
@@ -487,47 +502,56 @@ class Qemu:
                     self._cond.wait(min(left, 0.5))
                     continue
             if eof:
-                if self.proc is not None:
-                    try:
-                        self.proc.wait(2)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    self._reaped()
-                raise QemuExited("QEMU exited (status %s) before serial matched %r"
-                                 % (self.returncode, rx.pattern))
-            raise SerialTimeout("no serial line matched %r within %.1f s"
-                                % (rx.pattern, timeout))
+                self._reap_after_eof()
+                raise QemuExited("QEMU exited (status %s) before serial showed %s"
+                                 % (self.returncode, what))
+            raise SerialTimeout("serial did not show %s within %.1f s" % (what, timeout))
 
-    def wait_for_event(self, name: str, timeout: float = 10.0, start: int = 0) -> dict:
-        self.wait_for(r'^\{"event":\s*"%s"' % re.escape(name), timeout, start)
-        return guestlog.parse_event(self._lines[self.last_index])
+    def _reap_after_eof(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+            self._reaped()
+
+    def wait_for(self, pattern: Union[str, re.Pattern], timeout: float = 10.0,
+                 start: int = 0) -> re.Match:
+        """Wait until a serial line (index >= start) matches `pattern` (re.search);
+        returns the match.  For human text; events have wait_event."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        return self.wait_line(rx.search, timeout, start, "a line matching %r" % rx.pattern)
+
+    def wait_event(self, name: str, predicate: Optional[Callable[[dict], bool]] = None,
+                   timeout: float = 10.0, start: int = 0) -> dict:
+        """Wait for the guest's event `name` (a serial line parsed as JSON, so key order
+        and spacing do not matter) at index >= start for which predicate(event) holds."""
+        return self.wait_line(lambda line: guestlog.event_named(line, name, predicate),
+                              timeout, start, "a %s event%s" % (
+                                  name, "" if predicate is None else " as expected"))
 
     def events(self, name: Optional[str] = None) -> List[dict]:
         return guestlog.events(self.lines, name)
 
     # -------------------------------------------------------- QMP
 
-    def qmp(self, timeout: float = 10.0):
+    def qmp(self, timeout: float = 10.0) -> QMP:
         """Connected QMP client (created on first use, closed by close())."""
         if not self.use_qmp:
             raise QemuError("started without qmp=True")
         if self._qmp_client is None:
-            import qmp as qmpmod
-            alive = self.running
-            self._qmp_client = qmpmod.QMP(self.qmp_path, connect_timeout=timeout,
-                                          alive=alive)
+            self._qmp_client = QMP(self.qmp_path, connect_timeout=timeout, alive=self.running)
         return self._qmp_client
 
-    def agent_client(self, timeout: float = 10.0, ready: bool = True):
-        """Connected client of the guest agent on COM2 (tools/agent.py; created on
+    def agent_client(self, timeout: float = 10.0, ready: bool = True) -> Agent:
+        """Connected client of the guest agent on COM2 (blimp.agent; created on
         first use, closed by close()).  With `ready` it also waits (up to `timeout`)
         until the guest agent answers."""
         if not self.agent_path or not self.agent:
             raise QemuError("started without agent=True")
         if self._agent_client is None:
-            import agent as agentmod
-            self._agent_client = agentmod.Agent(self.agent_path, connect_timeout=timeout,
-                                                alive=self.running)
+            self._agent_client = Agent(self.agent_path, connect_timeout=timeout,
+                                       alive=self.running)
         if ready and not self._agent_client.ready:
             self._agent_client.wait_ready(timeout)
         return self._agent_client
@@ -545,7 +569,7 @@ class Qemu:
         return "\n".join(out)
 
 
-def run(kernel: str, timeout: float = 60.0, **kw) -> Qemu:
+def run(kernel: str, timeout: float = 60.0, **kw: Any) -> Qemu:
     """Boot, wait for exit (or the timeout), return the finished Qemu (closed)."""
     q = Qemu(kernel, timeout=timeout, **kw)
     try:

@@ -1,7 +1,7 @@
 """Parse what blimp prints on its serial console.
 
-Machine events are one JSON object per line, on a line that starts with
-``{"event":``.  Self-tests print TAP 14.  Everything else is human text (and
+Machine events are one JSON object per line with a string ``"event"`` key (in any
+position).  Self-tests print TAP 14.  Everything else is human text (and
 perhaps firmware noise), which the parsers skip.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Union
 
-EVENT_PREFIX = '{"event":'
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# an object line that names an event key is meant as an event, whatever its key order
+_EVENT_KEY = re.compile(r'"event"\s*:')
 
 
 def clean(line: str) -> str:
@@ -26,10 +27,12 @@ class BadEvent(ValueError):
 
 
 def parse_event(line: str) -> Optional[dict]:
-    """The event dict of a line, None for a non-event line; BadEvent if it starts
-    like an event but is not valid JSON (the kernel printed garbage)."""
+    """The event dict of a line, None for a non-event line; BadEvent if it looks like
+    an event (a JSON object line with an "event" key) but is not valid JSON or has
+    no string "event" (the kernel printed garbage).  Key order and spacing do not
+    matter."""
     line = clean(line).strip()
-    if not line.startswith(EVENT_PREFIX):
+    if not line.startswith("{") or not _EVENT_KEY.search(line):
         return None
     try:
         ev = json.loads(line)
@@ -37,6 +40,20 @@ def parse_event(line: str) -> Optional[dict]:
         raise BadEvent("malformed event line %r: %s" % (line, e)) from None
     if not isinstance(ev, dict) or not isinstance(ev.get("event"), str):
         raise BadEvent("event line without a string 'event': %r" % line)
+    return ev
+
+
+def event_named(line: str, name: str,
+                predicate: Optional[Callable[[dict], bool]] = None) -> Optional[dict]:
+    """The event on `line` if it is called `name` and satisfies `predicate`, else None.
+    A malformed event line counts as no match: the checks of the event stream
+    (parse_event over every line) are where garbage is reported."""
+    try:
+        ev = parse_event(line)
+    except BadEvent:
+        return None
+    if ev is None or ev["event"] != name or (predicate is not None and not predicate(ev)):
+        return None
     return ev
 
 
@@ -130,4 +147,9 @@ def parse_tap(lines: Iterable[str]) -> Tap:
 # ------------------------------------------------------------ ready line
 
 READY_RE = re.compile(r"^blimp: ready in (\d+) us")
-READY_EVENT_RE = r'^\{"event":"ready"'
+
+
+def ready_line(line: str) -> Union[dict, re.Match, None]:
+    """Whether `line` says the guest has booted: its ready event (returned) or the
+    human 'blimp: ready in N us' line (its match)."""
+    return event_named(line, "ready") or READY_RE.match(clean(line))

@@ -14,11 +14,10 @@ command's reply (or in ``wait_event``/``poll_events``) are appended to
 from __future__ import annotations
 
 import json
-import socket
 import time
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
-from sockclient import SocketClient
+from .sockclient import SocketClient
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -26,7 +25,7 @@ DEFAULT_TIMEOUT = 10.0
 class QMPError(Exception):
     """The command failed: ``error_class`` and ``desc`` come from QEMU."""
 
-    def __init__(self, cmd: str, error_class: str, desc: str):
+    def __init__(self, cmd: str, error_class: str, desc: str) -> None:
         super().__init__("%s: %s: %s" % (cmd, error_class, desc))
         self.cmd = cmd
         self.error_class = error_class
@@ -42,22 +41,21 @@ class QMPTimeout(TimeoutError):
 
 
 class QMP(SocketClient):
+    what = "QMP"
+    connection_error = QMPConnectionError
+
     def __init__(self, path: str, connect_timeout: float = DEFAULT_TIMEOUT,
                  timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None,
-                 negotiate: bool = True):
+                 negotiate: bool = True) -> None:
         """Connect to QEMU's QMP unix socket at `path`, retrying until
         `connect_timeout` (QEMU creates the socket a little after it starts).
         `alive`, if given, is polled while retrying so a dead QEMU fails fast.
         `timeout` is the default per-command/read timeout."""
-        self.path = path
-        self.timeout = timeout
         self.events: List[dict] = []
         self.greeting: Optional[dict] = None
-        self._buf = b""
         self._next_id = 1
-        self._sock: Optional[socket.socket] = None
         deadline = time.monotonic() + connect_timeout
-        self._connect(path, connect_timeout, alive, QMPConnectionError, "QMP")
+        super().__init__(path, connect_timeout, timeout, alive)
         try:
             self.greeting = self._read_msg(deadline=max(deadline, time.monotonic() + 2.0))
             if "QMP" not in self.greeting:
@@ -72,44 +70,20 @@ class QMP(SocketClient):
 
     def _read_msg(self, deadline: float) -> dict:
         """Next JSON message (a reply or an event); QMPTimeout at the deadline."""
-        if self._sock is None:
-            raise QMPConnectionError("QMP connection closed")
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QMPTimeout("no QMP message within the timeout")
-            self._sock.settimeout(left)
-            try:
-                chunk = self._sock.recv(65536)
-            except socket.timeout:
-                raise QMPTimeout("no QMP message within the timeout") from None
-            except OSError as e:
-                raise QMPConnectionError("QMP read failed: %s" % e) from None
-            if not chunk:
-                raise QMPConnectionError("QMP connection closed by QEMU")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        line = line.strip()
-        if not line:
-            return self._read_msg(deadline)
+        line = self.read_line(deadline)
+        if line is None:
+            raise QMPTimeout("no QMP message within the timeout")
         try:
             return json.loads(line)
         except ValueError as e:
             raise QMPConnectionError("bad QMP message %r: %s" % (line[:200], e)) from None
 
-    def _send(self, obj: dict):
-        if self._sock is None:
-            raise QMPConnectionError("QMP connection closed")
-        data = (json.dumps(obj) + "\n").encode()
-        self._sock.settimeout(self.timeout)
-        try:
-            self._sock.sendall(data)
-        except OSError as e:
-            raise QMPConnectionError("QMP write failed: %s" % e) from None
+    def _send(self, obj: dict) -> None:
+        self.send_line(json.dumps(obj))
 
     # ---------------------------------------------------------- API
 
-    def execute(self, cmd: str, _timeout: Optional[float] = None, **args):
+    def execute(self, cmd: str, _timeout: Optional[float] = None, **args: Any) -> Any:
         """Run `cmd` with arguments `args` (use ``**{"a-b": 1}`` for dashed names).
 
         Returns the reply's ``return`` value, raises QMPError on an ``error``

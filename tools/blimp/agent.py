@@ -1,6 +1,6 @@
 """Client of blimp's in-guest agent (COM2, line-based JSON; standard library only).
 
-    from qemu import Qemu
+    from blimp.qemu import Qemu
     with Qemu("build/blimp.elf", memory="1G", balloon=True, agent=True) as q:
         a = q.agent_client()               # connected and ready (agent_ready or a ping answer)
         r = a.cmd("alloc 256M 7")          # {"ok": true, "cmd": "alloc", "id": 1, ...}
@@ -8,28 +8,28 @@
         a.quit()                           # the guest exits with 0x10 => QEMU status 33
 
 The guest side (kernel/agent.c) reads one command per line and answers each with exactly
-one JSON line; the first word of the command comes back as ``"cmd"``.  Lines that start with
-``{"event":`` (such as ``{"event":"agent_ready"}``) are events, not replies: they are kept in
-``events`` and never taken for a reply.
+one JSON line; the first word of the command comes back as ``"cmd"``.  JSON objects with an
+``"event"`` key (such as ``{"event":"agent_ready"}``) are events, not replies: they are kept in
+``events`` and never taken for a reply.  ``cmd``/``check`` send any command line, so new
+guest commands need nothing here.
 
 Connecting: QEMU's chardev is a unix-socket server with ``wait=off``, so bytes the guest
-writes before we are connected are dropped.  ``connect`` therefore retries fast (the socket
-exists long before the guest has booted) and ``wait_ready`` accepts either the
-``agent_ready`` event or, failing that, an answer to ``ping`` (sent once per second), so a
-missed ``agent_ready`` costs at most a second.  Every read has a timeout.
+writes before we are connected are dropped.  Connecting (blimp.sockclient) therefore
+retries fast (the socket exists long before the guest has booted) and ``wait_ready``
+accepts either the ``agent_ready`` event or, failing that, an answer to ``ping`` (sent once
+per second), so a missed ``agent_ready`` costs at most a second.  Every read has a timeout.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
-from sockclient import SocketClient
+from .exitcodes import SUCCESS as SUCCESS_CODE
+from .sockclient import SocketClient
 
 DEFAULT_TIMEOUT = 10.0
-SUCCESS_CODE = 0x10
 
 
 class AgentError(Exception):
@@ -47,65 +47,38 @@ class AgentConnectionError(AgentError, ConnectionError):
 class AgentCommandFailed(AgentError):
     """A reply with ``"ok": false`` where the caller required success."""
 
-    def __init__(self, line: str, reply: dict):
+    def __init__(self, line: str, reply: dict) -> None:
         super().__init__("agent command %r failed: %s" % (line, reply.get("error", reply)))
         self.line = line
         self.reply = reply
 
 
 class Agent(SocketClient):
+    what = "agent"
+    connection_error = AgentConnectionError
+
     def __init__(self, path: str, connect_timeout: float = DEFAULT_TIMEOUT,
-                 timeout: float = DEFAULT_TIMEOUT, alive: Optional[Callable[[], bool]] = None):
+                 timeout: float = DEFAULT_TIMEOUT,
+                 alive: Optional[Callable[[], bool]] = None) -> None:
         """Connect to the agent socket at `path`, retrying until `connect_timeout`.
         `alive`, if given, is polled while retrying/waiting so a dead QEMU fails fast.
         `timeout` is the default per-command timeout."""
-        self.path = path
-        self.timeout = timeout
-        self.alive = alive
         self.events: List[dict] = []
         self.stray: List[dict] = []       # replies nobody waited for (e.g. to a garbled ping)
         self.transcript: List[str] = []   # "> cmd" / "< reply" lines, for failure messages
         self.ready = False
-        self._buf = b""
-        self._sock: Optional[socket.socket] = None
-        self._connect(path, connect_timeout, alive, AgentConnectionError, "agent")
+        super().__init__(path, connect_timeout, timeout, alive)
 
     # ---------------------------------------------------------- I/O
-
-    def _read_line(self, deadline: float) -> Optional[str]:
-        """Next complete line, or None at the deadline."""
-        if self._sock is None:
-            raise AgentConnectionError("agent connection closed")
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            # wake up now and then to notice a dead QEMU
-            self._sock.settimeout(min(left, 0.5))
-            try:
-                chunk = self._sock.recv(65536)
-            except socket.timeout:
-                if self.alive is not None and not self.alive():
-                    raise AgentConnectionError("QEMU exited while waiting for the agent")
-                continue
-            except OSError as e:
-                raise AgentConnectionError("agent read failed: %s" % e) from None
-            if not chunk:
-                raise AgentConnectionError("agent connection closed by QEMU")
-            self._buf += chunk
-        raw, self._buf = self._buf.split(b"\n", 1)
-        return raw.decode("utf-8", "replace").replace("\r", "").replace("\x00", "").strip()
 
     def _read_msg(self, deadline: float, until_ready: bool = False) -> Optional[dict]:
         """Next reply (a JSON object that is not an event); None at the deadline, or,
         with `until_ready`, as soon as agent_ready arrives.  Events go to ``events``;
         non-JSON lines (noise) are recorded in the transcript and skipped."""
         while True:
-            line = self._read_line(deadline)
+            line = self.read_line(deadline)
             if line is None:
                 return None
-            if not line:
-                continue
             try:
                 msg = json.loads(line)
             except ValueError:
@@ -124,21 +97,15 @@ class Agent(SocketClient):
             self.transcript.append("< " + line[:400])
             return msg
 
-    def send(self, line: str):
-        if self._sock is None:
-            raise AgentConnectionError("agent connection closed")
+    def send(self, line: str) -> None:
         if "\n" in line or len(line) > 255:
             raise ValueError("agent command must be one line of at most 255 characters")
         self.transcript.append("> " + line)
-        self._sock.settimeout(self.timeout)
-        try:
-            self._sock.sendall((line + "\n").encode())
-        except OSError as e:
-            raise AgentConnectionError("agent write failed: %s" % e) from None
+        self.send_line(line)
 
     # ---------------------------------------------------------- API
 
-    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> "Agent":
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> Agent:
         """Return once the guest agent answers: its agent_ready event, or a ping reply."""
         deadline = time.monotonic() + timeout
         next_ping = time.monotonic() + 1.0
@@ -187,18 +154,19 @@ class Agent(SocketClient):
     def ping(self, timeout: Optional[float] = None) -> dict:
         return self.check("ping", timeout)
 
-    def alloc(self, size, seed: Optional[int] = None, timeout: Optional[float] = None) -> dict:
+    def alloc(self, size: Union[int, str], seed: Optional[int] = None,
+              timeout: Optional[float] = None) -> dict:
         """alloc <size> [seed]; `size` is bytes (int) or text like '256M'. Not checked."""
         arg = str(size) if isinstance(size, int) else size
         return self.cmd("alloc %s%s" % (arg, "" if seed is None else " %d" % seed), timeout)
 
-    def free(self, what="all", timeout: Optional[float] = None) -> dict:
+    def free(self, what: str = "all", timeout: Optional[float] = None) -> dict:
         return self.check("free %s" % what, timeout)
 
-    def verify(self, what="all", timeout: Optional[float] = None) -> dict:
+    def verify(self, what: str = "all", timeout: Optional[float] = None) -> dict:
         return self.cmd("verify %s" % what, timeout)
 
-    def touch(self, what="all", seed: Optional[int] = None,
+    def touch(self, what: str = "all", seed: Optional[int] = None,
               timeout: Optional[float] = None) -> dict:
         return self.cmd("touch %s%s" % (what, "" if seed is None else " %d" % seed), timeout)
 

@@ -1,0 +1,325 @@
+"""The one balloon session: a running blimp guest with a virtio balloon, QMP and the agent.
+
+    with BalloonSession("build/blimp.elf", machine="q35", memory="1G") as s:
+        s.check("alloc 64M 7")                 # any agent command; ok:false raises
+        r = s.resize(256 * MiB)                # QMP balloon, poll query-balloon, then the
+        print(r.seconds, r.guest_ms)           #   guest's balloon_reached event
+        s.check_balloon(256 * MiB)             # host and guest agree on it
+        s.verify(pages=64 * MiB // PAGE)       # held memory intact
+        s.check_no_violation()
+        s.quit()                               # guest exit 0x10, QEMU status 33
+
+demo, balloon, bench-balloon and the e2e tests all drive the guest through this class.
+Every failure is a SessionError whose message carries the context (QEMU's state and
+stderr, the serial tail, the agent transcript) captured when it happened.  Leaving the
+``with`` block always ends QEMU (by PID).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from . import exitcodes, guestlog
+from .agent import Agent, AgentError
+from .balloon import DEFAULT_POLL_S, Balloon, BalloonTimeout
+from .qemu import Qemu, QemuError
+from .qmp import QMPConnectionError, QMPError, QMPTimeout
+from .units import PAGE, mib, page_round
+
+#: events that mean the host or the device misbehaved
+PROBLEM_EVENTS = ("violation", "balloon_stalled")
+#: how long after query-balloon shows a target the guest may take to log reaching it
+REACHED_EVENT_TIMEOUT_S = 10.0
+
+
+class SessionError(Exception):
+    """A step of a balloon session failed: `reason` says which, `context` what QEMU,
+    the guest and the agent showed at that moment."""
+
+    def __init__(self, reason: str, context: str = "") -> None:
+        super().__init__(reason + ("\n" + context if context else ""))
+        self.reason = reason
+        self.context = context
+
+
+#: what a session step can raise; callers that report any failure catch these
+SESSION_ERRORS: Tuple[type, ...] = (
+    SessionError, QemuError, AgentError, BalloonTimeout, QMPError, QMPTimeout,
+    QMPConnectionError, guestlog.BadEvent, FileNotFoundError, ProcessLookupError, TimeoutError)
+
+
+@dataclass
+class Resize:
+    """What one resize() saw."""
+    size: int                  # balloon bytes asked for (page-rounded)
+    previous: int              # balloon bytes before
+    seconds: float             # from the QMP balloon command until query-balloon showed it
+    polls: int                 # query-balloon calls that took
+    reached: Optional[dict]    # the guest's balloon_reached event (None: size unchanged)
+
+    @property
+    def guest_ms(self) -> Optional[int]:
+        """The guest's own time to reach the target, from its event."""
+        return None if self.reached is None else self.reached.get("ms")
+
+
+class BalloonSession:
+    """A blimp guest in balloon mode (its default) with a virtio-balloon device, QMP and
+    the agent on COM2.  Construct, then start() it or use it as a context manager."""
+
+    def __init__(self, kernel: str, *, machine: str = "q35", memory: str = "1G",
+                 accel: str = "auto", append: str = "", balloon_opts: Sequence[str] = (),
+                 timeout: float = 120.0, boot_timeout: float = 30.0,
+                 serial_log: Optional[str] = None, context_lines: int = 15,
+                 **qemu_options: Any) -> None:
+        """`timeout` is QEMU's hard deadline, `boot_timeout` how long the guest may take
+        to bring up its balloon driver and agent, `serial_log` a file for the raw
+        console, `context_lines` the serial tail that failure messages show.  Further
+        keywords (smp, machine_opts, extra_args, ...) go to Qemu."""
+        self.qemu = Qemu(kernel, machine=machine, memory=memory, accel=accel,
+                         append=append or None, balloon=True, balloon_opts=list(balloon_opts),
+                         agent=True, timeout=timeout, serial_log=serial_log, **qemu_options)
+        self.ram = self.qemu.memory_bytes
+        self.boot_timeout = boot_timeout
+        self.serial_log = serial_log
+        self.context_lines = context_lines
+        self.agent: Optional[Agent] = None
+        self._balloon: Optional[Balloon] = None
+        self.features: dict = {}        # the driver's balloon_features event
+
+    # ------------------------------------------------------------ lifetime
+
+    def start(self) -> BalloonSession:
+        """Boot; return once the balloon driver is up and the agent answers."""
+        self.qemu.start()
+        try:
+            # connect first: what the guest sends on COM2 before that is lost
+            self.qemu.agent_client(timeout=self.boot_timeout, ready=False)
+            self.features = self.qemu.wait_event("balloon_features", timeout=self.boot_timeout)
+            self.agent = self.qemu.agent_client(timeout=self.boot_timeout)
+            self._balloon = Balloon.of(self.qemu)
+        except SESSION_ERRORS as e:
+            failure = self.failure("the guest did not come up: %s" % _reason(e))
+            self.close()
+            raise failure from None
+        return self
+
+    def close(self) -> None:
+        """End QEMU if it still runs, close the clients and remove the temp dir."""
+        self.qemu.close()
+
+    def __enter__(self) -> BalloonSession:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> bool:
+        self.close()
+        return False
+
+    def running(self) -> bool:
+        return self.qemu.running()
+
+    @property
+    def balloon(self) -> Balloon:
+        """The QMP side of the balloon: sizes, waits, QEMU's RSS, guest stats."""
+        if self._balloon is None:
+            raise self.failure("the session is not started")
+        return self._balloon
+
+    @property
+    def accepted(self) -> int:
+        """The feature bits the driver accepted."""
+        return int(self.features.get("accepted", 0))
+
+    @property
+    def transport(self) -> str:
+        return str(self.features.get("transport", "?"))
+
+    # ------------------------------------------------------------ failures
+
+    def failure(self, reason: str) -> SessionError:
+        """A SessionError for `reason` with the context as of now (raise it)."""
+        return SessionError(reason, self.context())
+
+    def context(self, lines: Optional[int] = None) -> str:
+        """QEMU's command line, state and stderr, the serial tail and the agent's
+        transcript: what a failure message needs."""
+        q = self.qemu
+        out = ["argv: " + " ".join(q.build_argv())] if q.tmpdir else []
+        out.append(self._qemu_state())
+        err = "\n".join(l for l in q.stderr.strip().splitlines()
+                        if "terminating on signal" not in l)
+        if err:
+            out.append("QEMU stderr: " + err[-1500:])
+        if self.serial_log:
+            out.append("serial log: " + self.serial_log)
+        tail = q.lines[-(lines or self.context_lines):]
+        if tail:
+            out.append("last guest console lines:\n" + "\n".join("    | " + l for l in tail))
+        if self.agent is not None and self.agent.transcript:
+            out.append("agent transcript (last 10):\n" + "\n".join(
+                "    " + l for l in self.agent.transcript[-10:]))
+        return "\n".join(out)
+
+    def _qemu_state(self) -> str:
+        q = self.qemu
+        if q.proc is None:
+            return "QEMU not started"
+        if q.running():
+            return "QEMU running (pid %d)" % q.pid
+        try:
+            q.wait(timeout=2)
+            return "QEMU ended: " + q.outcome.describe()
+        except QemuError as e:
+            return "QEMU ended: %s" % e
+
+    # ------------------------------------------------------------ serial events
+
+    def mark(self) -> int:
+        """The serial position now: pass it as `since` to see only what comes after."""
+        return len(self.qemu.lines)
+
+    def events(self, name: Optional[str] = None, since: int = 0) -> List[dict]:
+        """The guest's events on serial (from line `since` on), optionally only `name`."""
+        return guestlog.events(self.qemu.lines[since:], name)
+
+    def wait_event(self, name: str, predicate: Optional[Callable[[dict], bool]] = None,
+                   timeout: float = 10.0, since: int = 0) -> dict:
+        """The first event `name` from serial line `since` on for which predicate holds
+        (fields are tested on the parsed JSON), waiting up to `timeout` s for it."""
+        try:
+            return self.qemu.wait_event(name, predicate, timeout=timeout, start=since)
+        except QemuError as e:
+            raise self.failure(str(e)) from None
+
+    def check_no_violation(self) -> None:
+        bad = [e for e in self.events() if e["event"] in PROBLEM_EVENTS]
+        if bad:
+            raise self.failure("guest reported %s" % bad)
+
+    # ------------------------------------------------------------ agent
+
+    def cmd(self, line: str, timeout: float = 60.0) -> dict:
+        """Send one agent command line; its JSON reply (``ok`` may be false)."""
+        if self.agent is None:
+            raise self.failure("agent %r: the session is not started" % line)
+        try:
+            return self.agent.cmd(line, timeout)
+        except AgentError as e:
+            raise self.failure("agent %r: %s" % (line, e)) from None
+
+    def check(self, line: str, timeout: float = 60.0) -> dict:
+        """cmd(), but a reply without ``ok: true`` is a failure."""
+        r = self.cmd(line, timeout)
+        if r.get("ok") is not True:
+            raise self.failure("agent %r failed: %r" % (line, r))
+        return r
+
+    def state(self, timeout: float = 10.0) -> dict:
+        """The agent's state snapshot: mm, held, balloon."""
+        return self.check("state", timeout)
+
+    def verify(self, what: str = "all", pages: Optional[int] = None,
+               timeout: float = 120.0) -> dict:
+        """The guest re-checks every word of held memory `what` (an id or all); any bad
+        page, or a page count other than `pages` (if given), is a failure."""
+        r = self.cmd("verify %s" % what, timeout)
+        if r.get("ok") is not True or r.get("bad_pages") != 0:
+            raise self.failure("guest memory corrupted: %r (first bad word at %#x holds %#x)"
+                               % (r, r.get("first_bad") or 0, r.get("found") or 0))
+        if pages is not None and r.get("pages") != pages:
+            raise self.failure("verify %s covered %r pages, expected %d"
+                               % (what, r.get("pages"), pages))
+        return r
+
+    def touch_free_memory(self, size: int, seed: int = 99, timeout: float = 300.0) -> dict:
+        """Make the guest write `size` bytes of its free memory and free them again, so
+        that the host really backs that memory; the alloc reply."""
+        r = self.cmd("alloc %d %d" % (size, seed), timeout)
+        if r.get("ok") is not True:
+            raise self.failure("guest could not allocate %s to touch it: %s" % (mib(size), r))
+        self.check("free %d" % r["id"])
+        return r
+
+    def quit(self, code: int = exitcodes.SUCCESS, timeout: float = 15.0) -> exitcodes.Outcome:
+        """Ask the guest to exit with `code`; a failure unless QEMU then exits with
+        code * 2 + 1."""
+        self.check("quit %d" % code, 10.0)
+        self.qemu.wait(timeout=timeout)
+        outcome = self.qemu.outcome
+        if outcome.kind != exitcodes.GUEST or outcome.code != code:
+            raise self.failure("after quit %d: %s, expected QEMU status %d"
+                               % (code, outcome.describe(), exitcodes.qemu_status(code)))
+        return outcome
+
+    # ------------------------------------------------------------ balloon
+
+    def balloon_size(self) -> int:
+        """Bytes in the balloon now, as QEMU's query-balloon says."""
+        return self.balloon.size()
+
+    def resize(self, balloon_bytes: int, timeout: float = 60.0, poll: float = DEFAULT_POLL_S,
+               stop_if_exhausted: bool = True) -> Resize:
+        """Ask for a balloon of `balloon_bytes` (QMP balloon), poll query-balloon until it
+        shows it, then wait for the guest's balloon_reached event for that many pages.
+        With `stop_if_exhausted`, the guest saying it has no more memory to give ends
+        the wait at once (a failure)."""
+        balloon = self.balloon
+        previous = balloon.size()
+        since = self.mark()
+        abort = self._exhausted_since(since) if stop_if_exhausted else None
+        size = page_round(balloon_bytes)
+        try:
+            # timed from just before the QMP command
+            seconds = balloon.resize(size, timeout, poll, abort=abort)
+        except (BalloonTimeout, QMPError, QMPTimeout, QMPConnectionError, ValueError) as e:
+            raise self.failure(str(e)) from None
+        reached = None
+        if size != previous:     # an unchanged target gives the guest nothing to report
+            pages = size // PAGE
+            reached = self.wait_event("balloon_reached",
+                                      lambda ev: ev.get("actual_pages") == pages,
+                                      timeout=REACHED_EVENT_TIMEOUT_S, since=since)
+        return Resize(size, previous, seconds, balloon.polls, reached)
+
+    def check_balloon(self, balloon_bytes: int) -> dict:
+        """query-balloon, the guest's state and the target all say `balloon_bytes`, and
+        the balloon runs; returns the guest's state."""
+        pages = balloon_bytes // PAGE
+        host = self.balloon_size()
+        st = self.state()
+        b = st["balloon"]
+        problems = []
+        if host != balloon_bytes:
+            problems.append("query-balloon: balloon %s" % mib(host))
+        for key in ("target_pages", "actual_pages", "held_pages"):
+            if b.get(key) != pages:
+                problems.append("guest %s %r" % (key, b.get(key)))
+        if b.get("state") != "running":
+            problems.append("balloon state %r" % b.get("state"))
+        if problems:
+            raise self.failure("expected a balloon of %s (%d pages): %s"
+                               % (mib(balloon_bytes), pages, "; ".join(problems)))
+        return st
+
+    def _exhausted_since(self, since: int) -> Callable[[], Optional[str]]:
+        """An `abort` callback for balloon waits: the guest logged balloon_exhausted
+        (it has no more memory to give) at serial line `since` or later."""
+        def exhausted() -> Optional[str]:
+            found = self.events("balloon_exhausted", since)
+            if found:
+                return "the guest has no more memory to give (%s)" % found[0]
+            return None
+        return exhausted
+
+
+def _reason(e: BaseException) -> str:
+    return e.reason if isinstance(e, SessionError) else str(e)
+
+
+def describe_failure(session: BalloonSession, e: Exception) -> Tuple[str, str]:
+    """(reason, context) of a failure from a session step: a SessionError carries its
+    own; for anything else the session's context now."""
+    if isinstance(e, SessionError):
+        return e.reason, e.context
+    return str(e), session.context()
