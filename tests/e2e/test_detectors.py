@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-import exitcodes
+from blimp import exitcodes
 import guest
 from guest import MiB, PAGE, Spec
 
@@ -29,7 +29,7 @@ def test_verify_reports_corrupted_held_memory(balloon_vm):
         a = vm.check("alloc %d 7" % (16 * MiB))
         pages = a["pages"]
         assert pages == 16 * MiB // PAGE
-        vm.check_verify(pages=pages)
+        vm.verify(pages=pages)
 
         first = vm.check("corrupt %d 100 5" % a["id"])
         second = vm.check("corrupt %d 3000" % a["id"])
@@ -47,7 +47,7 @@ def test_verify_reports_corrupted_held_memory(balloon_vm):
 
         # rewriting the pattern repairs it; verify agrees again
         vm.check("touch %d" % a["id"])
-        vm.check_verify(pages=pages)
+        vm.verify(pages=pages)
         vm.check_no_violation()
         vm.quit()
 
@@ -59,7 +59,7 @@ def test_corrupt_rejects_bad_arguments(balloon_vm):
                      "corrupt %d 2" % a["id"], "corrupt %d 0 512" % a["id"], "corrupt x 0"):
             r = vm.cmd(line)
             assert r["ok"] is False and r["cmd"] == "corrupt" and r["error"], (line, r)
-        vm.check_verify(pages=2)
+        vm.verify(pages=2)
         vm.quit()
 
 
