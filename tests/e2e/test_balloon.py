@@ -285,17 +285,30 @@ def test_target_beyond_guest_memory(balloon_vm, machine, dev_opts):
 
 # ------------------------------------------------------------ changing targets
 
-def _wait_progress(vm, lo, hi, timeout=30.0):
-    """Poll until the balloon is strictly between lo and hi bytes (mid-flight) or at hi."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = vm.balloon_size()
-        if lo < s < hi:
-            return s, True
-        if s == hi:
-            return s, False
-        time.sleep(0.001)
-    raise AssertionError("no balloon progress towards %d MiB\n%s" % (hi >> 20, vm.context()))
+def _change_mid_flight(vm, start: int, first: int, second: int, in_flight, tries: int = 4):
+    """From a settled balloon of `start` bytes ask for `first`, and once QMP shows it
+    moving, for `second`. The guest's balloon_target event for `second` says how far it
+    had got; `in_flight(event)` decides whether that was really mid-flight. If the guest
+    had already finished, settle back at `start` and try again: the test's premise is
+    asserted, never assumed. Returns the event."""
+    seen = []
+    for _ in range(tries):
+        since = vm.mark()
+        vm.balloon.set_size(first)
+        lo, hi = min(start, first), max(start, first)
+        deadline = time.monotonic() + 30
+        while not lo < vm.balloon_size() < hi:
+            assert time.monotonic() < deadline, "no balloon progress towards %d MiB\n%s" % (
+                first >> 20, vm.context())
+            time.sleep(0.001)
+        vm.balloon.set_size(second)
+        ev = vm.wait_event("balloon_target", lambda e: e["target_pages"] == second // PAGE,
+                           timeout=30, since=since)
+        if in_flight(ev):
+            return ev
+        seen.append(ev)
+        vm.resize(start)
+    raise AssertionError("the target never changed mid-flight in %d tries: %r" % (tries, seen))
 
 
 @pytest.mark.parametrize("machine,dev_opts,append", [
@@ -305,29 +318,27 @@ def _wait_progress(vm, lo, hi, timeout=30.0):
 def test_target_changes_mid_flight(balloon_vm, machine, dev_opts, append):
     """768 MiB asked, changed to 128 MiB while inflating (and 0 -> 512 MiB while
     deflating): the balloon settles at the final target, both directions."""
+    p768 = 768 * MiB // PAGE
     with balloon_vm(machine=machine, balloon_opts=dev_opts, append=append) as vm:
         vm.check("alloc %d 5" % HELD)
         free1 = vm.state()["mm"]["free_pages"]
-        vm.balloon.set_size(768 * MiB)
-        _, mid = _wait_progress(vm, 0, 768 * MiB)
-        vm.balloon.set_size(128 * MiB)
+
+        # inflating towards 768 MiB: some pages given or in flight, not all acknowledged
+        ev = _change_mid_flight(
+            vm, 0, 768 * MiB, 128 * MiB,
+            lambda e: 0 < e["actual_pages"] + e["inflight_inflate"] and e["actual_pages"] < p768)
         vm.balloon.wait_size(128 * MiB, timeout=30)
         time.sleep(0.2)                       # settled, not passing through
         vm.check_balloon(128 * MiB)
         targets = [e["target_pages"] for e in vm.events("balloon_target")]
-        assert (768 * MiB) // PAGE in targets and targets[-1] == (128 * MiB) // PAGE, targets
+        assert p768 in targets and targets[-1] == (128 * MiB) // PAGE, targets
 
+        # deflating from 768 MiB towards 0: started (pages in flight or some returned), not done
         vm.resize(768 * MiB)
-        vm.balloon.set_size(0)
-        # deflating: wait until it has left 768 MiB (and is, usually, not yet at 0)
-        deadline = time.monotonic() + 30
-        while True:
-            s = vm.balloon_size()
-            if s < 768 * MiB or time.monotonic() > deadline:
-                break
-            time.sleep(0.001)
-        mid2 = 0 < s < 768 * MiB
-        vm.balloon.set_size(512 * MiB)
+        ev2 = _change_mid_flight(
+            vm, 768 * MiB, 0, 512 * MiB,
+            lambda e: 0 < e["actual_pages"] and (e["actual_pages"] < p768
+                                                 or e["inflight_deflate"] > 0))
         vm.balloon.wait_size(512 * MiB, timeout=30)
         time.sleep(0.2)
         vm.check_balloon(512 * MiB)
@@ -336,7 +347,7 @@ def test_target_changes_mid_flight(balloon_vm, machine, dev_opts, append):
         assert vm.state()["mm"]["free_pages"] == free1
         vm.check_no_violation()
         vm.quit()
-        print("changed mid-inflate: %s, mid-deflate: %s" % (mid, mid2))
+        print("changed mid-inflate at %r, mid-deflate at %r" % (ev, ev2))
 
 
 # ------------------------------------------------------------ no device
