@@ -4,12 +4,14 @@
  * any guest or virtqueue in the way.  Compiled on the fly by bench/balloon_bench.py into
  * build/bench/madvise_floor; not part of the ninja build.
  *
- *   madvise_floor <bytes> <touched 0|1> <thp 0|1>
+ *   madvise_floor <bytes> <touched 0|1> <thp 0|1> [step]
  *
  * Maps <bytes> of private anonymous memory like QEMU maps guest RAM (2 MiB aligned, and with
  * MADV_HUGEPAGE when thp=1, as QEMU does for anonymous RAM blocks), optionally touches every
  * page, then times one madvise(MADV_DONTNEED) per 4 KiB page over the whole range, and then
  * one madvise(MADV_WILLNEED) per page (what QEMU does on deflate).  Prints one JSON line.
+ * With a step (bytes, a multiple of 4 KiB), each madvise covers that much instead: step =
+ * bytes is the floor of the chunked extension, where the host discards a range with one call.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -46,11 +48,14 @@ static long rss_kib(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s <bytes> <touched 0|1> <thp 0|1>\n", argv[0]);
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s <bytes> <touched 0|1> <thp 0|1> [step]\n", argv[0]);
         return 2;
     }
     unsigned long bytes = strtoul(argv[1], NULL, 0) / PAGE * PAGE;
+    unsigned long step = argc == 5 ? strtoul(argv[4], NULL, 0) / PAGE * PAGE : PAGE;
+    if (step == 0 || step > bytes)
+        step = bytes;
     int touched = atoi(argv[2]), thp = atoi(argv[3]);
     void *raw = mmap(NULL, bytes + ALIGN, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -70,8 +75,8 @@ int main(int argc, char **argv)
     }
     long rss_before = rss_kib();
     double t0 = now();
-    for (unsigned long off = 0; off < bytes; off += PAGE) {
-        if (madvise(p + off, PAGE, MADV_DONTNEED) != 0) {
+    for (unsigned long off = 0; off < bytes; off += step) {
+        if (madvise(p + off, step < bytes - off ? step : bytes - off, MADV_DONTNEED) != 0) {
             perror("madvise(DONTNEED)");
             return 1;
         }
@@ -79,17 +84,17 @@ int main(int argc, char **argv)
     double t_dontneed = now() - t0;
     long rss_after = rss_kib();
     t0 = now();
-    for (unsigned long off = 0; off < bytes; off += PAGE) {
-        if (madvise(p + off, PAGE, MADV_WILLNEED) != 0) {
+    for (unsigned long off = 0; off < bytes; off += step) {
+        if (madvise(p + off, step < bytes - off ? step : bytes - off, MADV_WILLNEED) != 0) {
             perror("madvise(WILLNEED)");
             return 1;
         }
     }
     double t_willneed = now() - t0;
-    printf("{\"bytes\":%lu,\"touched\":%d,\"thp\":%d,\"pages\":%lu,\"touch_s\":%.6f,"
+    printf("{\"bytes\":%lu,\"step\":%lu,\"touched\":%d,\"thp\":%d,\"pages\":%lu,\"touch_s\":%.6f,"
            "\"dontneed_s\":%.6f,\"willneed_s\":%.6f,\"rss_before_kib\":%ld,"
            "\"rss_after_kib\":%ld}\n",
-           bytes, touched, thp, bytes / PAGE, t_touch, t_dontneed, t_willneed, rss_before,
+           bytes, step, touched, thp, bytes / PAGE, t_touch, t_dontneed, t_willneed, rss_before,
            rss_after);
     munmap(raw, bytes + ALIGN);
     return 0;

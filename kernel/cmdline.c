@@ -28,7 +28,8 @@ struct option_def {
 
 _Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
                    sizeof(enum fault_inject) == sizeof(int) &&
-                   sizeof(enum virtio_pci_choice) == sizeof(int),
+                   sizeof(enum virtio_pci_choice) == sizeof(int) &&
+                   sizeof(enum balloon_inject) == sizeof(int),
                "OPT_ENUM stores enums as int");
 
 static const char *const mode_names[] = {
@@ -42,6 +43,14 @@ static const char *const virtio_names[] = {
     [VIRTIO_PCI_AUTO] = "auto",
     [VIRTIO_PCI_MODERN] = "modern",
     [VIRTIO_PCI_LEGACY] = "legacy",
+    NULL,
+};
+static const char *const balloon_inject_names[] = {
+    [BALLOON_INJECT_NONE] = "none",
+    [BALLOON_INJECT_CHUNK_ALIGN] = "chunk_align",
+    [BALLOON_INJECT_CHUNK_OVERLAP] = "chunk_overlap",
+    [BALLOON_INJECT_CHUNK_OUTSIDE] = "chunk_outside",
+    [BALLOON_INJECT_CHUNK_WRITABLE] = "chunk_writable",
     NULL,
 };
 static const char *const inject_names[] = {
@@ -81,6 +90,10 @@ static const struct option_def option_defs[] = {
      "accept DEFLATE_ON_OOM when the device offers it", 0, 0, NULL},
     {"blimp.balloon.timeout_ms", OPT_MS_NS, OPT(balloon.ack_timeout_ns), NULL,
      "ms without an answer before the device counts as stalled, 1..3600000", 1, 3600000, NULL},
+    {"blimp.balloon.inject", OPT_ENUM, OPT(balloon.inject), NULL,
+     "send one bad chunk to prove the host rejects it: none | chunk_align | chunk_overlap | "
+     "chunk_outside | chunk_writable",
+     0, 0, balloon_inject_names},
     {"virtio_mmio.device", OPT_MMIO, OPT(virtio_mmio), NULL,
      "<size>@<base>:<irq>, a virtio-mmio device (as Linux spells it)", 0, 0, NULL},
 };

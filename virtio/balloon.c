@@ -388,13 +388,57 @@ static uint64_t fill_wire(const struct balloon *b, struct balloon_buf *buf, unsi
     return (uint64_t)n * (b->chunked ? sizeof(struct balloon_chunk) : 4);
 }
 
+/* blimp.balloon.inject: break one rule of the chunk format in this buffer, once; returns whether
+ * the buffer goes out device-writable. The pages stay accounted as sent: a host that rejects
+ * the buffer never uses it, and the driver reports a stall. */
+static bool inject_bad_chunk(struct balloon *b, struct balloon_buf *buf, struct vq_seg *seg)
+{
+    static const char *const names[] = {"none", "chunk_align", "chunk_overlap", "chunk_outside",
+                                        "chunk_writable"};
+    struct balloon_chunk *c = buf->chunks;
+    bool writable = false;
+    switch (b->cfg.inject) {
+    case BALLOON_INJECT_NONE:
+        return false;
+    case BALLOON_INJECT_CHUNK_ALIGN:
+        c[0].addr += 8;
+        break;
+    case BALLOON_INJECT_CHUNK_OVERLAP:
+        if (seg->len / sizeof(*c) < b->max_blocks)
+            seg->len += sizeof(*c);
+        c[seg->len / sizeof(*c) - 1] = c[0];
+        break;
+    case BALLOON_INJECT_CHUNK_OUTSIDE:
+        c[0].addr = 1ull << 46;
+        break;
+    case BALLOON_INJECT_CHUNK_WRITABLE:
+        writable = true;
+        break;
+    }
+    b->injected = true;
+    platform_log("balloon: injected a bad chunk (%s): addr 0x%lx len 0x%lx", names[b->cfg.inject],
+                 (unsigned long)c[0].addr, (unsigned long)c[0].len);
+    struct json j;
+    event_begin(&j, "inject");
+    json_str(&j, "what", names[b->cfg.inject]);
+    json_u64(&j, "addr", c[0].addr);
+    json_u64(&j, "len", c[0].len);
+    json_u64(&j, "chunks", seg->len / sizeof(*c));
+    event_emit(&j);
+    return writable;
+}
+
 /* Publish buf (`pages` pages in nb blocks, sorted) on the inflate or deflate queue; 0 or the
  * vq_add error, in which case nothing changed. */
 static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned pages, unsigned nb,
                     bool inflate)
 {
     struct vq_seg seg = {virt_to_phys(buf->pfns), (uint32_t)fill_wire(b, buf, nb)};
-    int rc = vq_add(inflate ? &b->inflate_vq : &b->deflate_vq, &seg, 1, 0, buf);
+    bool writable = false;
+    if (inflate && b->chunked && !b->injected)
+        writable = inject_bad_chunk(b, buf, &seg);
+    int rc = vq_add(inflate ? &b->inflate_vq : &b->deflate_vq, &seg, writable ? 0 : 1,
+                    writable ? 1 : 0, buf);
     if (rc != 0)
         return rc;
     buf->busy = true;

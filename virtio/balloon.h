@@ -33,6 +33,16 @@
 #define BALLOON_MAX_CHUNKS  256 /* per buffer: the most a chunked device must accept */
 #define BALLOON_NUM_STATS   10
 
+/* A bad chunk sent on purpose, once, so a test can prove the host rejects it
+ * (docs/chunked-inflate.md section 4); blimp.balloon.inject. */
+enum balloon_inject {
+    BALLOON_INJECT_NONE,
+    BALLOON_INJECT_CHUNK_ALIGN,    /* the first chunk's address 8 bytes off */
+    BALLOON_INJECT_CHUNK_OVERLAP,  /* the first chunk sent twice in one buffer */
+    BALLOON_INJECT_CHUNK_OUTSIDE,  /* a chunk at 64 TiB, far outside guest RAM */
+    BALLOON_INJECT_CHUNK_WRITABLE, /* the chunk array as a device-writable buffer */
+};
+
 struct balloon_config {
     uint32_t pfns_per_buffer;   /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
     uint32_t buffers;           /* buffers in flight at once (QEMU accepts many) */
@@ -41,6 +51,7 @@ struct balloon_config {
     bool deflate_on_oom;        /* accept DEFLATE_ON_OOM when offered */
     bool chunks;                /* accept VIRTIO_BALLOON_F_X_CHUNKS when offered */
     uint32_t chunks_per_buffer; /* chunks per inflate/deflate buffer, 1..BALLOON_MAX_CHUNKS */
+    enum balloon_inject inject; /* damage the first chunked inflate buffer (tests only) */
 };
 
 /* One range of a chunked buffer (docs/chunked-inflate.md); little-endian, as x86 is. */
@@ -97,6 +108,7 @@ struct balloon {
     uint64_t target_changed_ns; /* when the current target was first seen */
     bool reached_logged, exhausted_logged;
     bool in_driver; /* inside balloon_poll/release: the reclaim hook must not re-enter */
+    bool injected;  /* cfg.inject has been done */
     char violation[160];
     /* counters */
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;

@@ -17,6 +17,7 @@ import os
 import pytest
 
 import guest
+from blimp import refhost
 from blimp.session import BalloonSession
 
 REPO = guest.REPO
@@ -102,7 +103,7 @@ def balloon_vm(pytestconfig, images, request, tmp_path_factory):
     scale = pytestconfig.getoption("timeout_scale")
 
     def make(machine="q35", memory="1G", balloon_opts=(), append="",
-             timeout=120.0) -> BalloonSession:
+             timeout=120.0, **qemu_options) -> BalloonSession:
         name = "%s-%d.log" % (request.node.name, len(made))
         log_name = "".join(c if c.isalnum() or c in "-_.[]=," else "_" for c in name)
         session = BalloonSession(images["pvh"], machine=machine, memory=memory,
@@ -110,10 +111,20 @@ def balloon_vm(pytestconfig, images, request, tmp_path_factory):
                                  accel=pytestconfig.getoption("accel"),
                                  timeout=timeout * scale, boot_timeout=30.0 * scale,
                                  serial_log=os.path.join(str(log_dir), log_name),
-                                 context_lines=40)
+                                 context_lines=40, **qemu_options)
         made.append(session)
         return session
 
     yield make
     for session in made:
         session.close()
+
+
+@pytest.fixture(scope="session")
+def reference_qemu() -> str:
+    """The reference host's QEMU (tools/reference-host): $BLIMP_REFERENCE_QEMU, or the
+    cached build, built now if missing. A build failure fails the tests that need it."""
+    try:
+        return refhost.reference_qemu(build=True)
+    except (refhost.ReferenceHostError, OSError) as e:
+        pytest.fail("no reference host: %s" % e, pytrace=False)

@@ -190,7 +190,11 @@ static void take_snapshot(struct fake_balloon *fb, enum fb_role role, struct fak
     if (!s->raw)
         abort();
     fake_chain_read(c, s->raw, s->raw_len);
-    if (chunked) {
+    if (chunked && c->in_bytes) {
+        s->pfns = malloc(1); /* rejected whole, as the reference host does: no pages */
+        if (!s->pfns)
+            abort();
+    } else if (chunked) {
         expand_chunks(fb, role, c->head, s);
     } else {
         if (c->out_bytes == 0 || c->out_bytes % 4)

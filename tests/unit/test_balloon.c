@@ -1394,6 +1394,44 @@ static void test_chunks_bad_arrays_rejected(void **state)
     env_free(e);
 }
 
+/* blimp.balloon.inject: each bad chunk goes out once, and a checking device sees exactly the
+ * rule it breaks. */
+static void test_chunks_inject_bad_chunk(void **state)
+{
+    (void)state;
+    const struct {
+        enum balloon_inject what;
+        const char *rule;
+    } cases[] = {
+        {BALLOON_INJECT_CHUNK_ALIGN, "not 4 KiB-aligned"},
+        {BALLOON_INJECT_CHUNK_OVERLAP, "overlaps or precedes"},
+        {BALLOON_INJECT_CHUNK_OUTSIDE, "not inside guest RAM"},
+        {BALLOON_INJECT_CHUNK_WRITABLE, "device-writable"},
+    };
+    for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct env *e = env_new(false, CHUNKED, QSIZE);
+        e->cfg.inject = cases[i].what;
+        assert_int_equal(env_start(e), 0);
+        fake_balloon_set_target(&e->fb, 300);
+        for (unsigned k = 0; k < 5; k++)
+            balloon_poll(&e->b, true);
+        assert_true(e->b.injected);
+        if (e->fb.errors != 1 || !strstr(e->fb.error, cases[i].rule))
+            fail_msg("inject %u: device saw %u errors, \"%s\"; expected one saying \"%s\"",
+                     cases[i].what, e->fb.errors, e->fb.error, cases[i].rule);
+        assert_true(fake_log_contains("\"event\":\"inject\""));
+        env_free(e);
+    }
+    /* Without the extension there is nothing to inject into: PFN arrays go out intact. */
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.inject = BALLOON_INJECT_CHUNK_ALIGN;
+    assert_int_equal(env_start(e), 0);
+    settle_at(e, 300);
+    assert_consistent(e);
+    assert_false(e->b.injected);
+    env_free(e);
+}
+
 /* Property: over random allocator states (memory fragmented by blocks the "kernel" holds) and
  * random targets, the driver never sends a chunk the device would reject, always merges
  * neighbours, respects its chunk cap, and gets every page back. */
@@ -1616,6 +1654,7 @@ int main(void)
         cmocka_unit_test(test_chunks_declined_or_not_offered),
         cmocka_unit_test(test_chunks_bad_arrays_rejected),
         cmocka_unit_test(test_chunks_random_allocator_states),
+        cmocka_unit_test(test_chunks_inject_bad_chunk),
         cmocka_unit_test(test_oom_reclaim_needs_the_feature),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

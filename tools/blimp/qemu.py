@@ -158,6 +158,15 @@ def _kill_all_live() -> None:
 atexit.register(_kill_all_live)
 
 
+def firmware_args(qemu: str) -> List[str]:
+    """A QEMU built outside Debian's package (the reference host) has no firmware path of
+    its own: point it at the packaged firmware (SeaBIOS, option ROMs)."""
+    path = shutil.which(qemu) or qemu
+    if os.path.realpath(path).startswith("/usr/bin/"):
+        return []
+    return ["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"]
+
+
 # ------------------------------------------------------------ the class
 
 class Qemu:
@@ -225,7 +234,7 @@ class Qemu:
         if self.tmpdir is None:
             raise QemuError("build_argv() needs the temp dir: call start() or argv()")
         machine = ",".join([self.machine] + self.machine_opts)
-        argv = [self.qemu,
+        argv = [self.qemu] + firmware_args(self.qemu) + [
                 "-machine", machine,
                 "-accel", self.accel,
                 "-m", self.memory,
