@@ -414,57 +414,56 @@ class Qemu:
 
     # -------------------------------------------------------- serial
 
-    def _read_serial(self, stream: IO[bytes]) -> None:
+    @staticmethod
+    def _pump(stream: IO[bytes], on_chunk: Callable[[bytes], None]) -> None:
+        """Hand every chunk read from `stream` to on_chunk; b"" once at end of file."""
         fd = stream.fileno()
         while True:
             try:
                 chunk = os.read(fd, 65536)
             except OSError:
                 chunk = b""
-            now = time.monotonic()
+            on_chunk(chunk)
             if not chunk:
-                with self._cond:
-                    if self._partial:
-                        self._add_line(self._partial, now)
-                        self._partial = b""
-                    self._eof = True
-                    self._cond.notify_all()
                 return
-            if self.echo is not None:
-                try:
-                    self.echo.write(chunk)
-                    self.echo.flush()
-                except Exception:
-                    pass
-            if self._log_fp is not None:
-                try:
-                    self._log_fp.write(chunk)
-                    self._log_fp.flush()
-                except Exception:
-                    pass
+
+    def _read_serial(self, stream: IO[bytes]) -> None:
+        self._pump(stream, self._serial_chunk)
+
+    def _serial_chunk(self, chunk: bytes) -> None:
+        now = time.monotonic()
+        if not chunk:
             with self._cond:
-                self._raw += chunk
-                data = self._partial + chunk
-                *complete, self._partial = data.split(b"\n")
-                for line in complete:
-                    self._add_line(line, now)
+                if self._partial:
+                    self._add_line(self._partial, now)
+                    self._partial = b""
+                self._eof = True
                 self._cond.notify_all()
+            return
+        for sink in (self.echo, self._log_fp):
+            if sink is not None:
+                try:
+                    sink.write(chunk)
+                    sink.flush()
+                except Exception:
+                    pass
+        with self._cond:
+            self._raw += chunk
+            data = self._partial + chunk
+            *complete, self._partial = data.split(b"\n")
+            for line in complete:
+                self._add_line(line, now)
+            self._cond.notify_all()
 
     def _add_line(self, raw: bytes, t: float) -> None:
         self._lines.append(guestlog.clean(raw.decode("utf-8", "replace")))
         self._line_times.append(t)
 
     def _read_stderr(self, stream: IO[bytes]) -> None:
-        fd = stream.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                return
+        def keep(chunk: bytes) -> None:
             with self._cond:
                 self._stderr += chunk
+        self._pump(stream, keep)
 
     @property
     def lines(self) -> List[str]:
