@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 points.append(point)
                 if best:
                     log("    %-6s %-9s inflate %.4f s (guest %s ms, %d buffers), deflate %.4f s"
-                        " (guest %s ms), RSS -%d MiB"
+                        " (guest %s ms), RSS drop %d MiB"
                         % (protocol, "touched" if touched else "untouched", best["inflate_s"],
                            best["inflate_guest_ms"], best["inflate_buffers"], best["deflate_s"],
                            best["deflate_guest_ms"], best["rss_drop_mib"]))
