@@ -205,10 +205,12 @@ def plot(points: List[dict], path: str) -> None:
                 ax.plot(xs, ys, style, label="%s, %s" % (
                     "chunks" if protocol == "chunks" else "PFN arrays",
                     "touched" if touched else "untouched"))
-    floors = sorted({(p["size"], p["floor"]["per_page"]) for p in points})
-    if floors:
-        ax.plot([s / GiB for s, _ in floors], [f for _, f in floors], ":", color="grey",
-                label="host floor: madvise per 4 KiB page")
+    for key, style, label in (("per_page", ":", "host floor: madvise per 4 KiB page"),
+                              ("one_call", "-.", "host floor: one madvise per range")):
+        floors = sorted({(p["size"], p["floor"][key]) for p in points})
+        if floors:
+            ax.plot([s / GiB for s, _ in floors], [f for _, f in floors], style, color="grey",
+                    label=label)
     ax.set_yscale("log")
     ax.set_xlabel("balloon size (GiB), guest 1 GiB larger")
     ax.set_ylabel("inflate time (s), QMP command to query-balloon")
