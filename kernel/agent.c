@@ -350,6 +350,9 @@ static void cmd_state(void)
         json_u64(&j, "deflate_buffers", b.deflate_buffers);
         json_u64(&j, "stats_updates", b.stats_updates);
         json_u64(&j, "oom_deflated_pages", b.oom_deflated_pages);
+        json_u64(&j, "hinted_pages", b.hinted_pages);
+        json_u64(&j, "hint_rounds", b.hint_rounds);
+        json_u64(&j, "hint_released_pages", b.hint_released_pages);
     } else {
         json_str(&j, "state", "absent");
     }

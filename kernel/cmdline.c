@@ -90,6 +90,10 @@ static const struct option_def option_defs[] = {
      "accept DEFLATE_ON_OOM when the device offers it", 0, 0, NULL},
     {"blimp.balloon.timeout_ms", OPT_MS_NS, OPT(balloon.ack_timeout_ns), NULL,
      "ms without an answer before the device counts as stalled, 1..3600000", 1, 3600000, NULL},
+    {"blimp.balloon.hinting", OPT_BOOL, OPT(balloon.hinting), NULL,
+     "accept FREE_PAGE_HINT (live migration skips hinted free pages) when offered", 0, 0, NULL},
+    {"blimp.balloon.hint_order", OPT_U32, OPT(balloon.hint_order), NULL,
+     "largest block hinted at once, as a buddy order 0..18 (18 = 1 GiB)", 0, BUDDY_MAX_ORDER, NULL},
     {"blimp.balloon.inject", OPT_ENUM, OPT(balloon.inject), NULL,
      "send one bad chunk to prove the host rejects it: none | chunk_align | chunk_overlap | "
      "chunk_outside | chunk_writable",

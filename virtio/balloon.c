@@ -41,6 +41,10 @@ void balloon_default_config(struct balloon_config *cfg)
         .deflate_on_oom = true,
         .chunks = true,
         .chunks_per_buffer = BALLOON_MAX_CHUNKS,
+        .hinting = true,
+        /* QEMU takes a hint of any length with one call: the largest blocks mean the fewest
+         * descriptors (the driver gives any of them back early when memory runs short). */
+        .hint_order = BUDDY_MAX_ORDER,
     };
 }
 
@@ -81,8 +85,15 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .deflate_buffers = b->deflate_buffers,
         .stats_updates = b->stats_updates,
         .oom_deflated_pages = b->oom_deflated_pages,
+        .hinted_pages = b->hinted.pages,
+        .hint_rounds = b->hint_rounds,
+        .hint_released_pages = b->hint_released_pages,
+        .hint_cmd_id = b->hint_active,
     };
 }
+
+static void hint_end_round(struct balloon *b, const char *reason);
+static uint64_t hint_release(struct balloon *b, uint64_t pages);
 
 /* The allocator's reclaim hook (mm/buddy.h): deflate on guest OOM for any allocation. */
 static uint64_t reclaim_for_allocator(void *ctx, uint64_t pages)
@@ -96,6 +107,14 @@ static uint64_t reclaim_for_allocator(void *ctx, uint64_t pages)
     uint64_t want = pages + b->cfg.reserve_pages;
     if (want < 256)
         want = 256;
+    /* Hinted blocks first: they only speed up a migration (spec: MAY release them early). */
+    if (b->hinted.pages) {
+        hint_end_round(b, "pressure");
+        uint64_t got = hint_release(b, want);
+        if (got >= pages)
+            return got;
+        return got + balloon_release_for_oom(b, want - got, b->cfg.ack_timeout_ns);
+    }
     return balloon_release_for_oom(b, want, b->cfg.ack_timeout_ns);
 }
 
@@ -130,18 +149,23 @@ static void *alloc_zeroed(struct buddy *mm, uint64_t bytes)
     return p;
 }
 
-static uint32_t read_num_pages(struct balloon *b)
+static uint32_t read_config32(struct balloon *b, unsigned off)
 {
     /* A generation-stable read (spec 2.5.1); bounded so a device that keeps bumping the
      * generation cannot hold us. */
     uint32_t v = 0;
     for (int tries = 0; tries < 16; tries++) {
         uint32_t g = b->t->ops->config_generation(b->t);
-        b->t->ops->config_read(b->t, BALLOON_CFG_NUM_PAGES, 4, &v);
+        b->t->ops->config_read(b->t, off, 4, &v);
         if (b->t->ops->config_generation(b->t) == g)
             break;
     }
     return v;
+}
+
+static uint32_t read_num_pages(struct balloon *b)
+{
+    return read_config32(b, BALLOON_CFG_NUM_PAGES);
 }
 
 static void write_actual(struct balloon *b)
@@ -255,6 +279,8 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         wanted |= 1ull << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
     if (cfg->chunks)
         wanted |= 1ull << VIRTIO_BALLOON_F_X_CHUNKS;
+    if (cfg->hinting)
+        wanted |= 1ull << VIRTIO_BALLOON_F_FREE_PAGE_HINT;
     /* Not accepted (yet): PAGE_POISON (we do not write poison_val into deflated pages),
      * FREE_PAGE_HINT and PAGE_REPORTING, and QEMU's bit-30 sentinel. */
     b->features = b->offered & wanted;
@@ -286,9 +312,18 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
 
     /* Indices by offered features (see the file comment). */
     b->has_stats = (b->offered >> VIRTIO_BALLOON_F_STATS_VQ) & 1;
+    b->has_hint_vq = balloon_negotiated(b, VIRTIO_BALLOON_F_FREE_PAGE_HINT);
+    if (b->has_hint_vq && t->config_size && t->config_size < BALLOON_CFG_HINT_CMD + 4) {
+        violation(b, "FREE_PAGE_HINT offered but the config has no free_page_hint_cmd_id");
+        t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
+        return -1;
+    }
+    blocklist_init(&b->hinted, mm);
     if (setup_queue(b, &b->inflate_vq, "inflateq", 0) != 0 ||
         setup_queue(b, &b->deflate_vq, "deflateq", 1) != 0 ||
-        (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2) != 0)) {
+        (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2) != 0) ||
+        (b->has_hint_vq &&
+         setup_queue(b, &b->hint_vq, "free_page_vq", 2 + (b->has_stats ? 1 : 0)) != 0)) {
         t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
@@ -301,7 +336,9 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     uint8_t *area = alloc_zeroed(mm, per * b->cfg.buffers);
     if (b->has_stats)
         b->stats_buf = alloc_zeroed(mm, PAGE_SIZE);
-    if (!area || (b->has_stats && !b->stats_buf)) {
+    if (b->has_hint_vq)
+        b->hint_ids = alloc_zeroed(mm, PAGE_SIZE);
+    if (!area || (b->has_stats && !b->stats_buf) || (b->has_hint_vq && !b->hint_ids)) {
         platform_log("balloon: no memory for buffers");
         t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
@@ -317,7 +354,9 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     if (b->has_stats)
         kick(b, &b->stats_vq);
     b->state = BALLOON_RUNNING;
-    if (balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM))
+    /* Memory the driver can give back on guest OOM: the balloon (DEFLATE_ON_OOM), hinted
+     * blocks (FREE_PAGE_HINT). */
+    if (balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM) || b->has_hint_vq)
         buddy_set_reclaim(mm, reclaim_for_allocator, b);
     balloon_poll(b, true);
     return 0;
@@ -493,6 +532,12 @@ static void inflate_step(struct balloon *b)
         /* The allocator hands out blocks at any address: send them in ascending order (chunk
          * arrays must be; PFN arrays are kinder to the host so). */
         sort_blocks(buf->blocks, pushed);
+        if (n == 0 && b->hinted.pages) {
+            /* Hinted blocks are only lent to a migration: ballooning comes first. */
+            hint_end_round(b, "inflate");
+            if (hint_release(b, want) > 0)
+                continue;
+        }
         if (n == 0) {
             if (!b->exhausted_logged) {
                 platform_log("balloon: cannot inflate further: guest memory exhausted "
@@ -597,6 +642,151 @@ static void check_queues(struct balloon *b)
     for (unsigned i = 0; i < (b->has_stats ? 3u : 2u); i++)
         if (vq_is_broken(q[i]))
             violation(b, vq_violation(q[i]));
+    if (b->has_hint_vq && vq_is_broken(&b->hint_vq))
+        violation(b, vq_violation(&b->hint_vq));
+}
+
+/* ---- Free page hinting (spec 5.5.6.5) ------------------------------------------------------ */
+
+/* Put a command id (start or STOP) on the free page queue; false when no slot or descriptor is
+ * free (the caller tries again at the next poll). */
+static bool hint_send_id(struct balloon *b, uint32_t id)
+{
+    for (unsigned i = 0; i < BALLOON_HINT_ID_SLOTS; i++) {
+        if (b->hint_id_busy[i])
+            continue;
+        b->hint_ids[i] = id; /* le32: x86 is little-endian */
+        struct vq_seg seg = {virt_to_phys(&b->hint_ids[i]), 4};
+        if (vq_add(&b->hint_vq, &seg, 1, 0, &b->hint_ids[i]) != 0)
+            return false;
+        b->hint_id_busy[i] = true;
+        kick(b, &b->hint_vq);
+        return true;
+    }
+    return false;
+}
+
+static void hint_end_round(struct balloon *b, const char *reason)
+{
+    if (!b->hint_active)
+        return;
+    platform_log("balloon: hinting round 0x%x ended (%s): %lu pages hinted", b->hint_active, reason,
+                 (unsigned long)b->hint_round_pages);
+    struct json j;
+    event_begin(&j, "balloon_hint_stop");
+    json_u64(&j, "cmd_id", b->hint_active);
+    json_u64(&j, "pages", b->hint_round_pages);
+    json_str(&j, "reason", reason);
+    event_emit(&j);
+    b->hint_active = 0;
+    b->hint_stop_owed = true; /* every round the driver started ends with its STOP id */
+    if (hint_send_id(b, BALLOON_HINT_CMD_STOP))
+        b->hint_stop_owed = false;
+}
+
+/* Give hinted blocks back to the allocator (their contents are uninitialised now): all of them
+ * on DONE, or at least `pages` when memory runs short. Returns the pages released. */
+static uint64_t hint_release(struct balloon *b, uint64_t pages)
+{
+    uint64_t released = 0, pfn;
+    unsigned order;
+    while (released < pages && blocklist_pop(&b->hinted, &pfn, &order)) {
+        buddy_free(b->mm, pfn, order);
+        released += 1ull << order;
+    }
+    b->hint_released_pages += released;
+    return released;
+}
+
+static void hint_start_round(struct balloon *b, uint32_t id)
+{
+    if (!hint_send_id(b, id))
+        return; /* the queue is full of ids: hint_cmd_seen stays stale, so we retry */
+    b->hint_cmd_seen = id;
+    b->hint_active = id;
+    b->hint_rounds++;
+    b->hint_round_pages = 0;
+    platform_log("balloon: hinting round 0x%x started", id);
+    struct json j;
+    event_begin(&j, "balloon_hint_start");
+    json_u64(&j, "cmd_id", id);
+    event_emit(&j);
+}
+
+/* Follow free_page_hint_cmd_id: a new id starts a round, STOP ends it, DONE also releases every
+ * hinted block. */
+static void hint_check_cmd(struct balloon *b)
+{
+    uint32_t id = read_config32(b, BALLOON_CFG_HINT_CMD);
+    if (id == b->hint_cmd_seen)
+        return;
+    if (id == BALLOON_HINT_CMD_STOP || id == BALLOON_HINT_CMD_DONE) {
+        b->hint_cmd_seen = id;
+        hint_end_round(b, "host");
+        if (id == BALLOON_HINT_CMD_DONE) {
+            uint64_t released = hint_release(b, UINT64_MAX);
+            platform_log("balloon: hinting done: %lu pages back to the allocator",
+                         (unsigned long)released);
+            struct json j;
+            event_begin(&j, "balloon_hint_done");
+            json_u64(&j, "released_pages", released);
+            event_emit(&j);
+        }
+        return;
+    }
+    hint_end_round(b, "host"); /* a new id while a round runs: the old round is over */
+    hint_start_round(b, id);
+}
+
+/* Hint more free blocks while a round runs: each a device-writable buffer naming the block,
+ * which stays the driver's until DONE. The reserve is kept, and one descriptor for STOP. */
+static void hint_step(struct balloon *b)
+{
+    unsigned added = 0;
+    while (b->hint_active && added < 64 && vq_num_free(&b->hint_vq) > 1) {
+        struct buddy_stats st;
+        buddy_get_stats(b->mm, &st);
+        if (st.free_pages <= b->cfg.reserve_pages + 1) {
+            hint_end_round(b, "exhausted");
+            break;
+        }
+        unsigned max_order = floor_log2(st.free_pages - b->cfg.reserve_pages - 1);
+        if (max_order > b->cfg.hint_order)
+            max_order = b->cfg.hint_order;
+        unsigned order;
+        uint64_t pfn = buddy_alloc_largest(b->mm, max_order, &order);
+        if (pfn == BUDDY_NONE || blocklist_push(&b->hinted, pfn, order) != 0) {
+            if (pfn != BUDDY_NONE)
+                buddy_free(b->mm, pfn, order);
+            hint_end_round(b, "exhausted");
+            break;
+        }
+        struct vq_seg seg = {pfn << PAGE_SHIFT, (uint32_t)(PAGE_SIZE << order)};
+        if (vq_add(&b->hint_vq, &seg, 0, 1, &b->hinted) != 0) {
+            blocklist_pop(&b->hinted, &pfn, &order);
+            buddy_free(b->mm, pfn, order);
+            break;
+        }
+        b->hint_round_pages += 1ull << order;
+        added++;
+    }
+    if (added)
+        kick(b, &b->hint_vq);
+}
+
+static void hint_poll(struct balloon *b, bool poll_device)
+{
+    uint32_t len;
+    void *token;
+    while ((token = vq_get_used(&b->hint_vq, &len)))
+        if (token != &b->hinted)
+            b->hint_id_busy[(uint32_t *)token - b->hint_ids] = false;
+    if (b->hint_stop_owed && hint_send_id(b, BALLOON_HINT_CMD_STOP))
+        b->hint_stop_owed = false;
+    if (poll_device)
+        hint_check_cmd(b);
+    if (b->hint_active)
+        hint_step(b);
 }
 
 static void check_stall(struct balloon *b)
@@ -675,6 +865,8 @@ static void poll_once(struct balloon *b, bool poll_device)
     check_queues(b);
     if (b->state == BALLOON_BROKEN)
         return;
+    if (b->has_hint_vq)
+        hint_poll(b, poll_device);
     if (b->inflight_deflate == 0 && b->actual + b->inflight_inflate < b->target)
         inflate_step(b);
     else if (b->inflight_inflate == 0 && b->actual > b->target + b->inflight_deflate)

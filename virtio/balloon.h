@@ -28,6 +28,12 @@
 /* Device config offsets (spec 5.5.4); always little-endian, also on legacy. */
 #define BALLOON_CFG_NUM_PAGES 0
 #define BALLOON_CFG_ACTUAL    4
+#define BALLOON_CFG_HINT_CMD  8 /* free_page_hint_cmd_id (FREE_PAGE_HINT) */
+
+/* free_page_hint_cmd_id values (spec 5.5.6.5); any other value names a hinting round. */
+#define BALLOON_HINT_CMD_STOP 0
+#define BALLOON_HINT_CMD_DONE 1
+#define BALLOON_HINT_ID_SLOTS 8 /* start/stop ids that can be in flight at once */
 
 #define BALLOON_MAX_BUFFERS 64
 #define BALLOON_MAX_CHUNKS  256 /* per buffer: the most a chunked device must accept */
@@ -52,6 +58,8 @@ struct balloon_config {
     bool chunks;                /* accept VIRTIO_BALLOON_F_X_CHUNKS when offered */
     uint32_t chunks_per_buffer; /* chunks per inflate/deflate buffer, 1..BALLOON_MAX_CHUNKS */
     enum balloon_inject inject; /* damage the first chunked inflate buffer (tests only) */
+    bool hinting;               /* accept FREE_PAGE_HINT when offered */
+    uint32_t hint_order;        /* largest block hinted at once (buddy order) */
 };
 
 /* One range of a chunked buffer (docs/chunked-inflate.md); little-endian, as x86 is. */
@@ -85,6 +93,8 @@ struct balloon_status {
     uint64_t held_pages;    /* pages in the balloon, acknowledged or in flight */
     uint32_t inflight_inflate, inflight_deflate;
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
+    uint64_t hinted_pages, hint_rounds, hint_released_pages;
+    uint32_t hint_cmd_id; /* the round in progress, 0 when none */
 };
 
 struct balloon {
@@ -109,6 +119,18 @@ struct balloon {
     bool reached_logged, exhausted_logged;
     bool in_driver; /* inside balloon_poll/release: the reclaim hook must not re-enter */
     bool injected;  /* cfg.inject has been done */
+
+    /* Free page hinting (spec 5.5.6.5): hinted blocks are the driver's until the host says DONE
+     * (or memory runs short); their contents are then uninitialised. */
+    bool has_hint_vq;
+    struct virtqueue hint_vq;
+    struct blocklist hinted;
+    uint32_t *hint_ids;                       /* id slots the device reads (one page) */
+    bool hint_id_busy[BALLOON_HINT_ID_SLOTS]; /* slot in flight */
+    uint32_t hint_cmd_seen;                   /* free_page_hint_cmd_id as last read */
+    uint32_t hint_active;                     /* the round being hinted, 0 when none */
+    bool hint_stop_owed;                      /* a STOP id still has to go out */
+    uint64_t hint_rounds, hint_released_pages, hint_round_pages;
     char violation[160];
     /* counters */
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;

@@ -27,7 +27,10 @@ static void fb_error(struct fake_balloon *fb, const char *fmt, ...)
 
 static const char *role_name(enum fb_role r)
 {
-    return r == FB_INFLATE ? "inflateq" : r == FB_DEFLATE ? "deflateq" : "statsq";
+    return r == FB_INFLATE   ? "inflateq"
+           : r == FB_DEFLATE ? "deflateq"
+           : r == FB_STATS   ? "statsq"
+                             : "free_page_vq";
 }
 
 static int role_of(const struct fake_balloon *fb, unsigned index)
@@ -315,7 +318,7 @@ static bool misbehave(struct fake_balloon *fb, enum fb_role role, struct fake_vq
         return false;
     case FB_LEN_TOO_LARGE: {
         uint32_t len = (uint32_t)d->pending[0].out_bytes;
-        if (role != FB_STATS)
+        if (role == FB_INFLATE || role == FB_DEFLATE)
             process(fb, role, d, &d->pending[0]);
         fake_vq_complete(d, 0, len ? len : 1);
         return true;
@@ -330,7 +333,7 @@ unsigned fake_balloon_answer(struct fake_balloon *fb, enum fb_role role, unsigne
 {
     struct fake_vq *d = role_vq(fb, role);
     unsigned done = 0;
-    if (!d || role == FB_STATS)
+    if (!d || role == FB_STATS || role == FB_HINT)
         return 0;
     while (done < max && d->npending) {
         if (fb->misbehave[role] != FB_OK) {
@@ -422,6 +425,86 @@ bool fake_balloon_request_stats(struct fake_balloon *fb)
     return true;
 }
 
+/* ---- Free page hinting ---------------------------------------------------------------------- */
+
+static uint32_t set_hint_cmd(struct fake_balloon *fb, enum fb_hint_status status, uint32_t id)
+{
+    fb->hint_status = status;
+    fake_transport_config_set(fb->ft, BALLOON_CFG_HINT_CMD, 4, id);
+    return id;
+}
+
+uint32_t fake_balloon_hint_request(struct fake_balloon *fb)
+{
+    fb->hint_cmd_id = fb->hint_cmd_id < 0x80000001u ? 0x80000001u : fb->hint_cmd_id + 1;
+    return set_hint_cmd(fb, FB_HINT_REQUESTED, fb->hint_cmd_id);
+}
+
+uint32_t fake_balloon_hint_stop(struct fake_balloon *fb)
+{
+    return set_hint_cmd(fb, FB_HINT_STOP, BALLOON_HINT_CMD_STOP);
+}
+
+uint32_t fake_balloon_hint_done(struct fake_balloon *fb)
+{
+    memset(fb->hinted, 0, fb->ram_pages ? fb->ram_pages : 1);
+    return set_hint_cmd(fb, FB_HINT_DONE, BALLOON_HINT_CMD_DONE);
+}
+
+bool fake_balloon_is_hinted(const struct fake_balloon *fb, uint64_t pfn)
+{
+    return in_ram(fb, pfn) && fb->hinted[pfn - fb->ram_pfn];
+}
+
+/* One free_page_vq element: a 4-byte command id (out) or hinted blocks (in), never both. */
+static void take_hint(struct fake_balloon *fb, const struct fake_chain *c)
+{
+    fb->hint_buffers++;
+    if (c->out_bytes && c->in_bytes) {
+        fb_error(fb, "free_page_vq: buffer %u mixes an id and hints", c->head);
+        return;
+    }
+    if (c->out_bytes) {
+        uint32_t id = 0;
+        if (c->out_bytes != 4)
+            fb_error(fb, "free_page_vq: command id buffer of %llu bytes (must be 4)",
+                     (unsigned long long)c->out_bytes);
+        fake_chain_read(c, &id, 4);
+        if (id == BALLOON_HINT_CMD_STOP)
+            fb->hint_stops++; /* the driver ends every round it started with one */
+        if (fb->hint_status == FB_HINT_REQUESTED && id == fb->hint_cmd_id) {
+            fb->hint_status = FB_HINT_START;
+            fb->hint_starts++;
+        } else if (fb->hint_status == FB_HINT_START && id == BALLOON_HINT_CMD_STOP) {
+            fb->hint_status = FB_HINT_STOP;
+        } else {
+            fb->hint_stale_ids++; /* QEMU ignores ids that do not fit its state */
+        }
+        return;
+    }
+    for (unsigned i = 0; i < c->nsegs; i++) {
+        const struct fake_seg *s = &c->segs[i];
+        if (!s->write || (s->addr | s->len) & (PAGE_SIZE - 1) || !s->len ||
+            !in_ram(fb, s->addr >> PAGE_SHIFT) ||
+            !in_ram(fb, ((s->addr + s->len) >> PAGE_SHIFT) - 1)) {
+            fb_error(fb, "free_page_vq: hint 0x%llx+0x%x is not a writable, aligned RAM block",
+                     (unsigned long long)s->addr, s->len);
+            continue;
+        }
+        if (fb->hint_status != FB_HINT_START)
+            continue; /* QEMU only acts on hints while a round runs */
+        for (uint64_t pfn = s->addr >> PAGE_SHIFT; pfn < (s->addr + s->len) >> PAGE_SHIFT; pfn++) {
+            if (fb->ballooned[pfn - fb->ram_pfn] || fb->hinted[pfn - fb->ram_pfn]) {
+                fb_error(fb, "free_page_vq: page 0x%llx hinted while %s", (unsigned long long)pfn,
+                         fb->ballooned[pfn - fb->ram_pfn] ? "in the balloon" : "already hinted");
+                break;
+            }
+            fb->hinted[pfn - fb->ram_pfn] = 1;
+            fb->hinted_pages++;
+        }
+    }
+}
+
 /* ---- Transport hooks ------------------------------------------------------------------------ */
 
 unsigned fake_balloon_pop(struct fake_balloon *fb, enum fb_role role)
@@ -435,6 +518,8 @@ unsigned fake_balloon_pop(struct fake_balloon *fb, enum fb_role role)
         const struct fake_chain *c = &d->pending[d->npending - 1];
         if (role == FB_STATS)
             take_stats(fb, c);
+        else if (role == FB_HINT)
+            take_hint(fb, c);
         else
             take_snapshot(fb, role, d, c);
         n++;
@@ -454,8 +539,13 @@ static void on_notify(struct fake_transport *ft, unsigned index, void *arg)
         return;
     }
     fake_balloon_pop(fb, (enum fb_role)role);
-    if (role != FB_STATS && !fb->hold[role])
+    if (role == FB_HINT) {
+        struct fake_vq *d = role_vq(fb, FB_HINT);
+        while (d->npending) /* QEMU's iothread uses every element at once, used len 0 */
+            fake_vq_complete(d, 0, 0);
+    } else if (role != FB_STATS && !fb->hold[role]) {
         fake_balloon_answer(fb, (enum fb_role)role, ~0u);
+    }
 }
 
 static void on_config_write(struct fake_transport *ft, unsigned off, unsigned width, uint32_t val,
@@ -494,14 +584,20 @@ void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint6
     fb->qidx[FB_INFLATE] = next++;
     fb->qidx[FB_DEFLATE] = next++;
     fb->qidx[FB_STATS] = FB_NO_QUEUE;
+    fb->qidx[FB_HINT] = FB_NO_QUEUE;
+    fb->hinted = calloc(fb->ram_pages ? fb->ram_pages : 1, 1);
+    if (!fb->hinted)
+        abort();
     fake_transport_add_queue(ft, fb->qidx[FB_INFLATE], queue_size);
     fake_transport_add_queue(ft, fb->qidx[FB_DEFLATE], queue_size);
     if (f & (1ULL << VIRTIO_BALLOON_F_STATS_VQ)) {
         fb->qidx[FB_STATS] = next;
         fake_transport_add_queue(ft, next++, queue_size);
     }
-    if (f & (1ULL << VIRTIO_BALLOON_F_FREE_PAGE_HINT))
+    if (f & (1ULL << VIRTIO_BALLOON_F_FREE_PAGE_HINT)) {
+        fb->qidx[FB_HINT] = next;
         fake_transport_add_queue(ft, next++, 1024);
+    }
     if (f & (1ULL << VIRTIO_BALLOON_F_PAGE_REPORTING))
         fake_transport_add_queue(ft, next++, 32);
 
@@ -523,6 +619,7 @@ void fake_balloon_fini(struct fake_balloon *fb)
         free(fb->snap[r]);
     }
     free(fb->ballooned);
+    free(fb->hinted);
     if (fb->ft && fb->ft->hook_arg == fb) {
         fb->ft->on_notify = NULL;
         fb->ft->on_config_write = NULL;

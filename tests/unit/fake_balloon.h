@@ -31,7 +31,10 @@
 #include "tests/unit/fake_transport.h"
 
 /* Queue roles (the index on the device is fb->qidx[role]). */
-enum fb_role { FB_INFLATE = 0, FB_DEFLATE = 1, FB_STATS = 2, FB_ROLES = 3 };
+enum fb_role { FB_INFLATE = 0, FB_DEFLATE = 1, FB_STATS = 2, FB_HINT = 3, FB_ROLES = 4 };
+
+/* Free page hinting, as QEMU's device runs it (balloon-protocol.md 4.6). */
+enum fb_hint_status { FB_HINT_STOP, FB_HINT_REQUESTED, FB_HINT_START, FB_HINT_DONE };
 
 /* One-shot broken used-ring entries, applied at the next completion on a queue. */
 enum fb_misbehave {
@@ -95,6 +98,16 @@ struct fake_balloon {
     uint16_t stat_tag[FB_MAX_STATS];
     uint64_t stat_val[FB_MAX_STATS];
 
+    /* Free page hinting: the device's status and id, and which pages were hinted since the
+     * last DONE (a page hinted twice in one round is a driver error). */
+    enum fb_hint_status hint_status;
+    uint32_t hint_cmd_id;
+    uint8_t *hinted; /* per RAM page */
+    uint64_t hinted_pages, hint_buffers;
+    unsigned hint_starts;    /* rounds the driver started with the host's id */
+    unsigned hint_stops;     /* STOP ids the driver sent */
+    unsigned hint_stale_ids; /* ids that did not fit the device's state (ignored) */
+
     /* Driver mistakes (first message kept). */
     unsigned errors;
     char error[256];
@@ -128,6 +141,14 @@ unsigned fake_balloon_answer(struct fake_balloon *fb, enum fb_role role, unsigne
 bool fake_balloon_request_stats(struct fake_balloon *fb);
 
 bool fake_balloon_is_ballooned(const struct fake_balloon *fb, uint64_t pfn);
+
+/* The host's side of a hinting round: request one (a new id >= 0x80000001 in
+ * free_page_hint_cmd_id, config interrupt), STOP it, or say DONE (hinted pages are the
+ * driver's again). Each returns the id written. */
+uint32_t fake_balloon_hint_request(struct fake_balloon *fb);
+uint32_t fake_balloon_hint_stop(struct fake_balloon *fb);
+uint32_t fake_balloon_hint_done(struct fake_balloon *fb);
+bool fake_balloon_is_hinted(const struct fake_balloon *fb, uint64_t pfn);
 
 /*
  * The device's check of a chunk array (docs/chunked-inflate.md section 4): length a non-zero

@@ -33,7 +33,8 @@
 /* What the driver may accept (with cfg.deflate_on_oom). */
 #define WANTED                                                                                     \
     (F(VIRTIO_BALLOON_F_MUST_TELL_HOST) | F(VIRTIO_BALLOON_F_STATS_VQ) |                           \
-     F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | F(VIRTIO_F_VERSION_1) | F(VIRTIO_F_EVENT_IDX))
+     F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT) |                     \
+     F(VIRTIO_F_VERSION_1) | F(VIRTIO_F_EVENT_IDX))
 
 /* A modern device offering everything the driver uses. */
 #define MODERN                                                                                     \
@@ -403,16 +404,10 @@ static void check_features(uint64_t offered, bool oom_cfg, uint64_t expected)
     assert_int_equal(e->b.features, expected);
     assert_true(e->ft.status & VIRTIO_STATUS_DRIVER_OK);
     assert_false(e->ft.status & VIRTIO_STATUS_FAILED);
-    static const unsigned never[] = {VIRTIO_F_QEMU_BAD,
-                                     VIRTIO_BALLOON_F_PAGE_POISON,
-                                     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-                                     VIRTIO_BALLOON_F_PAGE_REPORTING,
-                                     VIRTIO_F_INDIRECT_DESC,
-                                     VIRTIO_F_NOTIFY_ON_EMPTY,
-                                     VIRTIO_F_ANY_LAYOUT,
-                                     VIRTIO_F_ACCESS_PLATFORM,
-                                     VIRTIO_F_RING_PACKED,
-                                     VIRTIO_F_RING_RESET};
+    static const unsigned never[] = {
+        VIRTIO_F_QEMU_BAD,        VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_PAGE_REPORTING,
+        VIRTIO_F_INDIRECT_DESC,   VIRTIO_F_NOTIFY_ON_EMPTY,     VIRTIO_F_ANY_LAYOUT,
+        VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED,         VIRTIO_F_RING_RESET};
     for (unsigned i = 0; i < sizeof(never) / sizeof(never[0]); i++)
         assert_false(fake_transport_negotiated(&e->ft, never[i]));
     for (unsigned bit = 0; bit < 64; bit++)
@@ -456,7 +451,8 @@ static void test_init_queue_indices_compacted(void **state)
     assert_consistent(e);
     env_free(e);
 
-    /* STATS_VQ, FREE_PAGE_HINT, PAGE_REPORTING: stats at 2; 3 and 4 are not ours. */
+    /* STATS_VQ, FREE_PAGE_HINT, PAGE_REPORTING: stats at 2, free page hints at 3; 4 is not
+     * ours. */
     e = env_new(false,
                 MODERN | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT) | F(VIRTIO_BALLOON_F_PAGE_REPORTING),
                 QSIZE);
@@ -465,11 +461,11 @@ static void test_init_queue_indices_compacted(void **state)
     assert_int_equal(env_start(e), 0);
     assert_clean(e);
     assert_true(e->b.has_stats);
-    for (unsigned i = 0; i < 3; i++)
+    for (unsigned i = 0; i < 4; i++)
         assert_true(e->ft.q[i].enabled);
-    assert_false(e->ft.q[3].enabled);
     assert_false(e->ft.q[4].enabled);
     assert_int_equal(e->b.stats_vq.index, 2);
+    assert_int_equal(e->b.hint_vq.index, 3);
     assert_int_equal(e->fb.stats_buffers, 1);
     env_free(e);
 
@@ -1478,6 +1474,140 @@ static void test_chunks_random_allocator_states(void **state)
     }
 }
 
+/* ---- Free page hinting (spec 5.5.6.5) ------------------------------------------------------- */
+
+#define HINTING (MODERN | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT))
+
+static uint64_t exhaust(struct env *e, uint64_t **out);
+static void give_back(struct env *e, uint64_t *pfns, uint64_t n);
+
+static void poll_n(struct env *e, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        balloon_poll(&e->b, true);
+}
+
+/* Every page the device counts as hinted is the driver's (not free in the allocator), and the
+ * driver's count agrees. */
+static void assert_hinted_owned(struct env *e)
+{
+    uint64_t n = 0;
+    for (uint64_t pfn = RAM_PFN; pfn < RAM_PFN + RAM_PAGES; pfn++) {
+        if (!fake_balloon_is_hinted(&e->fb, pfn))
+            continue;
+        if (buddy_is_free(&e->mm, pfn))
+            fail_msg("hinted page 0x%llx is free in the allocator", (unsigned long long)pfn);
+        n++;
+    }
+    assert_int_equal(n, e->b.hinted.pages);
+    assert_int_equal(n, e->fb.hinted_pages);
+}
+
+static void test_hint_round_and_done(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, HINTING);
+    assert_true(e->b.has_hint_vq);
+    assert_int_equal(e->b.hint_vq.index, 3);
+    settle_at(e, 1000); /* ballooned pages are never hinted */
+    uint64_t free0 = free_pages(e);
+
+    uint32_t id = fake_balloon_hint_request(&e->fb);
+    poll_n(e, 50);
+    /* The round started with the host's id, took every free block but the reserve, and ended
+     * with STOP because there was nothing more to give. */
+    assert_int_equal(e->fb.hint_starts, 1);
+    assert_int_equal(e->fb.hint_stops, 1);
+    assert_int_equal(e->fb.hint_status, FB_HINT_STOP);
+    assert_int_equal(e->b.hint_active, 0);
+    assert_int_equal(e->b.hint_rounds, 1);
+    assert_true(fake_log_contains("\"event\":\"balloon_hint_start\""));
+    assert_true(fake_log_contains("\"reason\":\"exhausted\""));
+    assert_true(free_pages(e) <= e->cfg.reserve_pages + 1);
+    assert_true(e->b.hinted.pages + e->b.hinted.chunks >= free0 - e->cfg.reserve_pages - 1);
+    assert_hinted_owned(e);
+    (void)id;
+
+    /* The balloon still follows the host, and ballooning wins over hints. */
+    settle_at(e, 1500);
+    assert_int_equal(e->b.actual, 1500);
+    assert_int_equal(e->fb.errors, 0);
+
+    /* DONE: every hinted block goes back. */
+    fake_balloon_hint_done(&e->fb);
+    poll_n(e, 3);
+    assert_int_equal(e->b.hinted.pages, 0);
+    assert_int_equal(e->b.hinted.chunks, 0);
+    assert_true(fake_log_contains("\"event\":\"balloon_hint_done\""));
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_hint_stop_new_round_and_pressure(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, HINTING, QSIZE);
+    e->cfg.hint_order = 0; /* one page per hint: a round spans many polls */
+    assert_int_equal(env_start(e), 0);
+
+    fake_balloon_hint_request(&e->fb);
+    poll_n(e, 2);
+    assert_int_equal(e->fb.hint_starts, 1);
+    uint64_t mid = e->b.hinted.pages;
+    assert_true(mid > 0 && e->b.hint_active);
+
+    /* The host stops the round: the driver sends STOP and keeps what it hinted. */
+    fake_balloon_hint_stop(&e->fb);
+    poll_n(e, 2);
+    assert_int_equal(e->b.hint_active, 0);
+    assert_int_equal(e->fb.hint_stops, 1);
+    assert_true(fake_log_contains("\"reason\":\"host\""));
+    uint64_t kept = e->b.hinted.pages;
+    assert_true(kept >= mid);
+    poll_n(e, 5);
+    assert_int_equal(e->b.hinted.pages, kept); /* no hinting without a round */
+
+    /* A new round; then the host moves on to another id before it ends. */
+    uint32_t id2 = fake_balloon_hint_request(&e->fb);
+    poll_n(e, 1);
+    uint32_t id3 = fake_balloon_hint_request(&e->fb);
+    poll_n(e, 1);
+    assert_int_not_equal(id2, id3);
+    assert_int_equal(e->b.hint_active, id3);
+    assert_int_equal(e->b.hint_rounds, 3);
+    assert_hinted_owned(e);
+
+    /* Memory pressure: any allocation gets hinted blocks back before it fails. */
+    uint64_t *pfns;
+    uint64_t got = exhaust(e, &pfns);
+    assert_true(got > e->cfg.reserve_pages);
+    assert_int_equal(e->b.hinted.pages, 0);
+    assert_true(e->b.hint_released_pages > 0);
+    assert_true(fake_log_contains("\"reason\":\"pressure\""));
+    give_back(e, pfns, got);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_hint_declined(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, HINTING, QSIZE);
+    e->cfg.hinting = false;
+    assert_int_equal(env_start(e), 0);
+    assert_false(e->b.has_hint_vq);
+    assert_false(e->ft.q[3].enabled);
+    fake_balloon_hint_request(&e->fb);
+    poll_n(e, 5);
+    assert_int_equal(e->fb.hint_buffers, 0);
+    settle_at(e, 300);
+    assert_consistent(e);
+    env_free(e);
+}
+
 /* ---- Deflate on OOM ------------------------------------------------------------------------- */
 
 static void test_oom_deflate(void **state)
@@ -1654,6 +1784,9 @@ int main(void)
         cmocka_unit_test(test_chunks_declined_or_not_offered),
         cmocka_unit_test(test_chunks_bad_arrays_rejected),
         cmocka_unit_test(test_chunks_random_allocator_states),
+        cmocka_unit_test(test_hint_round_and_done),
+        cmocka_unit_test(test_hint_stop_new_round_and_pressure),
+        cmocka_unit_test(test_hint_declined),
         cmocka_unit_test(test_chunks_inject_bad_chunk),
         cmocka_unit_test(test_oom_reclaim_needs_the_feature),
     };
