@@ -284,6 +284,13 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     /* Not accepted (yet): PAGE_POISON (we do not write poison_val into deflated pages),
      * FREE_PAGE_HINT and PAGE_REPORTING, and QEMU's bit-30 sentinel. */
     b->features = b->offered & wanted;
+    /* With EVENT_IDX a device's first notification on a queue cannot be suppressed (QEMU:
+     * signalled_used_valid), and QEMU 7.2 notifies the free page queue from its iothread without
+     * the big lock, which aborts QEMU under TCG when the interrupt is INTx. Without EVENT_IDX,
+     * VRING_AVAIL_F_NO_INTERRUPT keeps it quiet (Linux avoids it by giving that queue no MSI-X
+     * vector). */
+    if (balloon_negotiated(b, VIRTIO_BALLOON_F_FREE_PAGE_HINT))
+        b->features &= ~(1ull << VIRTIO_F_EVENT_IDX);
     if (!t->legacy && !balloon_negotiated(b, VIRTIO_F_VERSION_1)) {
         violation(b, "modern interface without VIRTIO_F_VERSION_1");
         t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
@@ -347,6 +354,11 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         b->bufs[i].pfns = (uint32_t *)(area + i * per);
         b->bufs[i].blocks = (uint64_t *)(area + i * per + (uint64_t)b->max_blocks * wire);
     }
+    if (b->has_hint_vq)
+        /* No used-buffer notifications on the free page queue (we poll it, as Linux, whose
+         * queue has no callback, does): QEMU 7.2 uses hints in an iothread, and a notification
+         * raised from there without the big lock aborts QEMU under TCG. */
+        vq_disable_interrupts(&b->hint_vq);
     if (b->has_stats)
         post_stats(b); /* primed with real values; kicked only after DRIVER_OK */
 

@@ -359,9 +359,12 @@ void *vq_get_used(struct virtqueue *vq, uint32_t *len)
     free_chain(vq, (uint16_t)id);
     vq->in_flight--;
     vq->last_used++;
-    if (vq->use_event_idx && !vq->irq_disabled) {
-        /* Ask for a notification on the very next used entry; publish before we look again. */
-        WRITE_ONCE16(used_event_p(vq), vq->last_used);
+    if (vq->use_event_idx) {
+        /* Ask for a notification on the very next used entry, or (disabled) keep used_event
+         * parked just behind what we consumed, so the device never crosses it; publish
+         * before we look again. */
+        WRITE_ONCE16(used_event_p(vq),
+                     vq->irq_disabled ? (uint16_t)(vq->last_used - 1) : vq->last_used);
         mb();
     }
     if (len)
