@@ -291,6 +291,11 @@ class BalloonSession:
         self.check("free %d" % r["id"])
         return r
 
+    def in_use(self) -> int:
+        """Bytes of RAM the guest does not have free: RAM minus its allocator's free pages,
+        so held data, the kernel and memory the allocator does not manage all count."""
+        return self.ram - self.state()["mm"]["free_pages"] * PAGE
+
     def quit(self, code: int = exitcodes.SUCCESS, timeout: float = 15.0) -> exitcodes.Outcome:
         """Ask the guest to exit with `code`; a failure unless QEMU then exits with
         code * 2 + 1."""
