@@ -367,5 +367,3 @@ def check_tap(boot: Boot, allow_skips: bool = True) -> guestlog.Tap:
 
 #: DEFLATE_ON_OOM feature bit (virtio 5.5.3)
 F_DEFLATE_ON_OOM = 1 << 2
-#: FREE_PAGE_HINT feature bit (virtio 5.5.3): the guest hints free pages during migration
-F_FREE_PAGE_HINT = 1 << 3

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-import guest
+from blimp.balloon import F_FREE_PAGE_HINT
 from blimp.qemu import Qemu, free_page_hint_opts
 from guest import GiB, MiB, PAGE
 
@@ -90,7 +90,7 @@ def test_migrate_without_hinting(balloon_vm):
     """Stock device: the migration completes, the source QEMU is gone, the guest runs on
     the destination with its data intact, and the 2 GiB it touched were sent."""
     with balloon_vm(memory=MEMORY, timeout=TIMEOUT) as vm:
-        assert not vm.accepted & guest.F_FREE_PAGE_HINT
+        assert not vm.accepted & F_FREE_PAGE_HINT
         in_use = _hold_and_free(vm)
         source = vm.qemu
         before = vm.mark()
@@ -114,9 +114,9 @@ def test_migrate_with_free_page_hinting(balloon_vm):
     gets DONE on the destination and takes its hinted pages back; RAM transferred is at
     most 1.2 x what the guest uses, and well below the hint-off run."""
     with balloon_vm(memory=MEMORY, timeout=TIMEOUT, free_page_hint=True) as vm:
-        assert vm.features["offered"] & guest.F_FREE_PAGE_HINT, (
+        assert vm.features["offered"] & F_FREE_PAGE_HINT, (
             "QEMU did not offer FREE_PAGE_HINT\n" + vm.context())
-        assert vm.accepted & guest.F_FREE_PAGE_HINT, (
+        assert vm.accepted & F_FREE_PAGE_HINT, (
             "guest did not accept FREE_PAGE_HINT (bit 3): accepted %#x of offered %#x\n%s"
             % (vm.accepted, vm.features["offered"], vm.context()))
         in_use = _hold_and_free(vm)
