@@ -29,6 +29,9 @@ from .qmp import QMP
 from .units import mib, page_round
 
 DEFAULT_POLL_S = 0.002
+#: VIRTIO_BALLOON_F_FREE_PAGE_HINT: the guest tells the host which pages are free while
+#: it migrates them, so they need not be sent
+F_FREE_PAGE_HINT = 1 << 3
 UNSET_STAT = (1 << 64) - 1    # QEMU's "-1" for a stat the guest did not send
 
 

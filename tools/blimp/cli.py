@@ -7,6 +7,7 @@
     python3 -m blimp demo [--memory 1G] [--machine q35]
     python3 -m blimp balloon [--memory 1G] [--touch 768M] 512M 0 ...
     python3 -m blimp bench-balloon [--configs 256/1,256/4,1024/16,4096/16] [--runs 3]
+    python3 -m blimp bench-migration [--memory 4G] [--modes off,on] [--runs 3]
 
 (with tools/ on PYTHONPATH; ./blimp does that).  `run` streams the guest's serial
 console (COM1) to stdout and exits with: 0 guest success (0x10); the guest code
@@ -25,7 +26,8 @@ import sys
 from types import FrameType
 from typing import List, Optional
 
-from . import balloon_targets, bench_balloon, bench_boot, bench_chunks, demo, exitcodes
+from . import (balloon_targets, bench_balloon, bench_boot, bench_chunks, bench_migration, demo,
+               exitcodes)
 from .options import add_qemu_options, qemu_from_args
 from .qemu import QemuError
 
@@ -89,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ main
 
 SUBCOMMANDS = [add_run, bench_boot.add_parser, demo.add_parser, balloon_targets.add_parser,
-               bench_balloon.add_parser, bench_chunks.add_parser]
+               bench_balloon.add_parser, bench_chunks.add_parser, bench_migration.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,8 @@ MACHINES = ("pc", "q35", "microvm")
 ACCELS = ("auto", "tcg", "kvm")
 DEBUG_EXIT_DEVICE = "isa-debug-exit,iobase=0xf4,iosize=0x04"
 AGENT_SERIAL = "isa-serial,chardev=agent,iobase=0x2f8,irq=3"
+#: the iothread that free page hinting runs in (QEMU refuses free-page-hint without one)
+HINT_IOTHREAD = "io0"
 KILL_GRACE = 2.0      # seconds between SIGTERM and SIGKILL
 
 T = TypeVar("T")
@@ -136,6 +138,12 @@ def balloon_device(machine: str, opts: Opts = None, dev_id: Optional[str] = "bal
     return ",".join(parts)
 
 
+def free_page_hint_opts(iothread: str = HINT_IOTHREAD) -> List[str]:
+    """Balloon properties that offer VIRTIO_BALLOON_F_FREE_PAGE_HINT; the Qemu needs
+    ``iothread=<the same id>`` too."""
+    return ["free-page-hint=on", "iothread=" + iothread]
+
+
 def balloon_qom_path(dev_id: str = "balloon0") -> str:
     return "/machine/peripheral/" + dev_id
 
@@ -179,7 +187,12 @@ class Qemu:
                  machine_opts: Opts = None, cpu: Optional[str] = None,
                  extra_args: Sequence[str] = (), timeout: float = 60.0,
                  echo: Optional[BinaryIO] = None, serial_log: Optional[str] = None,
-                 paused: bool = False, qemu: str = QEMU_BINARY, keep_tmp: bool = False) -> None:
+                 serial_log_append: bool = False, paused: bool = False,
+                 qemu: str = QEMU_BINARY, keep_tmp: bool = False,
+                 iothread: Optional[str] = None, incoming: Optional[str] = None) -> None:
+        """`iothread` adds ``-object iothread,id=<it>`` (for devices that need one, such
+        as the balloon with free-page-hint=on); `incoming` makes this QEMU a migration
+        destination (``-incoming <it>``, e.g. "defer"; see migration_destination())."""
         if machine not in MACHINES:
             raise ValueError("machine must be one of %s, not %r" % (MACHINES, machine))
         self.kernel = kernel
@@ -200,13 +213,17 @@ class Qemu:
         self.timeout = float(timeout)
         self.echo = echo                  # binary stream; raw serial bytes are copied there
         self.serial_log = serial_log      # path; raw serial bytes are written there too
+        self.serial_log_append = serial_log_append
         self.paused = paused
         self.qemu = qemu
         self.keep_tmp = keep_tmp
+        self.iothread = iothread
+        self.incoming = incoming
 
         self.tmpdir: Optional[str] = None
         self.qmp_path: Optional[str] = None
         self.agent_path: Optional[str] = None
+        self.migration_path: Optional[str] = None   # where a destination listens
         self.proc: Optional[subprocess.Popen] = None
         self.t_start: Optional[float] = None   # time.monotonic() just before spawning
         self.t_exit: Optional[float] = None
@@ -253,6 +270,8 @@ class Qemu:
         if self.agent:
             argv += ["-chardev", "socket,id=agent,path=%s,server=on,wait=off" % self.agent_path,
                      "-device", AGENT_SERIAL]
+        if self.iothread:
+            argv += ["-object", "iothread,id=%s" % self.iothread]
         if self.balloon:
             argv += ["-device", balloon_device(self.machine, self.balloon_opts, self.balloon_id)]
         argv += ["-kernel", self.kernel]
@@ -260,6 +279,8 @@ class Qemu:
             argv += ["-append", self.append]
         if self.paused:
             argv += ["-S"]
+        if self.incoming:
+            argv += ["-incoming", self.incoming]
         argv += self.extra_args
         return argv
 
@@ -269,6 +290,7 @@ class Qemu:
             self.tmpdir = tempfile.mkdtemp(prefix="blimp-", dir="/tmp")
             self.qmp_path = os.path.join(self.tmpdir, "qmp.sock")
             self.agent_path = os.path.join(self.tmpdir, "agent.sock")
+            self.migration_path = os.path.join(self.tmpdir, "migration.sock")
 
     def argv(self) -> List[str]:
         self._make_tmp()
@@ -288,7 +310,8 @@ class Qemu:
             # PDEATHSIG follows the *thread* that forks; only use it from the main thread
             spawn = [_SETPRIV, "--pdeathsig", "KILL", "--"] + argv
         if self.serial_log:
-            self._log_fp = open(self.serial_log, "wb")
+            # a migration destination appends: one log holds the guest's whole console
+            self._log_fp = open(self.serial_log, "ab" if self.serial_log_append else "wb")
         self.t_start = time.monotonic()
         self.proc = subprocess.Popen(spawn, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True,
@@ -563,6 +586,40 @@ class Qemu:
         if ready and not self._agent_client.ready:
             self._agent_client.wait_ready(timeout)
         return self._agent_client
+
+    # -------------------------------------------------------- migration
+
+    @property
+    def free_page_hint(self) -> bool:
+        """The balloon device offers FREE_PAGE_HINT."""
+        return self.balloon and "free-page-hint=on" in self.balloon_opts
+
+    def migration_destination(self, timeout: Optional[float] = None,
+                              serial_log: Optional[str] = None,
+                              echo: Optional[BinaryIO] = None) -> Qemu:
+        """A new (not started) Qemu that can receive this one's guest: the same binary,
+        machine, -m, CPU, devices and device ids, iothread, kernel and command line
+        (migration needs identical RAM blocks and device state layout), with its own
+        temp dir and sockets, started with ``-incoming defer`` (accept_migration()).
+        Its serial log, if any, is appended to, not truncated."""
+        return Qemu(self.kernel, machine=self.machine, memory=self.memory, accel=self.accel,
+                    append=self.append, balloon=self.balloon, balloon_opts=self.balloon_opts,
+                    balloon_id=self.balloon_id, agent=self.agent, qmp=True, smp=self.smp,
+                    machine_opts=self.machine_opts, cpu=self.cpu, extra_args=self.extra_args,
+                    timeout=self.timeout if timeout is None else timeout, echo=echo,
+                    serial_log=serial_log, serial_log_append=True, qemu=self.qemu,
+                    keep_tmp=self.keep_tmp, iothread=self.iothread, incoming="defer")
+
+    def accept_migration(self, timeout: float = 10.0) -> str:
+        """On a started ``incoming="defer"`` QEMU: listen for the migration stream on a
+        unix socket in its temp dir (QMP migrate-incoming) and return the URI to give the
+        source's ``migrate``.  Once this returns the socket accepts connections, which a
+        plain ``-incoming unix:`` would not promise."""
+        if self.incoming != "defer" or self.proc is None:
+            raise QemuError("accept_migration() needs a started Qemu with incoming='defer'")
+        uri = "unix:" + str(self.migration_path)
+        self.qmp(timeout).execute("migrate-incoming", uri=uri)
+        return uri
 
     def describe(self) -> str:
         """A short multi-line report for assertion messages."""

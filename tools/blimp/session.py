@@ -7,6 +7,9 @@
         s.check_balloon(256 * MiB)             # host and guest agree on it
         s.verify(pages=64 * MiB // PAGE)       # held memory intact
         s.check_no_violation()
+        m = s.migrate()                        # live migration to a fresh QEMU; the session
+        print(m.ram_transferred, m.total_time_ms)  #   goes on with the guest there
+        s.verify()
         s.quit()                               # guest exit 0x10, QEMU status 33
 
 demo, balloon, bench-balloon and the e2e tests all drive the guest through this class.
@@ -17,20 +20,26 @@ stderr, the serial tail, the agent transcript) captured when it happened.  Leavi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import exitcodes, guestlog
 from .agent import Agent, AgentError
 from .balloon import DEFAULT_POLL_S, Balloon, BalloonTimeout
-from .qemu import Qemu, QemuError
+from .qemu import HINT_IOTHREAD, Qemu, QemuError, free_page_hint_opts
 from .qmp import QMPConnectionError, QMPError, QMPTimeout
-from .units import PAGE, mib, page_round
+from .units import GiB, PAGE, mib, page_round
 
 #: events that mean the host or the device misbehaved
 PROBLEM_EVENTS = ("violation", "balloon_stalled")
 #: how long after query-balloon shows a target the guest may take to log reaching it
 REACHED_EVENT_TIMEOUT_S = 10.0
+#: migrate()'s default max-bandwidth: QEMU's own default (32 MiB/s) would make moving a few
+#: GiB take minutes and measure the throttle, not what is sent
+MIGRATION_BANDWIDTH = 10 * GiB
+#: query-migrate states after which nothing more happens
+MIGRATION_END_STATES = ("completed", "failed", "cancelled")
 
 
 class SessionError(Exception):
@@ -64,6 +73,23 @@ class Resize:
         return None if self.reached is None else self.reached.get("ms")
 
 
+@dataclass
+class Migration:
+    """What one migrate() measured: the source's final query-migrate figures."""
+    free_page_hint: bool       # the balloon device offered FREE_PAGE_HINT
+    total_time_ms: int         # QEMU's total-time: migrate command to completion
+    downtime_ms: int           # the guest was stopped this long
+    setup_time_ms: int
+    ram_transferred: int       # bytes sent for RAM (page data and per-page headers)
+    ram_total: int             # bytes of guest RAM (plus ROMs) to migrate
+    ram_normal: int            # pages sent with their data
+    ram_duplicate: int         # zero pages, sent as a flag only
+    mbps: float
+    wall_s: float              # host clock, migrate command until query-migrate said completed
+    switch_line: int           # the session's first serial line from the destination
+    query: dict = field(repr=False, default_factory=dict)   # the whole query-migrate reply
+
+
 class BalloonSession:
     """A blimp guest in balloon mode (its default) with a virtio-balloon device, QMP and
     the agent on COM2.  Construct, then start() it or use it as a context manager."""
@@ -72,13 +98,18 @@ class BalloonSession:
                  accel: str = "auto", append: str = "", balloon_opts: Sequence[str] = (),
                  timeout: float = 120.0, boot_timeout: float = 30.0,
                  serial_log: Optional[str] = None, context_lines: int = 15,
-                 **qemu_options: Any) -> None:
+                 free_page_hint: bool = False, **qemu_options: Any) -> None:
         """`timeout` is QEMU's hard deadline, `boot_timeout` how long the guest may take
         to bring up its balloon driver and agent, `serial_log` a file for the raw
-        console, `context_lines` the serial tail that failure messages show.  Further
-        keywords (smp, machine_opts, extra_args, ...) go to Qemu."""
+        console, `context_lines` the serial tail that failure messages show,
+        `free_page_hint` offers FREE_PAGE_HINT (with the iothread QEMU needs for it).
+        Further keywords (smp, machine_opts, extra_args, ...) go to Qemu."""
+        opts = list(balloon_opts)
+        if free_page_hint:
+            opts += free_page_hint_opts()
+            qemu_options.setdefault("iothread", HINT_IOTHREAD)
         self.qemu = Qemu(kernel, machine=machine, memory=memory, accel=accel,
-                         append=append or None, balloon=True, balloon_opts=list(balloon_opts),
+                         append=append or None, balloon=True, balloon_opts=opts,
                          agent=True, timeout=timeout, serial_log=serial_log, **qemu_options)
         self.ram = self.qemu.memory_bytes
         self.boot_timeout = boot_timeout
@@ -87,6 +118,10 @@ class BalloonSession:
         self.agent: Optional[Agent] = None
         self._balloon: Optional[Balloon] = None
         self.features: dict = {}        # the driver's balloon_features event
+        # serial lines of the QEMUs the guest has migrated away from: session line numbers
+        # (mark, since) run on through the destination's lines
+        self._earlier_lines: List[str] = []
+        self.migrations: List[Migration] = []
 
     # ------------------------------------------------------------ lifetime
 
@@ -153,7 +188,10 @@ class BalloonSession:
             out.append("QEMU stderr: " + err[-1500:])
         if self.serial_log:
             out.append("serial log: " + self.serial_log)
-        tail = q.lines[-(lines or self.context_lines):]
+        if self.migrations:
+            out.append("migrated %d time(s); serial lines from %d on are the current QEMU's"
+                       % (len(self.migrations), len(self._earlier_lines)))
+        tail = self.lines[-(lines or self.context_lines):]
         if tail:
             out.append("last guest console lines:\n" + "\n".join("    | " + l for l in tail))
         if self.agent is not None and self.agent.transcript:
@@ -175,20 +213,32 @@ class BalloonSession:
 
     # ------------------------------------------------------------ serial events
 
+    @property
+    def lines(self) -> List[str]:
+        """The guest's serial console so far, across migrations: the lines of every QEMU
+        it left, then the current QEMU's."""
+        return self._earlier_lines + self.qemu.lines
+
     def mark(self) -> int:
-        """The serial position now: pass it as `since` to see only what comes after."""
-        return len(self.qemu.lines)
+        """The serial position now: pass it as `since` to see only what comes after.
+        Marks stay valid across migrate(): lines are numbered over the whole session."""
+        return len(self._earlier_lines) + len(self.qemu.lines)
 
     def events(self, name: Optional[str] = None, since: int = 0) -> List[dict]:
         """The guest's events on serial (from line `since` on), optionally only `name`."""
-        return guestlog.events(self.qemu.lines[since:], name)
+        return guestlog.events(self.lines[since:], name)
 
     def wait_event(self, name: str, predicate: Optional[Callable[[dict], bool]] = None,
                    timeout: float = 10.0, since: int = 0) -> dict:
         """The first event `name` from serial line `since` on for which predicate holds
         (fields are tested on the parsed JSON), waiting up to `timeout` s for it."""
+        for line in self._earlier_lines[since:]:       # what earlier QEMUs printed
+            ev = guestlog.event_named(line, name, predicate)
+            if ev:
+                return ev
         try:
-            return self.qemu.wait_event(name, predicate, timeout=timeout, start=since)
+            return self.qemu.wait_event(name, predicate, timeout=timeout,
+                                        start=max(0, since - len(self._earlier_lines)))
         except QemuError as e:
             raise self.failure(str(e)) from None
 
@@ -240,6 +290,11 @@ class BalloonSession:
             raise self.failure("guest could not allocate %s to touch it: %s" % (mib(size), r))
         self.check("free %d" % r["id"])
         return r
+
+    def in_use(self) -> int:
+        """Bytes of RAM the guest does not have free: RAM minus its allocator's free pages,
+        so held data, the kernel and memory the allocator does not manage all count."""
+        return self.ram - self.state()["mm"]["free_pages"] * PAGE
 
     def quit(self, code: int = exitcodes.SUCCESS, timeout: float = 15.0) -> exitcodes.Outcome:
         """Ask the guest to exit with `code`; a failure unless QEMU then exits with
@@ -301,6 +356,102 @@ class BalloonSession:
             raise self.failure("expected a balloon of %s (%d pages): %s"
                                % (mib(balloon_bytes), pages, "; ".join(problems)))
         return st
+
+    # ------------------------------------------------------------ live migration
+
+    def migrate(self, max_bandwidth: int = MIGRATION_BANDWIDTH,
+                downtime_limit_ms: Optional[int] = None, timeout: float = 120.0,
+                poll: float = 0.02) -> Migration:
+        """Live-migrate the guest to a new QEMU and carry on there.
+
+        Starts a destination like the current QEMU (Qemu.migration_destination: same
+        machine, -m, devices and ids, iothread, kernel; its own sockets), sets the
+        source's max-bandwidth (and downtime-limit, if given), runs ``migrate`` over a
+        unix socket and polls query-migrate until it is completed.  Then the session
+        switches: `qemu`, the QMP `balloon` helper and the agent talk to the destination,
+        and the source (paused in postmigrate) is shut down.  The guest's serial lines go
+        on in `lines` after the source's, so marks taken before stay valid.  Whether free
+        pages are hinted is the device's choice at boot (free_page_hint=True).
+        If the migration fails or the destination does not run the guest, the
+        destination is closed and the session stays on the source (a SessionError)."""
+        source = self.qemu
+        if self.agent is None or self._balloon is None:
+            raise self.failure("migrate: the session is not started")
+        dest = source.migration_destination(serial_log=self.serial_log)
+        try:
+            dest.start()
+            uri = dest.accept_migration(timeout=self.boot_timeout)
+            # connect before the guest runs there: nothing it writes on COM2 is lost
+            dest.agent_client(timeout=self.boot_timeout, ready=False)
+            result = self._run_migration(uri, max_bandwidth, downtime_limit_ms, timeout, poll)
+            self._wait_running(dest, timeout=self.boot_timeout)
+            agent = dest.agent_client(timeout=self.boot_timeout)     # answers a ping
+            balloon = Balloon.of(dest)
+        except SESSION_ERRORS as e:
+            reason = "migration failed: %s" % _reason(e)
+            dest_err = dest.stderr.strip()
+            dest.close()
+            raise self.failure(reason + ("\ndestination QEMU stderr: " + dest_err[-1500:]
+                                         if dest_err else "")) from None
+        except BaseException:
+            dest.close()
+            raise
+        # the source is paused for good now; closing it flushes a partial last line
+        source.close()
+        self._earlier_lines += source.lines
+        result.switch_line = len(self._earlier_lines)
+        self.qemu, self.agent, self._balloon = dest, agent, balloon
+        self.migrations.append(result)
+        return result
+
+    def _run_migration(self, uri: str, max_bandwidth: int, downtime_limit_ms: Optional[int],
+                       timeout: float, poll: float) -> Migration:
+        """Migrate the current QEMU to `uri`; the completed query-migrate's figures."""
+        qmp = self.qemu.qmp()
+        params: dict = {"max-bandwidth": int(max_bandwidth)}
+        if downtime_limit_ms is not None:
+            params["downtime-limit"] = int(downtime_limit_ms)
+        qmp.execute("migrate-set-parameters", **params)
+        t0 = time.monotonic()
+        qmp.execute("migrate", uri=uri)
+        deadline = t0 + timeout
+        while True:
+            info = qmp.execute("query-migrate")
+            status = info.get("status")
+            if status in MIGRATION_END_STATES:
+                break
+            if time.monotonic() >= deadline:
+                qmp.execute("migrate_cancel")
+                ram = info.get("ram", {})
+                raise self.failure("migration still %r after %.0f s (%s of %s sent, %s left)"
+                                   % (status, timeout, mib(ram.get("transferred", 0)),
+                                      mib(ram.get("total", 0)), mib(ram.get("remaining", 0))))
+            time.sleep(poll)
+        wall = time.monotonic() - t0
+        if status != "completed":
+            raise self.failure("migration %s: %s" % (status, info.get("error-desc", "no reason")))
+        ram = info["ram"]
+        return Migration(free_page_hint=self.qemu.free_page_hint,
+                         total_time_ms=info["total-time"], downtime_ms=info["downtime"],
+                         setup_time_ms=info["setup-time"], ram_transferred=ram["transferred"],
+                         ram_total=ram["total"], ram_normal=ram["normal"],
+                         ram_duplicate=ram["duplicate"], mbps=ram.get("mbps", 0.0),
+                         wall_s=wall, switch_line=-1, query=info)
+
+    def _wait_running(self, dest: Qemu, timeout: float) -> None:
+        """The destination has loaded the guest and runs it (QEMU starts it by itself
+        after an incoming migration completes)."""
+        qmp = dest.qmp()
+        deadline = time.monotonic() + timeout
+        while True:
+            status = qmp.execute("query-status")
+            if status.get("running"):
+                return
+            if status.get("status") in ("inmigrate-failed", "internal-error", "shutdown") \
+                    or time.monotonic() >= deadline:
+                raise QemuError("the destination is %r, not running the guest"
+                                % status.get("status"))
+            time.sleep(0.02)
 
     def _exhausted_since(self, since: int) -> Callable[[], Optional[str]]:
         """An `abort` callback for balloon waits: the guest logged balloon_exhausted
