@@ -33,18 +33,20 @@ static uint64_t table_page(void)
     return pfn << PAGE_SHIFT;
 }
 
-/* Add [start, end) minus the excluded ranges (sorted, non-overlapping). */
+/* Add [start, end) minus the excluded ranges (sorted, non-overlapping), as memory nobody has
+ * written since boot: the host does not back it yet (mm/buddy.h, backed and unbacked). */
 static void add_usable(uint64_t start, uint64_t end, const uint64_t excl[][2], unsigned nexcl)
 {
     for (unsigned i = 0; i < nexcl && start < end; i++) {
         if (excl[i][1] <= start || excl[i][0] >= end)
             continue;
         if (excl[i][0] > start)
-            buddy_add_range(&kernel_buddy, start >> PAGE_SHIFT, (excl[i][0] - start) >> PAGE_SHIFT);
+            buddy_add_range_untouched(&kernel_buddy, start >> PAGE_SHIFT,
+                                      (excl[i][0] - start) >> PAGE_SHIFT);
         start = excl[i][1];
     }
     if (start < end)
-        buddy_add_range(&kernel_buddy, start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT);
+        buddy_add_range_untouched(&kernel_buddy, start >> PAGE_SHIFT, (end - start) >> PAGE_SHIFT);
 }
 
 int mem_init(const struct boot_info *bi, bool poison, uint64_t poison_pattern)

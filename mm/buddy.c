@@ -147,25 +147,11 @@ HOT uint64_t blk_pfn(const struct buddy *b, uint64_t i, unsigned k)
     return (i + b->ord[k].bias) << k;
 }
 
-/* Remove the lowest free block of order k (there is one); *rep tells which set held it. */
-HOT uint64_t take_lowest(struct buddy *b, unsigned k, unsigned *rep)
+/* Remove the lowest free block of order k from set r (it has one). */
+HOT uint64_t take_lowest(struct buddy *b, unsigned k, unsigned r)
 {
-    struct buddy_order *o = &b->ord[k];
-    unsigned r;
-    uint64_t i;
-    if (LIKELY(!((b->mask[1] >> k) & 1))) {
-        r = 0;
-        i = bm_first(&o->set[0]);
-    } else if (!((b->mask[0] >> k) & 1)) {
-        r = 1;
-        i = bm_first(&o->set[1]);
-    } else {
-        uint64_t iu = bm_first(&o->set[0]), ir = bm_first(&o->set[1]);
-        r = ir < iu;
-        i = r ? ir : iu;
-    }
+    uint64_t i = bm_first(&b->ord[k].set[r]);
     set_del(b, k, r, i);
-    *rep = r;
     return blk_pfn(b, i, k);
 }
 
@@ -202,16 +188,6 @@ static void poison_check(struct buddy *b, uint64_t pfn, unsigned k)
     }
 }
 
-/* The merged block is unreported, so it will be verified: refill the halves that were not. */
-static void __attribute__((noinline))
-poison_merge(struct buddy *b, uint64_t pfn, uint64_t bud, unsigned k, unsigned rep, unsigned brep)
-{
-    if (brep)
-        poison_fill(b, bud, k);
-    if (rep)
-        poison_fill(b, pfn, k);
-}
-
 /* ---- Core --------------------------------------------------------------------------------- */
 
 /*
@@ -225,19 +201,15 @@ HOT void insert_block(struct buddy *b, uint64_t pfn, unsigned k, unsigned rep)
     for (; k < BUDDY_MAX_ORDER; k++) {
         struct buddy_order *o = &b->ord[k];
         uint64_t i = ((pfn >> k) ^ 1) - o->bias; /* the buddy */
-        unsigned brep;
-        if (bm_test(&o->set[0], i))
-            brep = 0;
-        else if (bm_test(&o->set[1], i))
-            brep = 1;
-        else
+        /* Only with a buddy in the same state: a merged block must not claim backing it lacks
+         * (inflate would return less than it takes) nor hide backing it has (reporting would
+         * never return it). buddy_coalesce_mixed() merges across states when an allocation needs
+         * it. */
+        if (!bm_test(&o->set[rep], i))
             break;
-        set_del(b, k, brep, i);
-        if (brep)
+        set_del(b, k, rep, i);
+        if (rep)
             b->reported_pages -= 1ULL << k;
-        if (UNLIKELY(b->poison) && (rep | brep))
-            poison_merge(b, pfn, pfn ^ (1ULL << k), k, rep, brep);
-        rep = 0; /* a merged block is never reported */
         pfn &= ~(1ULL << k);
     }
     set_add(b, k, rep, blk_index(b, pfn, k));
@@ -276,14 +248,20 @@ void buddy_set_reclaim(struct buddy *b, buddy_reclaim_fn fn, void *ctx)
     b->reclaim_ctx = ctx;
 }
 
+/* Backed blocks first (memory the host already provides: no fault on first touch, and what is
+ * not backed stays so); within a set the smallest order that fits, lowest address. */
 HOT uint64_t alloc_exact(struct buddy *b, unsigned order)
 {
-    uint32_t avail = (b->mask[0] | b->mask[1]) >> order;
-    if (UNLIKELY(!avail))
-        return BUDDY_NONE;
+    unsigned rep = 0;
+    uint32_t avail = b->mask[0] >> order;
+    if (UNLIKELY(!avail)) {
+        rep = 1;
+        avail = b->mask[1] >> order;
+        if (UNLIKELY(!avail))
+            return BUDDY_NONE;
+    }
     unsigned k = order + (unsigned)__builtin_ctz(avail);
-    unsigned rep;
-    uint64_t pfn = take_lowest(b, k, &rep);
+    uint64_t pfn = take_lowest(b, k, rep);
     /* Keep the lower half each time; upper halves keep the reported state of the whole. */
     while (k > order) {
         k--;
@@ -293,6 +271,33 @@ HOT uint64_t alloc_exact(struct buddy *b, unsigned order)
     return finish_take(b, pfn, order, rep);
 }
 
+/*
+ * The slow path of an allocation that found no block: merge free buddies that differ only in
+ * backing (each pair into a backed block, the unbacked half filled with poison when poisoning),
+ * lowest orders first so merges cascade. Returns whether anything merged.
+ */
+bool buddy_coalesce_mixed(struct buddy *b)
+{
+    bool merged = false;
+    for (unsigned k = 0; k < BUDDY_MAX_ORDER; k++) {
+        struct buddy_order *o = &b->ord[k];
+        for (uint64_t i = bm_next(&o->set[1], 0); i != BUDDY_NONE; i = bm_next(&o->set[1], i + 1)) {
+            uint64_t pfn = blk_pfn(b, i, k);
+            uint64_t bud = ((pfn >> k) ^ 1) - o->bias;
+            if (!bm_test(&o->set[0], bud))
+                continue;
+            set_del(b, k, 1, i);
+            set_del(b, k, 0, bud);
+            b->reported_pages -= 1ULL << k;
+            if (b->poison)
+                poison_fill(b, pfn, k);
+            insert_block(b, pfn & ~(1ULL << k), k + 1, 0);
+            merged = true;
+        }
+    }
+    return merged;
+}
+
 uint64_t buddy_alloc(struct buddy *b, unsigned order)
 {
     if (UNLIKELY(order > BUDDY_MAX_ORDER)) {
@@ -300,6 +305,9 @@ uint64_t buddy_alloc(struct buddy *b, unsigned order)
         return BUDDY_NONE;
     }
     uint64_t pfn = alloc_exact(b, order);
+    if (UNLIKELY(pfn == BUDDY_NONE) && order > 0 && b->free_pages >= 1ull << order &&
+        buddy_coalesce_mixed(b))
+        pfn = alloc_exact(b, order);
     for (unsigned round = 0; UNLIKELY(pfn == BUDDY_NONE); round++) {
         if (round == BUDDY_RECLAIM_ROUNDS || !try_reclaim(b, 1ull << order)) {
             b->failures++;
@@ -314,28 +322,29 @@ uint64_t buddy_alloc_largest(struct buddy *b, unsigned max_order, unsigned *orde
 {
     if (max_order > BUDDY_MAX_ORDER)
         max_order = BUDDY_MAX_ORDER;
-    uint32_t avail = b->mask[0] | b->mask[1];
-    if (avail >> max_order) {
-        /* Something at least as big as max_order: split it down like a plain allocation. */
-        if (order_out)
-            *order_out = max_order;
-        return alloc_exact(b, max_order);
-    }
-    if (!avail) {
-        /* Nothing at all: any block will do, so one page is what must come back. */
-        if (!try_reclaim(b, 1ull << max_order) || !(b->mask[0] | b->mask[1])) {
-            b->failures++;
-            return BUDDY_NONE;
+    /* Backed memory first (inflating it is what gives the host memory back), largest first. */
+    for (unsigned r = 0; r < 2; r++) {
+        if (b->mask[r] >> max_order) {
+            /* At least as big as max_order: split it down like a plain allocation. */
+            if (order_out)
+                *order_out = max_order;
+            return alloc_exact(b, max_order);
         }
-        return buddy_alloc_largest(b, max_order, order_out);
+        if (b->mask[r]) {
+            unsigned k = 31 - (unsigned)__builtin_clz(b->mask[r]);
+            uint64_t pfn = take_lowest(b, k, r);
+            b->allocs++;
+            if (order_out)
+                *order_out = k;
+            return finish_take(b, pfn, k, r);
+        }
     }
-    unsigned k = 31 - (unsigned)__builtin_clz(avail);
-    unsigned rep;
-    uint64_t pfn = take_lowest(b, k, &rep);
-    b->allocs++;
-    if (order_out)
-        *order_out = k;
-    return finish_take(b, pfn, k, rep);
+    /* Nothing at all: any block will do, so one page is what must come back. */
+    if (!try_reclaim(b, 1ull << max_order) || !(b->mask[0] | b->mask[1])) {
+        b->failures++;
+        return BUDDY_NONE;
+    }
+    return buddy_alloc_largest(b, max_order, order_out);
 }
 
 uint64_t buddy_take_unreported(struct buddy *b, unsigned min_order, unsigned *order_out)
@@ -407,7 +416,7 @@ int buddy_free_reported(struct buddy *b, uint64_t pfn, unsigned order)
 }
 
 /* Free [s, e) (all managed, accounted) as the largest naturally aligned blocks. */
-static void free_run(struct buddy *b, uint64_t s, uint64_t e)
+static void free_run(struct buddy *b, uint64_t s, uint64_t e, unsigned rep)
 {
     while (s < e) {
         unsigned k = s ? (unsigned)__builtin_ctzll(s) : BUDDY_MAX_ORDER;
@@ -417,12 +426,24 @@ static void free_run(struct buddy *b, uint64_t s, uint64_t e)
             k--;
         if (b->poison)
             poison_fill(b, s, k);
-        insert_block(b, s, k, 0);
+        insert_block(b, s, k, b->poison ? 0 : rep); /* poisoned pages are backed */
         s += 1ULL << k;
     }
 }
 
+static void add_range(struct buddy *b, uint64_t pfn, uint64_t count, unsigned rep);
+
 void buddy_add_range(struct buddy *b, uint64_t pfn, uint64_t count)
+{
+    add_range(b, pfn, count, 0);
+}
+
+void buddy_add_range_untouched(struct buddy *b, uint64_t pfn, uint64_t count)
+{
+    add_range(b, pfn, count, 1);
+}
+
+static void add_range(struct buddy *b, uint64_t pfn, uint64_t count, unsigned rep)
 {
     uint64_t lo = b->base_pfn, hi = b->end_pfn;
     uint64_t end = count > UINT64_MAX - pfn ? UINT64_MAX : pfn + count;
@@ -440,7 +461,7 @@ void buddy_add_range(struct buddy *b, uint64_t pfn, uint64_t count)
             b->page[run++ - lo] = 0;
         b->total_pages += run - pfn;
         b->free_pages += run - pfn;
-        free_run(b, pfn, run);
+        free_run(b, pfn, run, rep);
         pfn = run;
     }
 }
@@ -499,9 +520,16 @@ void buddy_set_poison(struct buddy *b, bool on, uint64_t pattern)
         return;
     for (unsigned k = 0; k <= BUDDY_MAX_ORDER; k++) {
         for (unsigned r = 0; r < 2; r++) {
-            const struct buddy_bitmap *m = &b->ord[k].set[r];
-            for (uint64_t i = bm_next(m, 0); i != BUDDY_NONE; i = bm_next(m, i + 1))
+            struct buddy_bitmap *m = &b->ord[k].set[r];
+            for (uint64_t i = bm_next(m, 0); i != BUDDY_NONE; i = bm_next(m, i + 1)) {
                 poison_fill(b, blk_pfn(b, i, k), k);
+                if (r) {
+                    /* Written now, so backed: it moves to the backed set (and is verified). */
+                    set_del(b, k, 1, i);
+                    set_add(b, k, 0, i);
+                    b->reported_pages -= 1ULL << k;
+                }
+            }
         }
     }
 }

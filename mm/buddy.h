@@ -16,11 +16,18 @@
  *    buddy_free reject bad arguments instead of corrupting state.
  * About 1.51 bytes of metadata per 4 KiB page (0.037 %).
  *
- * Reported state (free page reporting): a block freed with buddy_free_reported() is reported;
- * allocating it, or any part of it, clears the state of the allocated part; splitting keeps the
- * remaining halves reported (their contents were not touched); merging two buddies always yields
- * an unreported block, even when both halves were reported, so that the merged block is offered
- * to the host again as one larger block.
+ * Backed and unbacked free memory. The second free set ("reported", for the free page
+ * reporting it started with) holds every free block the host does not back: reported blocks
+ * (buddy_free_reported), memory never touched since boot (buddy_add_range_untouched), and what
+ * the balloon got back from the host (deflated, or hinted during a migration). Allocating any
+ * part of such a block clears the state of the allocated part; splitting keeps the remaining
+ * halves in it. Free buddies merge only when both are in the same state: a merged block must
+ * neither claim backing it lacks nor hide backing it has (two reported halves make a reported
+ * block, not reported again). A backed and an unbacked buddy stay apart until an allocation
+ * needs the larger block (buddy_coalesce_mixed).
+ * Allocation takes backed blocks first (no host fault on first touch, and unbacked memory stays
+ * unbacked); buddy_alloc_largest, which inflate uses, too: ballooning backed memory is what gives
+ * the host memory back.
  *
  * Not thread-safe: the caller serialises all calls.
  */
@@ -54,7 +61,7 @@ struct buddy_bitmap {
 
 struct buddy_order {
     uint64_t bias;              /* bit index of the block at pfn is (pfn >> order) - bias */
-    struct buddy_bitmap set[2]; /* [0]: free, not reported; [1]: free, reported */
+    struct buddy_bitmap set[2]; /* [0]: free, backed; [1]: free, not backed (reported, ...) */
 };
 
 /*
@@ -106,14 +113,25 @@ void buddy_add_range(struct buddy *b, uint64_t pfn, uint64_t count);
 /* Register (fn) or remove (NULL) the reclaim hook. */
 void buddy_set_reclaim(struct buddy *b, buddy_reclaim_fn fn, void *ctx);
 
+/* Like buddy_add_range, for memory nobody has written since boot (the host does not back it). */
+void buddy_add_range_untouched(struct buddy *b, uint64_t pfn, uint64_t count);
+
+/*
+ * Free buddies in different states (one backed, one not) stay apart. An allocation that finds
+ * no block calls this before giving up: it merges every such pair into a backed block (filling
+ * the unbacked half when poisoning), cascading upward. Returns whether anything merged.
+ */
+bool buddy_coalesce_mixed(struct buddy *b);
+
 /* Allocate a naturally aligned block of 2^order pages: its first pfn, or BUDDY_NONE (after
  * the reclaim hook, if any, could not help). */
 uint64_t buddy_alloc(struct buddy *b, unsigned order);
 
 /*
- * Allocate the largest free block of order <= max_order: a block of max_order (split from a larger
- * one if needed) when there is one, else the lowest block of the largest free order below it.
- * *order_out gets its order. For balloon inflate. BUDDY_NONE if nothing is free.
+ * Allocate the largest free block of order <= max_order, backed blocks first: a block of
+ * max_order (split from a larger one if needed) when there is one, else the lowest block of the
+ * largest free order below it; only then the same among unbacked blocks. *order_out gets its
+ * order. For balloon inflate. BUDDY_NONE if nothing is free.
  */
 uint64_t buddy_alloc_largest(struct buddy *b, unsigned max_order, unsigned *order_out);
 

@@ -135,6 +135,19 @@ static void violation(struct balloon *b, const char *what)
     event_emit(&j);
 }
 
+/*
+ * Give the allocator a block the host does not back (deflated: QEMU's MADV_WILLNEED populates
+ * nothing; hinted: not migrated), so that inflate and allocation prefer backed memory. With
+ * poisoning the block is filled now, as page poison requires of deflated pages, and so backed.
+ */
+static void free_unbacked(struct balloon *b, uint64_t pfn, unsigned order)
+{
+    if (b->mm->poison)
+        buddy_free(b->mm, pfn, order);
+    else
+        buddy_free_reported(b->mm, pfn, order);
+}
+
 /* Physically contiguous zeroed memory from the allocator for rings and buffers. */
 static void *alloc_zeroed(struct buddy *mm, uint64_t bytes)
 {
@@ -633,7 +646,7 @@ static bool collect(struct balloon *b)
     while ((buf = vq_get_used(&b->deflate_vq, &len))) {
         /* Only now, after the host has seen the PFNs, do the pages return to the guest. */
         for (unsigned i = 0; i < buf->n_blocks; i++)
-            buddy_free(b->mm, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
+            free_unbacked(b, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
         b->inflight_deflate -= buf->pages;
         b->actual -= buf->pages;
         buf->busy = false;
@@ -703,7 +716,7 @@ static uint64_t hint_release(struct balloon *b, uint64_t pages)
     uint64_t released = 0, pfn;
     unsigned order;
     while (released < pages && blocklist_pop(&b->hinted, &pfn, &order)) {
-        buddy_free(b->mm, pfn, order);
+        free_unbacked(b, pfn, order);
         released += 1ull << order;
     }
     b->hint_released_pages += released;

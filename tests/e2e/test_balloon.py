@@ -413,3 +413,35 @@ def test_cli_balloon_unreachable_target_fails_fast(images, pytestconfig):
     assert r.returncode == 1, "%s\n%s" % (r.stdout, r.stderr)
     assert "no more memory to give" in r.stderr, r.stderr
     assert time.monotonic() - t0 < 60
+
+
+# ------------------------------------------------------------ backed memory first
+
+def test_inflate_and_allocation_take_backed_memory_first(balloon_vm):
+    """A 2 GiB guest touches and frees 1.5 GiB, then inflates 512 MiB and deflates it:
+    those 512 MiB come back unbacked (the host dropped them).  Inflating 512 MiB again
+    must take memory the host still backs -- not the just-deflated pages -- so QEMU's
+    RSS falls by >= 0.95 MiB per MiB ballooned; and an allocation afterwards must use
+    backed memory too, so QEMU's RSS hardly grows."""
+    size = 512 * MiB
+    with balloon_vm(memory="2G") as vm:
+        big = vm.check("alloc 1536M 5", timeout=120)
+        vm.check("free %d" % big["id"])
+        for cycle in range(2):
+            rss0 = vm.balloon.rss()
+            vm.resize(size)
+            vm.check_balloon(size)
+            ratio = (rss0 - vm.balloon.rss()) / size
+            assert ratio >= 0.95, (
+                "cycle %d: RSS fell by %.2f MiB per MiB ballooned (want >= 0.95)\n%s"
+                % (cycle, ratio, vm.context()))
+            vm.resize(0)
+        rss0 = vm.balloon.rss()
+        a = vm.check("alloc 256M 8", timeout=60)
+        grew = vm.balloon.rss() - rss0
+        assert grew <= 16 * MiB, (
+            "allocating 256 MiB after a deflate grew QEMU's RSS by %d MiB: it used memory "
+            "the host had dropped\n%s" % (grew >> 20, vm.context()))
+        vm.verify(str(a["id"]), pages=256 * MiB // PAGE)
+        vm.check_no_violation()
+        vm.quit()

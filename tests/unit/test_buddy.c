@@ -200,6 +200,15 @@ static void check_summaries(const struct buddy *b)
  * managed free pages, disjoint and cover exactly the model's free pages; no two free buddies
  * coexist (full coalescing); counters and buddy_is_free agree.
  */
+/* The reported state of the free block whose head is pfn in a walk (it is there). */
+static bool buddy_walk_state(struct walk w, uint64_t pfn)
+{
+    for (size_t i = 0; i < w.n; i++)
+        if (w.v[i].pfn == pfn)
+            return w.v[i].reported;
+    return false;
+}
+
 static void check_all(struct env *e)
 {
     struct buddy *b = &e->b;
@@ -232,12 +241,13 @@ static void check_all(struct env *e)
         if (k.reported)
             rep_pages += 1ULL << k.order;
     }
-    /* Coalescing: a free block's buddy is never free at the same order. */
+    /* Coalescing: a free block's buddy is never free at the same order in the same state
+     * (backed or not: blocks of different states stay apart, mm/buddy.h). */
     for (size_t i = 0; i < w.n; i++) {
         struct wblk k = w.v[i];
         uint64_t bud = k.pfn ^ (1ULL << k.order);
         if (k.order < BUDDY_MAX_ORDER && bud >= e->base && bud < e->base + e->span &&
-            cover[bud - e->base] == k.order + 2)
+            cover[bud - e->base] == k.order + 2 && buddy_walk_state(w, bud) == k.reported)
             fail_msg("free buddies 0x%llx and 0x%llx at order %u not merged",
                      (unsigned long long)k.pfn, (unsigned long long)bud, k.order);
     }
@@ -438,6 +448,8 @@ static void random_run(uint64_t seed, uint64_t base, uint64_t span, const uint64
     assert_int_equal(st.failures, fails);
     while (e->nlive)
         model_free(e, e->nlive - 1, false);
+    check_all(e);
+    buddy_coalesce_mixed(&e->b); /* reported and unreported buddies stay apart until now */
     check_all(e);
     struct walk final = walk_all(&e->b, 0);
     assert_same_layout(&initial, &final);
@@ -662,69 +674,105 @@ static void test_reported_state(void **state)
     free(w.v);
     check_all(e);
 
-    /* Freeing it merges with its reported buddies all the way up: the result is unreported. */
+    /* Freed as backed, it stays apart from its reported buddies: merging would either claim
+     * backing the block lacks or hide backing it has. */
     model_free(e, 0, false);
     buddy_get_stats(b, &st);
-    assert_int_equal(st.reported_pages, 1024 + 1);
+    assert_int_equal(st.reported_pages, 1024 + 64 + 1 - 8);
     w = walk_all(b, 0);
-    assert_int_equal(w.n, 3);
-    assert_int_equal(w.v[1].pfn, 1024);
-    assert_int_equal(w.v[1].order, 6);
-    assert_false(w.v[1].reported);
-    assert_true(w.v[0].reported);
-    assert_true(w.v[2].reported);
+    bool found = false;
+    for (size_t i = 0; i < w.n; i++)
+        if (w.v[i].pfn == 1024) {
+            assert_int_equal(w.v[i].order, 3);
+            assert_false(w.v[i].reported);
+            found = true;
+        }
+    assert_true(found);
     free(w.v);
     check_all(e);
 
-    /* A reported free whose block merges: the merge rule wins. */
-    uint64_t x = buddy_alloc(b, 5); /* 1024: order-6 block split, upper half 1056 unreported */
-    uint64_t y = buddy_alloc(b, 5); /* 1056 */
-    assert_int_equal(x, 1024);
-    assert_int_equal(y, 1056);
-    model_alloc(e, x, 5);
-    model_alloc(e, y, 5);
-    assert_int_equal(buddy_free_reported(b, x, 5), 0);
+    /* Reported too, it merges with them: two reported halves make a reported block, which is
+     * not offered to the host again. */
+    uint64_t p4 = buddy_take_unreported(b, 0, &order);
+    assert_int_equal(p4, 1024);
+    assert_int_equal(order, 3);
+    model_alloc(e, p4, 3);
+    model_free(e, e->nlive - 1, true);
     buddy_get_stats(b, &st);
-    assert_int_equal(st.reported_pages, 1024 + 1 + 32);
-    assert_int_equal(buddy_free_reported(b, y, 5), 0);
-    e->nlive = 0;
-    for (uint64_t p = 1024; p < 1088; p++)
-        e->owner[p] = M_FREE;
-    buddy_get_stats(b, &st);
-    assert_int_equal(st.reported_pages, 1024 + 1);
-    assert_false(buddy_is_free(b, 2000));
-    check_all(e);
+    assert_int_equal(st.reported_pages, 1024 + 64 + 1);
     w = walk_all(b, 6);
     assert_int_equal(w.n, 2);
-    assert_false(w.v[1].reported);
+    assert_int_equal(w.v[1].pfn, 1024);
+    assert_int_equal(w.v[1].order, 6);
+    assert_true(w.v[1].reported);
     free(w.v);
+    assert_int_equal(buddy_take_unreported(b, 0, &order), BUDDY_NONE);
+    check_all(e);
     env_free(e);
 }
 
-/* Lowest address first, whichever of the two free sets (reported or not) holds the block. */
-static void test_lowest_across_reported(void **state)
+/* Buddies in different states merge only when an allocation needs the larger block. */
+static void test_coalesce_on_demand(void **state)
 {
     (void)state;
-    for (unsigned first_reported = 0; first_reported < 2; first_reported++) {
-        struct env *e = env_new(0, 64);
-        env_add(e, 0, 64);
-        for (uint64_t p = 0; p < 4; p++)
-            assert_int_equal(buddy_alloc(&e->b, 0), p);
-        /* Free pages 0 and 2 (their buddies 1 and 3 stay allocated): one in each set. */
-        assert_int_equal(
-            first_reported ? buddy_free_reported(&e->b, 0, 0) : buddy_free(&e->b, 0, 0), 0);
-        assert_int_equal(
-            first_reported ? buddy_free(&e->b, 2, 0) : buddy_free_reported(&e->b, 2, 0), 0);
-        struct walk w = walk_all(&e->b, 0);
-        assert_int_equal(w.v[w.n - 2].pfn, 0);
-        assert_int_equal(w.v[w.n - 2].reported, first_reported);
-        assert_int_equal(w.v[w.n - 1].pfn, 2);
-        assert_int_equal(w.v[w.n - 1].reported, !first_reported);
-        free(w.v);
-        assert_int_equal(buddy_alloc(&e->b, 0), 0);
-        assert_int_equal(buddy_alloc(&e->b, 0), 2);
-        env_free(e);
-    }
+    struct env *e = env_new(0, 64);
+    env_add(e, 0, 2);
+    assert_int_equal(buddy_alloc(&e->b, 0), 0);
+    assert_int_equal(buddy_alloc(&e->b, 0), 1);
+    assert_int_equal(buddy_free(&e->b, 0, 0), 0);
+    assert_int_equal(buddy_free_reported(&e->b, 1, 0), 0);
+    struct walk w = walk_all(&e->b, 0);
+    assert_int_equal(w.n, 2); /* apart */
+    free(w.v);
+    assert_int_equal(buddy_alloc(&e->b, 1), 0); /* merged on demand */
+    struct buddy_stats st;
+    buddy_get_stats(&e->b, &st);
+    assert_int_equal(st.reported_pages, 0);
+    assert_int_equal(st.failures, 0);
+    assert_int_equal(buddy_free(&e->b, 0, 1), 0);
+    assert_false(buddy_coalesce_mixed(&e->b)); /* nothing left to merge */
+    env_free(e);
+}
+
+/* Backed blocks first, whatever their address and size; unbacked ones only when no backed one
+ * fits. Memory added untouched is unbacked; poisoning writes it, so it becomes backed. */
+static void test_backed_first(void **state)
+{
+    (void)state;
+    struct env *e = env_new(0, 64);
+    buddy_add_range_untouched(&e->b, 0, 64);
+    struct buddy_stats st;
+    buddy_get_stats(&e->b, &st);
+    assert_int_equal(st.reported_pages, 64);
+    assert_int_equal(buddy_take_unreported(&e->b, 0, NULL), BUDDY_NONE); /* nothing to report */
+    for (uint64_t p = 0; p < 4; p++)
+        assert_int_equal(buddy_alloc(&e->b, 0), p);
+    /* Page 2 comes back written (backed), page 0 reported (unbacked); 4..63 never touched. */
+    assert_int_equal(buddy_free(&e->b, 2, 0), 0);
+    assert_int_equal(buddy_free_reported(&e->b, 0, 0), 0);
+    assert_int_equal(buddy_alloc(&e->b, 0), 2);
+    assert_int_equal(buddy_alloc(&e->b, 0), 0);
+    assert_int_equal(buddy_free(&e->b, 2, 0), 0);
+    /* Inflate's allocation too: the lone backed page before a 32-page unbacked block. */
+    unsigned order = 99;
+    assert_int_equal(buddy_alloc_largest(&e->b, 5, &order), 2);
+    assert_int_equal(order, 0);
+    assert_int_equal(buddy_alloc_largest(&e->b, 5, &order), 32);
+    assert_int_equal(order, 5);
+    assert_int_equal(buddy_free(&e->b, 32, 5), 0);
+    assert_int_equal(buddy_free(&e->b, 2, 0), 0);
+    assert_int_equal(buddy_free_reported(&e->b, 0, 0), 0);
+    /* Poisoning writes every free page: all of it is backed now. */
+    fake_ram_init(0, 64 * PAGE_SIZE);
+    buddy_set_poison(&e->b, true, 0x5a5a5a5a5a5a5a5aULL);
+    buddy_get_stats(&e->b, &st);
+    assert_int_equal(st.reported_pages, 0);
+    struct walk w = walk_all(&e->b, 0);
+    for (size_t i = 0; i < w.n; i++)
+        assert_false(w.v[i].reported);
+    free(w.v);
+    fake_ram_fini();
+    env_free(e);
 }
 
 static void test_alloc_largest(void **state)
@@ -983,22 +1031,24 @@ static void test_poison(void **state)
     buddy_get_stats(b, &st);
     assert_int_equal(st.poison_errors, 2);
 
-    /* Freeing it merges with reported halves: the merged block is refilled and verifies. */
+    /* Freed, it stays apart from its reported buddies (not refilled); an allocation that needs
+     * the whole block merges them, refilling the reported parts, so it verifies. */
     assert_int_equal(buddy_free(b, d, 0), 0);
+    assert_true(page_has_pattern(P_BASE + 1, 0));
+    d = buddy_alloc(b, 9);
     for (uint64_t p = P_BASE; p < P_BASE + P_SPAN; p++)
         assert_true(page_has_pattern(p, PATTERN));
-    d = buddy_alloc(b, 9);
     buddy_get_stats(b, &st);
     assert_int_equal(st.poison_errors, 2);
     assert_int_equal(buddy_free(b, d, 9), 0);
 
-    /* A reported free that merges is refilled too. */
+    /* A reported free next to a backed buddy is refilled when they merge. */
     uint64_t x = buddy_alloc(b, 0), y = buddy_alloc(b, 0);
     *(uint64_t *)phys_to_virt(y << PAGE_SHIFT) = 0;
     assert_int_equal(buddy_free(b, x, 0), 0);
     assert_int_equal(buddy_free_reported(b, y, 0), 0);
-    assert_true(page_has_pattern(y, PATTERN));
     d = buddy_alloc(b, 9);
+    assert_true(page_has_pattern(y, PATTERN));
     buddy_get_stats(b, &st);
     assert_int_equal(st.poison_errors, 2);
     assert_int_equal(buddy_free(b, d, 9), 0);
@@ -1046,7 +1096,8 @@ int main(void)
         cmocka_unit_test_setup(test_invalid_frees, setup),
         cmocka_unit_test_setup(test_reported_state, setup),
         cmocka_unit_test_setup(test_reclaim_hook, setup),
-        cmocka_unit_test_setup(test_lowest_across_reported, setup),
+        cmocka_unit_test_setup(test_coalesce_on_demand, setup),
+        cmocka_unit_test_setup(test_backed_first, setup),
         cmocka_unit_test_setup(test_alloc_largest, setup),
         cmocka_unit_test_setup(test_split, setup),
         cmocka_unit_test_setup(test_walk_stop_and_min_order, setup),
