@@ -19,8 +19,18 @@ void balloon_mode_run(const struct options *opts)
                 "(QEMU: -device virtio-balloon-pci)\n");
         machine_exit(EXIT_NO_DEVICE, "no balloon device");
     }
+    /* PAGE_POISON only when the guest poisons, with a pattern that repeats a 32-bit poison_val
+     * (the only kind the feature can describe). */
+    struct balloon_config cfg = opts->balloon;
+    uint32_t val = (uint32_t)opts->poison_pattern;
+    cfg.page_poison = opts->poison && opts->poison_pattern == ((uint64_t)val << 32 | val);
+    cfg.poison_val = val;
+    if (opts->poison && !cfg.page_poison)
+        kprintf("balloon: poison pattern 0x%lx does not repeat a 32-bit value: PAGE_POISON "
+                "declined\n",
+                opts->poison_pattern);
     struct balloon_status st;
-    if (balloon_init(&balloon, &transport, &kernel_buddy, &opts->balloon) != 0) {
+    if (balloon_init(&balloon, &transport, &kernel_buddy, &cfg) != 0) {
         balloon_get_status(&balloon, &st);
         if (st.violation[0])
             machine_exit(EXIT_PROTOCOL_ERROR, st.violation);

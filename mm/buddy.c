@@ -224,7 +224,7 @@ HOT uint64_t finish_take(struct buddy *b, uint64_t pfn, unsigned k, unsigned rep
     b->free_pages -= 1ULL << k;
     if (rep)
         b->reported_pages -= 1ULL << k;
-    if (UNLIKELY(b->poison) && !rep)
+    if (UNLIKELY(b->poison) && (!rep || b->reported_keep_content))
         poison_check(b, pfn, k);
     return pfn;
 }
@@ -510,6 +510,11 @@ void buddy_get_stats(const struct buddy *b, struct buddy_stats *out)
     out->frees = b->frees;
     out->failures = b->failures;
     out->poison_errors = b->poison_errors;
+}
+
+void buddy_set_reported_keep_content(struct buddy *b, bool keep)
+{
+    b->reported_keep_content = keep;
 }
 
 void buddy_set_poison(struct buddy *b, bool on, uint64_t pattern)

@@ -90,6 +90,7 @@ struct buddy {
     buddy_reclaim_fn reclaim;
     void *reclaim_ctx;
     bool reclaiming;
+    bool reported_keep_content; /* verify reported blocks too (buddy_set_reported_keep_content) */
     uint64_t reclaimed_pages;
 };
 
@@ -187,5 +188,10 @@ void buddy_get_stats(const struct buddy *b, struct buddy_stats *out);
  * merges into an unreported one it is filled again. Turning poisoning on fills all free pages.
  */
 void buddy_set_poison(struct buddy *b, bool on, uint64_t pattern);
+
+/* Whether the host keeps the contents of reported blocks (PAGE_POISON with a non-zero
+ * poison_val): with poisoning on they are then verified on allocation too, so a host that
+ * discards them anyway is caught with the address. */
+void buddy_set_reported_keep_content(struct buddy *b, bool keep);
 
 #endif

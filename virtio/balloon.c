@@ -294,6 +294,8 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         wanted |= 1ull << VIRTIO_BALLOON_F_X_CHUNKS;
     if (cfg->hinting)
         wanted |= 1ull << VIRTIO_BALLOON_F_FREE_PAGE_HINT;
+    if (cfg->page_poison)
+        wanted |= 1ull << VIRTIO_BALLOON_F_PAGE_POISON;
     /* Not accepted (yet): PAGE_POISON (we do not write poison_val into deflated pages),
      * FREE_PAGE_HINT and PAGE_REPORTING, and QEMU's bit-30 sentinel. */
     b->features = b->offered & wanted;
@@ -375,6 +377,13 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     if (b->has_stats)
         post_stats(b); /* primed with real values; kicked only after DRIVER_OK */
 
+    if (balloon_negotiated(b, VIRTIO_BALLOON_F_PAGE_POISON)) {
+        /* Before DRIVER_OK, and never changed afterwards (spec 5.5.6.6). With a non-zero value
+         * the host keeps reported pages (QEMU skips discarding them), so the allocator checks
+         * their poison when it hands them out again. */
+        t->ops->config_write(t, BALLOON_CFG_POISON, 4, b->cfg.poison_val);
+        buddy_set_reported_keep_content(mm, b->cfg.poison_val != 0);
+    }
     t->ops->set_status(t, status | VIRTIO_STATUS_DRIVER_OK);
     if (b->has_stats)
         kick(b, &b->stats_vq);

@@ -28,7 +28,8 @@
 /* Device config offsets (spec 5.5.4); always little-endian, also on legacy. */
 #define BALLOON_CFG_NUM_PAGES 0
 #define BALLOON_CFG_ACTUAL    4
-#define BALLOON_CFG_HINT_CMD  8 /* free_page_hint_cmd_id (FREE_PAGE_HINT) */
+#define BALLOON_CFG_HINT_CMD  8  /* free_page_hint_cmd_id (FREE_PAGE_HINT) */
+#define BALLOON_CFG_POISON    12 /* poison_val (PAGE_POISON) */
 
 /* free_page_hint_cmd_id values (spec 5.5.6.5); any other value names a hinting round. */
 #define BALLOON_HINT_CMD_STOP 0
@@ -59,7 +60,11 @@ struct balloon_config {
     uint32_t chunks_per_buffer; /* chunks per inflate/deflate buffer, 1..BALLOON_MAX_CHUNKS */
     enum balloon_inject inject; /* damage the first chunked inflate buffer (tests only) */
     bool hinting;               /* accept FREE_PAGE_HINT when offered */
-    uint32_t hint_order;        /* largest block hinted at once (buddy order) */
+    /* PAGE_POISON: accepted only when the guest really poisons free pages (the kernel sets
+     * this from blimp.poison), with poison_val the 32-bit value its pattern repeats. */
+    bool page_poison;
+    uint32_t poison_val;
+    uint32_t hint_order; /* largest block hinted at once (buddy order) */
 };
 
 /* One range of a chunked buffer (docs/chunked-inflate.md); little-endian, as x86 is. */

@@ -445,3 +445,31 @@ def test_inflate_and_allocation_take_backed_memory_first(balloon_vm):
         vm.verify(str(a["id"]), pages=256 * MiB // PAGE)
         vm.check_no_violation()
         vm.quit()
+
+
+# ------------------------------------------------------------ page poison
+
+F_PAGE_POISON = 1 << 4
+
+
+@pytest.mark.parametrize("append,accepted", [
+    ("blimp.poison=1", True),
+    ("blimp.poison=0", False),
+    ("blimp.poison=1 blimp.poison_pattern=0x0123456789abcdef", False)],
+    ids=["poison", "no-poison", "pattern-not-32-bit"])
+def test_page_poison_accepted_only_when_poisoning(balloon_vm, append, accepted):
+    """QEMU 7.2 offers PAGE_POISON by default. The guest accepts it only when it really
+    poisons free pages with a pattern poison_val can describe, and then keeps its poison
+    through inflate, deflate and reuse (no mismatch)."""
+    with balloon_vm(append=append) as vm:
+        assert vm.features["offered"] & F_PAGE_POISON
+        assert bool(vm.accepted & F_PAGE_POISON) == accepted, vm.features
+        if "0x0123456789abcdef" in append:
+            assert any("PAGE_POISON declined" in l for l in vm.qemu.lines), vm.context()
+        vm.resize(512 * MiB)
+        vm.resize(0)
+        r = vm.check("alloc 768M 4", timeout=120)   # reuses the deflated pages
+        vm.verify(str(r["id"]), pages=768 * MiB // PAGE)
+        assert not [l for l in vm.qemu.lines if l.startswith("poison mismatch")], vm.context()
+        vm.check_no_violation()
+        vm.quit()

@@ -552,12 +552,19 @@ static void on_config_write(struct fake_transport *ft, unsigned off, unsigned wi
                             void *arg)
 {
     struct fake_balloon *fb = arg;
-    (void)ft;
-    (void)val;
     if (off == BALLOON_CFG_ACTUAL) {
         fb->actual_writes++;
         if (width != 4) /* spec 5.5.6.2.1: one 4-byte access */
             fb_error(fb, "actual written with a %u-byte access", width);
+        return;
+    }
+    if (off == BALLOON_CFG_POISON && fake_transport_negotiated(ft, VIRTIO_BALLOON_F_PAGE_POISON)) {
+        /* Spec 5.5.6.6: written before DRIVER_OK, never changed while DRIVER_OK. */
+        if (width != 4 || (ft->status & VIRTIO_STATUS_DRIVER_OK))
+            fb_error(fb, "poison_val written %s",
+                     width != 4 ? "with a partial access" : "after DRIVER_OK");
+        fb->poison_val = val;
+        fb->poison_val_writes++;
         return;
     }
     fb_error(fb, "driver wrote config offset %u (width %u), which it must not", off, width);

@@ -88,6 +88,8 @@ struct fake_balloon {
     unsigned max_pfns;                       /* largest buffer seen */
     unsigned chunk_buffers, max_chunks;      /* chunked buffers seen, most chunks in one */
     unsigned actual_writes;                  /* driver writes of `actual` */
+    uint32_t poison_val;                     /* as the driver wrote it (PAGE_POISON) */
+    unsigned poison_val_writes;
     unsigned canary_errors;
 
     /* Stats. */

@@ -1617,6 +1617,37 @@ static void test_hint_declined(void **state)
     env_free(e);
 }
 
+/* ---- Page poison (spec 5.5.6.6) ---------------------------------------------------------------
+ */
+
+static void test_page_poison_negotiation(void **state)
+{
+    (void)state;
+    const uint64_t offered = MODERN | F(VIRTIO_BALLOON_F_PAGE_POISON);
+    /* Accepted only when the guest poisons; poison_val written once, before DRIVER_OK. */
+    for (unsigned val = 0; val < 2; val++) {
+        struct env *e = env_new(false, offered, QSIZE);
+        e->cfg.page_poison = true;
+        e->cfg.poison_val = val ? 0xaaaaaaaau : 0;
+        assert_int_equal(env_start(e), 0);
+        assert_true(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_PAGE_POISON));
+        assert_int_equal(e->fb.poison_val_writes, 1);
+        assert_int_equal(e->fb.poison_val, e->cfg.poison_val);
+        /* A non-zero value means the host keeps reported pages: the allocator checks them. */
+        assert_int_equal(e->mm.reported_keep_content, val != 0);
+        settle_at(e, 500);
+        settle_at(e, 0);
+        assert_int_equal(e->fb.poison_val_writes, 1);
+        assert_clean(e);
+        env_free(e);
+    }
+    struct env *e = env_up(false, offered); /* the guest does not poison: declined */
+    assert_false(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_PAGE_POISON));
+    assert_int_equal(e->fb.poison_val_writes, 0);
+    assert_false(e->mm.reported_keep_content);
+    env_free(e);
+}
+
 /* ---- Deflate on OOM ------------------------------------------------------------------------- */
 
 static void test_oom_deflate(void **state)
@@ -1796,6 +1827,7 @@ int main(void)
         cmocka_unit_test(test_hint_round_and_done),
         cmocka_unit_test(test_hint_stop_new_round_and_pressure),
         cmocka_unit_test(test_hint_declined),
+        cmocka_unit_test(test_page_poison_negotiation),
         cmocka_unit_test(test_chunks_inject_bad_chunk),
         cmocka_unit_test(test_oom_reclaim_needs_the_feature),
     };

@@ -1065,6 +1065,39 @@ static void test_poison(void **state)
     fake_ram_fini();
 }
 
+/* PAGE_POISON with a non-zero poison_val: the host promised to keep reported pages, so their
+ * poison is checked on allocation and a host that discarded one anyway is caught. */
+static void test_poison_kept_by_host(void **state)
+{
+    (void)state;
+    for (int keep = 0; keep <= 1; keep++) {
+        fake_ram_init(P_BASE << PAGE_SHIFT, P_SPAN * PAGE_SIZE);
+        struct env *e = env_new(P_BASE, P_SPAN);
+        struct buddy *b = &e->b;
+        env_add(e, P_BASE, P_SPAN);
+        buddy_set_poison(b, true, PATTERN);
+        buddy_set_reported_keep_content(b, keep);
+        unsigned order;
+        uint64_t r = buddy_take_unreported(b, 0, &order);
+        assert_int_equal(buddy_free_reported(b, r, order), 0); /* kept: still poisoned */
+        uint64_t a = buddy_alloc(b, order);
+        struct buddy_stats st;
+        buddy_get_stats(b, &st);
+        assert_int_equal(st.poison_errors, 0);
+        assert_int_equal(buddy_free(b, a, order), 0);
+        r = buddy_take_unreported(b, 0, &order);
+        memset(phys_to_virt((r + 3) << PAGE_SHIFT), 0, PAGE_SIZE); /* discarded after all */
+        assert_int_equal(buddy_free_reported(b, r, order), 0);
+        a = buddy_alloc(b, order);
+        buddy_get_stats(b, &st);
+        assert_int_equal(st.poison_errors, keep ? 1 : 0);
+        if (keep)
+            assert_int_equal(b->poison_bad_phys, (r + 3) << PAGE_SHIFT);
+        env_free(e);
+        fake_ram_fini();
+    }
+}
+
 /* Without poisoning the allocator must never touch page contents (phys_to_virt would abort). */
 static void test_no_page_access(void **state)
 {
@@ -1097,6 +1130,7 @@ int main(void)
         cmocka_unit_test_setup(test_reported_state, setup),
         cmocka_unit_test_setup(test_reclaim_hook, setup),
         cmocka_unit_test_setup(test_coalesce_on_demand, setup),
+        cmocka_unit_test_setup(test_poison_kept_by_host, setup),
         cmocka_unit_test_setup(test_backed_first, setup),
         cmocka_unit_test_setup(test_alloc_largest, setup),
         cmocka_unit_test_setup(test_split, setup),
