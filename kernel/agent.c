@@ -350,6 +350,10 @@ static void cmd_state(void)
         json_u64(&j, "deflate_buffers", b.deflate_buffers);
         json_u64(&j, "stats_updates", b.stats_updates);
         json_u64(&j, "oom_deflated_pages", b.oom_deflated_pages);
+        json_u64(&j, "reported_pages", b.reported_pages);
+        json_u64(&j, "report_chains", b.report_chains);
+        json_u64(&j, "report_passes", b.report_passes);
+        json_u64(&j, "inflight_report_pages", b.inflight_report);
     } else {
         json_str(&j, "state", "absent");
     }
