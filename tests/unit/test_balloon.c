@@ -2067,7 +2067,7 @@ static void test_report_stall(void **state)
     (void)state;
     struct env *e = env_new(false, REPORTING, QSIZE);
     e->cfg.report_delay_ms = 0;
-    e->cfg.ack_timeout_ns = 20 * MS;
+    e->cfg.ack_timeout_ns = 200 * MS; /* well beyond init, even on a loaded machine */
     e->fb.hold_reports = true;
     uint64_t t0 = platform_now_ns(); /* the first chains go out during init */
     assert_int_equal(env_start(e), 0);
@@ -2077,8 +2077,8 @@ static void test_report_stall(void **state)
         polls++;
     }
     assert_int_equal(e->b.state, BALLOON_STALLED);
-    assert_true(platform_now_ns() - t0 >= 20 * MS);
-    assert_true(polls >= 2); /* every poll returned while the device kept silent */
+    assert_true(platform_now_ns() - t0 >= 200 * MS);
+    assert_true(polls >= 10); /* every poll returned while the device kept silent */
     assert_true(fake_log_contains("balloon_stalled"));
     assert_true(fake_log_contains("report"));
     uint64_t held = e->b.inflight_report;
