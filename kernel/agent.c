@@ -353,6 +353,10 @@ static void cmd_state(void)
         json_u64(&j, "hinted_pages", b.hinted_pages);
         json_u64(&j, "hint_rounds", b.hint_rounds);
         json_u64(&j, "hint_released_pages", b.hint_released_pages);
+        json_u64(&j, "reported_pages", b.reported_pages);
+        json_u64(&j, "report_chains", b.report_chains);
+        json_u64(&j, "report_passes", b.report_passes);
+        json_u64(&j, "inflight_report_pages", b.inflight_report);
     } else {
         json_str(&j, "state", "absent");
     }

@@ -362,6 +362,22 @@ uint64_t buddy_take_unreported(struct buddy *b, unsigned min_order, unsigned *or
     return finish_take(b, blk_pfn(b, i, k), k, 0);
 }
 
+uint64_t buddy_unreported_pages(const struct buddy *b, unsigned min_order)
+{
+    uint64_t pages = 0;
+    for (unsigned k = min_order; k <= BUDDY_MAX_ORDER; k++)
+        pages += b->ord[k].set[0].count << k;
+    return pages;
+}
+
+int buddy_next_unreported_order(const struct buddy *b, unsigned min_order)
+{
+    if (min_order > BUDDY_MAX_ORDER)
+        return -1;
+    uint32_t avail = b->mask[0] >> min_order << min_order;
+    return avail ? 31 - __builtin_clz(avail) : -1;
+}
+
 /* Explain and log a rejected free (cold path: the fast check only says "something is wrong"). */
 static int __attribute__((noinline))
 bad_free(struct buddy *b, uint64_t pfn, unsigned order, const char *who)

@@ -157,6 +157,12 @@ void buddy_walk_free(const struct buddy *b, unsigned min_order, buddy_walk_fn fn
  */
 uint64_t buddy_take_unreported(struct buddy *b, unsigned min_order, unsigned *order_out);
 
+/* Pages in free unreported blocks of order >= min_order (what a reporting pass could take). */
+uint64_t buddy_unreported_pages(const struct buddy *b, unsigned min_order);
+
+/* Order of the block buddy_take_unreported(b, min_order, ...) would take next, or -1. */
+int buddy_next_unreported_order(const struct buddy *b, unsigned min_order);
+
 /*
  * Free a block and mark it reported. If it merges with a free buddy the result is not reported
  * (the merge rule wins). Same validation as buddy_free. Poisoning does not fill it (that would

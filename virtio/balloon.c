@@ -9,6 +9,11 @@
  * used the buffer. Deflate always tells the host first and frees the pages only after the
  * device used the buffer (what MUST_TELL_HOST requires, and harmless without it). Pages in the
  * balloon are never read or written: the records live in separate pages (mm/blocklist.c).
+ *
+ * Free page reporting (PAGE_REPORTING): once free memory has been quiet for report_delay_ms, a
+ * pass takes free unreported buddy blocks of at least report_order, sends them as chains of
+ * device-writable descriptors, and gives them back marked reported when the device has used
+ * the chain (the host may have discarded them: without PAGE_POISON they read back as zero).
  */
 #include "virtio/balloon.h"
 #include "include/platform.h"
@@ -16,6 +21,8 @@
 
 #define MAX_QUEUE_SIZE   256
 #define STATS_ENTRY_SIZE 10
+/* Memory that never stays quiet for report_delay_ms is reported anyway after this many delays. */
+#define REPORT_MAX_DEFER 10
 
 /* Stats tags (spec 5.5.6.3). */
 enum {
@@ -45,6 +52,13 @@ void balloon_default_config(struct balloon_config *cfg)
         /* QEMU takes a hint of any length with one call: the largest blocks mean the fewest
          * descriptors (the driver gives any of them back early when memory runs short). */
         .hint_order = BUDDY_MAX_ORDER,
+        .reporting = true,
+        .report_order = 9, /* 2 MiB: x86-64's huge page, Linux's pageblock_order */
+        /* Long enough to batch a burst of frees and skip memory freed only to be reallocated
+         * at once; short next to the 0.5 s in which 2 GiB should be back on the host. */
+        .report_delay_ms = 20,
+        .report_budget_pages = 0,      /* no limit: the delay paces passes */
+        .report_threshold_pages = 512, /* one 2 MiB block is worth a notification */
     };
 }
 
@@ -89,13 +103,34 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .hint_rounds = b->hint_rounds,
         .hint_released_pages = b->hint_released_pages,
         .hint_cmd_id = b->hint_active,
+        .inflight_report = b->inflight_report,
+        .reported_pages = b->reported_pages,
+        .report_chains = b->report_chains,
+        .report_passes = b->report_passes,
     };
 }
 
+static void collect_reports(struct balloon *b);
 static void hint_end_round(struct balloon *b, const char *reason);
 static uint64_t hint_release(struct balloon *b, uint64_t pages);
 
-/* The allocator's reclaim hook (mm/buddy.h): deflate on guest OOM for any allocation. */
+/* Wait (at most ack_timeout) until the device has used report chains holding `pages` pages, or
+ * all of them; returns the pages given back to the allocator. */
+static uint64_t wait_reports(struct balloon *b, uint64_t pages)
+{
+    uint64_t before = b->inflight_report;
+    uint64_t deadline = platform_now_ns() + b->cfg.ack_timeout_ns;
+    bool was = b->in_driver;
+    b->in_driver = true;
+    while (b->inflight_report && before - b->inflight_report < pages &&
+           !vq_is_broken(&b->report_vq) && platform_now_ns() < deadline)
+        collect_reports(b);
+    b->in_driver = was;
+    return before - b->inflight_report;
+}
+
+/* The allocator's reclaim hook (mm/buddy.h): memory out for reporting, then deflate on guest
+ * OOM, for any allocation. */
 static uint64_t reclaim_for_allocator(void *ctx, uint64_t pages)
 {
     struct balloon *b = ctx;
@@ -103,19 +138,24 @@ static uint64_t reclaim_for_allocator(void *ctx, uint64_t pages)
      * deflating from inside them would undo the very work in progress. */
     if (b->in_driver)
         return 0;
+    /* Reported blocks come back as soon as the device answers (QEMU: milliseconds), so an
+     * allocation racing a pass waits for them rather than failing or deflating. A stalled
+     * device is not waited for again. */
+    uint64_t got = 0;
+    if (b->inflight_report && b->state == BALLOON_RUNNING)
+        got = wait_reports(b, pages);
+    /* Hinted blocks next: they only speed up a migration (spec: MAY release them early). */
+    if (got < pages && b->hinted.pages) {
+        hint_end_round(b, "pressure");
+        got += hint_release(b, pages - got + b->cfg.reserve_pages);
+    }
+    if (got >= pages || !balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM))
+        return got;
     /* Enough to restore the kernel's reserve too, and at least 1 MiB at a time, as Linux does. */
     uint64_t want = pages + b->cfg.reserve_pages;
     if (want < 256)
         want = 256;
-    /* Hinted blocks first: they only speed up a migration (spec: MAY release them early). */
-    if (b->hinted.pages) {
-        hint_end_round(b, "pressure");
-        uint64_t got = hint_release(b, want);
-        if (got >= pages)
-            return got;
-        return got + balloon_release_for_oom(b, want - got, b->cfg.ack_timeout_ns);
-    }
-    return balloon_release_for_oom(b, want, b->cfg.ack_timeout_ns);
+    return got + balloon_release_for_oom(b, want, b->cfg.ack_timeout_ns);
 }
 
 static void violation(struct balloon *b, const char *what)
@@ -189,7 +229,9 @@ static void write_actual(struct balloon *b)
     b->actual_written = b->actual;
 }
 
-static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name, unsigned index)
+/* max_indirect: descriptors per indirect table (0: none; used only with INDIRECT_DESC). */
+static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name, unsigned index,
+                       unsigned max_indirect)
 {
     struct virtio_transport *t = b->t;
     uint16_t max = t->ops->queue_max_size(t, index);
@@ -204,12 +246,14 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
     uint16_t size = legacy || max <= MAX_QUEUE_SIZE ? max : MAX_QUEUE_SIZE;
     bool indirect = balloon_negotiated(b, VIRTIO_F_INDIRECT_DESC);
     bool event_idx = balloon_negotiated(b, VIRTIO_F_EVENT_IDX);
-    void *mem = alloc_zeroed(b->mm, vq_mem_bytes(size, legacy, 0));
+    if (!indirect || max_indirect > size)
+        max_indirect = indirect ? size : 0;
+    void *mem = alloc_zeroed(b->mm, vq_mem_bytes(size, legacy, max_indirect));
     if (!mem) {
         platform_log("balloon: no memory for queue %s", name);
         return -1;
     }
-    if (vq_init(vq, name, index, size, mem, legacy, 0, indirect, event_idx) != 0)
+    if (vq_init(vq, name, index, size, mem, legacy, max_indirect, indirect, event_idx) != 0)
         return -1;
     vq_set_lenient_len(vq, legacy); /* legacy: used len SHOULD be ignored (spec 5.5.6.2.1) */
     struct vq_addrs a;
@@ -274,7 +318,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     b->cfg = *cfg;
     if (b->cfg.buffers == 0 || b->cfg.buffers > BALLOON_MAX_BUFFERS ||
         b->cfg.pfns_per_buffer == 0 || b->cfg.chunks_per_buffer == 0 ||
-        b->cfg.chunks_per_buffer > BALLOON_MAX_CHUNKS)
+        b->cfg.chunks_per_buffer > BALLOON_MAX_CHUNKS || b->cfg.report_order > BUDDY_MAX_ORDER)
         return -1;
     blocklist_init(&b->held, mm);
 
@@ -296,8 +340,13 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         wanted |= 1ull << VIRTIO_BALLOON_F_FREE_PAGE_HINT;
     if (cfg->page_poison)
         wanted |= 1ull << VIRTIO_BALLOON_F_PAGE_POISON;
-    /* Not accepted (yet): PAGE_POISON (we do not write poison_val into deflated pages),
-     * FREE_PAGE_HINT and PAGE_REPORTING, and QEMU's bit-30 sentinel. */
+    /* Reporting, with indirect descriptors for it when offered: a 32-block report then takes
+     * one slot of the 32-entry queue instead of all of them, so chains overlap. */
+    if (cfg->reporting)
+        wanted |= 1ull << VIRTIO_BALLOON_F_PAGE_REPORTING;
+    if (cfg->reporting && (b->offered >> VIRTIO_BALLOON_F_PAGE_REPORTING) & 1)
+        wanted |= 1ull << VIRTIO_F_INDIRECT_DESC;
+    /* Never accepted: QEMU's bit-30 sentinel. */
     b->features = b->offered & wanted;
     /* With EVENT_IDX a device's first notification on a queue cannot be suppressed (QEMU:
      * signalled_used_valid), and QEMU 7.2 notifies the free page queue from its iothread without
@@ -332,7 +381,8 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     json_u64(&j, "accepted", b->features);
     event_emit(&j);
 
-    /* Indices by offered features (see the file comment). */
+    /* Indices by offered features (see the file comment): an offered FREE_PAGE_HINT keeps its
+     * queue's index even though we decline it and never set that queue up. */
     b->has_stats = (b->offered >> VIRTIO_BALLOON_F_STATS_VQ) & 1;
     b->has_hint_vq = balloon_negotiated(b, VIRTIO_BALLOON_F_FREE_PAGE_HINT);
     if (b->has_hint_vq && t->config_size && t->config_size < BALLOON_CFG_HINT_CMD + 4) {
@@ -341,11 +391,16 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         return -1;
     }
     blocklist_init(&b->hinted, mm);
-    if (setup_queue(b, &b->inflate_vq, "inflateq", 0) != 0 ||
-        setup_queue(b, &b->deflate_vq, "deflateq", 1) != 0 ||
-        (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2) != 0) ||
-        (b->has_hint_vq &&
-         setup_queue(b, &b->hint_vq, "free_page_vq", 2 + (b->has_stats ? 1 : 0)) != 0)) {
+    b->has_reporting = balloon_negotiated(b, VIRTIO_BALLOON_F_PAGE_REPORTING);
+    unsigned hint_index = 2 + b->has_stats;
+    unsigned report_index =
+        2 + b->has_stats + ((b->offered >> VIRTIO_BALLOON_F_FREE_PAGE_HINT) & 1);
+    if (setup_queue(b, &b->inflate_vq, "inflateq", 0, 0) != 0 ||
+        setup_queue(b, &b->deflate_vq, "deflateq", 1, 0) != 0 ||
+        (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2, 0) != 0) ||
+        (b->has_hint_vq && setup_queue(b, &b->hint_vq, "free_page_vq", hint_index, 0) != 0) ||
+        (b->has_reporting &&
+         setup_queue(b, &b->report_vq, "reportingq", report_index, BALLOON_REPORT_CAPACITY) != 0)) {
         t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
@@ -388,9 +443,19 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     if (b->has_stats)
         kick(b, &b->stats_vq);
     b->state = BALLOON_RUNNING;
-    /* Memory the driver can give back on guest OOM: the balloon (DEFLATE_ON_OOM), hinted
-     * blocks (FREE_PAGE_HINT). */
-    if (balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM) || b->has_hint_vq)
+    if (b->has_reporting) {
+        b->report_max_blocks = b->report_vq.size < BALLOON_REPORT_CAPACITY
+                                   ? b->report_vq.size
+                                   : BALLOON_REPORT_CAPACITY;
+        /* Free memory at boot is unreported: the first pass follows after the delay. */
+        b->mm_activity = mm->allocs + mm->frees;
+        b->mm_changed_ns = b->unsettled_since_ns = platform_now_ns();
+        b->unsettled = true;
+    }
+    /* Memory the driver can give back to an allocation that finds none: reports in flight,
+     * hinted blocks, the balloon (DEFLATE_ON_OOM). */
+    if (balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM) || b->has_reporting ||
+        b->has_hint_vq)
         buddy_set_reclaim(mm, reclaim_for_allocator, b);
     balloon_poll(b, true);
     return 0;
@@ -573,6 +638,9 @@ static void inflate_step(struct balloon *b)
                 continue;
         }
         if (n == 0) {
+            /* Blocks out for reporting come back when the device answers: wait for them. */
+            if (b->inflight_report)
+                break;
             if (!b->exhausted_logged) {
                 platform_log("balloon: cannot inflate further: guest memory exhausted "
                              "(actual %u of target %u pages)",
@@ -672,9 +740,10 @@ static bool collect(struct balloon *b)
 
 static void check_queues(struct balloon *b)
 {
-    struct virtqueue *q[3] = {&b->inflate_vq, &b->deflate_vq, &b->stats_vq};
-    for (unsigned i = 0; i < (b->has_stats ? 3u : 2u); i++)
-        if (vq_is_broken(q[i]))
+    struct virtqueue *q[4] = {&b->inflate_vq, &b->deflate_vq, &b->stats_vq, &b->report_vq};
+    bool used[4] = {true, true, b->has_stats, b->has_reporting};
+    for (unsigned i = 0; i < 4; i++)
+        if (used[i] && vq_is_broken(q[i]))
             violation(b, vq_violation(q[i]));
     if (b->has_hint_vq && vq_is_broken(&b->hint_vq))
         violation(b, vq_violation(&b->hint_vq));
@@ -829,16 +898,20 @@ static void check_stall(struct balloon *b)
     for (unsigned i = 0; i < b->cfg.buffers; i++)
         if (b->bufs[i].busy && b->bufs[i].sent_ns < oldest)
             oldest = b->bufs[i].sent_ns;
+    for (unsigned i = 0; i < BALLOON_REPORT_CHAINS; i++)
+        if (b->reports[i].busy && b->reports[i].sent_ns < oldest)
+            oldest = b->reports[i].sent_ns;
     if (now - oldest > b->cfg.ack_timeout_ns && b->state == BALLOON_RUNNING) {
         b->state = BALLOON_STALLED;
-        platform_log("balloon: device has not used a buffer for %lu ms (inflate %u, deflate %u "
-                     "pages in flight); waiting",
+        platform_log("balloon: device has not used a buffer for %lu ms (inflate %u, deflate %u, "
+                     "report %lu pages in flight); waiting",
                      (unsigned long)((now - oldest) / 1000000), b->inflight_inflate,
-                     b->inflight_deflate);
+                     b->inflight_deflate, (unsigned long)b->inflight_report);
         struct json j;
         event_begin(&j, "balloon_stalled");
         json_u64(&j, "inflight_inflate", b->inflight_inflate);
         json_u64(&j, "inflight_deflate", b->inflight_deflate);
+        json_u64(&j, "inflight_report", b->inflight_report);
         event_emit(&j);
     } else if (b->state == BALLOON_STALLED && now - oldest <= b->cfg.ack_timeout_ns) {
         b->state = BALLOON_RUNNING;
@@ -848,6 +921,167 @@ static void check_stall(struct balloon *b)
         event_emit(&j);
     }
 }
+
+/* ---- Free page reporting --------------------------------------------------------------------- */
+
+static bool inflate_wanted(const struct balloon *b)
+{
+    return b->actual + b->inflight_inflate < b->target;
+}
+
+/* Give the blocks of every used report chain back to the allocator, marked reported. */
+static void collect_reports(struct balloon *b)
+{
+    struct balloon_report *r;
+    uint32_t len; /* what the device wrote (QEMU: 0); it may have discarded every page */
+    while (b->has_reporting && (r = vq_get_used(&b->report_vq, &len))) {
+        for (unsigned i = 0; i < r->n_blocks; i++)
+            buddy_free_reported(b->mm, r->blocks[i] >> 8, r->blocks[i] & 0xff);
+        b->inflight_report -= r->pages;
+        b->reported_pages += r->pages;
+        b->report_chains++;
+        b->pass_chains++;
+        r->busy = false;
+    }
+}
+
+static struct balloon_report *free_report(struct balloon *b)
+{
+    for (unsigned i = 0; i < BALLOON_REPORT_CHAINS; i++)
+        if (!b->reports[i].busy)
+            return &b->reports[i];
+    return NULL;
+}
+
+static bool within_budget(const struct balloon *b, uint64_t pages)
+{
+    return b->cfg.report_budget_pages == 0 || pages < b->cfg.report_budget_pages;
+}
+
+/* Take up to `room` blocks into r without going below the reserve; returns the count. */
+static unsigned take_report_blocks(struct balloon *b, struct balloon_report *r, unsigned room)
+{
+    unsigned n = 0;
+    uint64_t pages = 0;
+    while (n < room && within_budget(b, b->pass_pages + pages)) {
+        int k = buddy_next_unreported_order(b->mm, b->cfg.report_order);
+        if (k < 0 || b->mm->free_pages < b->cfg.reserve_pages + (1ull << k) ||
+            pages + (1ull << k) > UINT32_MAX >> PAGE_SHIFT) /* a chain's bytes fit 32 bits */
+            break;
+        unsigned order;
+        uint64_t pfn = buddy_take_unreported(b->mm, b->cfg.report_order, &order);
+        if (pfn == BUDDY_NONE)
+            break;
+        r->blocks[n++] = pfn << 8 | order;
+        pages += 1ull << order;
+    }
+    r->n_blocks = n;
+    r->pages = pages;
+    return n;
+}
+
+/* Send report chains while there are blocks, room on the queue and budget; returns whether
+ * the pass has more to send later (it stopped for the budget or an inflate). */
+static bool send_reports(struct balloon *b)
+{
+    bool added = false, more = false;
+    struct balloon_report *r;
+    struct vq_seg segs[BALLOON_REPORT_CAPACITY];
+    while ((r = free_report(b))) {
+        if (inflate_wanted(b) || !within_budget(b, b->pass_pages)) {
+            more = true;
+            break;
+        }
+        /* A direct chain needs a descriptor per block; an indirect one needs a single slot. */
+        unsigned room = b->report_max_blocks;
+        if (!b->report_vq.use_indirect && vq_num_free(&b->report_vq) < room)
+            room = vq_num_free(&b->report_vq);
+        if (room == 0 || vq_num_free(&b->report_vq) == 0 || take_report_blocks(b, r, room) == 0)
+            break;
+        for (unsigned i = 0; i < r->n_blocks; i++)
+            segs[i] = (struct vq_seg){(r->blocks[i] >> 8) << PAGE_SHIFT,
+                                      (uint32_t)(PAGE_SIZE << (r->blocks[i] & 0xff))};
+        if (vq_add(&b->report_vq, segs, 0, r->n_blocks, r) != 0) {
+            /* Only a broken queue gets here (room was checked): the blocks are free again. */
+            for (unsigned i = 0; i < r->n_blocks; i++)
+                buddy_free(b->mm, r->blocks[i] >> 8, r->blocks[i] & 0xff);
+            break;
+        }
+        r->busy = true;
+        r->sent_ns = platform_now_ns();
+        b->inflight_report += r->pages;
+        b->pass_pages += r->pages;
+        added = true;
+    }
+    if (added)
+        kick(b, &b->report_vq);
+    return more;
+}
+
+/* Is a pass due? Free memory changed, has been quiet for the delay (or kept changing for
+ * REPORT_MAX_DEFER delays), no inflate needs memory, and the device answers. */
+static bool pass_due(struct balloon *b, uint64_t now)
+{
+    uint64_t activity = b->mm->allocs + b->mm->frees; /* reporting itself counts in neither */
+    if (activity != b->mm_activity) {
+        b->mm_activity = activity;
+        b->mm_changed_ns = now;
+        if (!b->unsettled)
+            b->unsettled_since_ns = now;
+        b->unsettled = true;
+    }
+    uint64_t delay = (uint64_t)b->cfg.report_delay_ms * 1000000;
+    return b->unsettled && b->state == BALLOON_RUNNING && !inflate_wanted(b) &&
+           (now - b->mm_changed_ns >= delay ||
+            now - b->unsettled_since_ns >= REPORT_MAX_DEFER * delay);
+}
+
+static void end_pass(struct balloon *b, uint64_t now)
+{
+    b->pass_active = false;
+    if (b->pass_cut_short) {
+        /* Budget or inflate: the rest follows after another delay. */
+        b->unsettled = true;
+        b->mm_changed_ns = b->unsettled_since_ns = now;
+    }
+    if (!b->pass_chains)
+        return;
+    b->report_passes++;
+    uint64_t ms = (now - b->pass_start_ns) / 1000000;
+    platform_log("balloon: reported %lu pages (%lu MiB) in %lu chains, %lu ms",
+                 (unsigned long)b->pass_pages, (unsigned long)(b->pass_pages >> 8),
+                 (unsigned long)b->pass_chains, (unsigned long)ms);
+    struct json j;
+    event_begin(&j, "balloon_reported");
+    json_u64(&j, "pages", b->pass_pages);
+    json_u64(&j, "chains", b->pass_chains);
+    json_u64(&j, "ms", ms);
+    json_u64(&j, "reported_pages", b->reported_pages);
+    event_emit(&j);
+}
+
+static void report_step(struct balloon *b)
+{
+    uint64_t now = platform_now_ns();
+    if (!b->pass_active) {
+        if (!pass_due(b, now))
+            return;
+        b->unsettled = false;
+        uint64_t unreported = buddy_unreported_pages(b->mm, b->cfg.report_order);
+        if (unreported == 0 || unreported < b->cfg.report_threshold_pages)
+            return;
+        b->pass_active = true;
+        b->pass_cut_short = false;
+        b->pass_start_ns = now;
+        b->pass_pages = b->pass_chains = 0;
+    }
+    if (b->state == BALLOON_RUNNING && send_reports(b))
+        b->pass_cut_short = true;
+    if (b->inflight_report == 0)
+        end_pass(b, now);
+}
+
+/* ---- Target ---------------------------------------------------------------------------------- */
 
 static void update_target(struct balloon *b)
 {
@@ -896,6 +1130,7 @@ static void poll_once(struct balloon *b, bool poll_device)
     }
     if (collect(b))
         write_actual(b);
+    collect_reports(b);
     check_queues(b);
     if (b->state == BALLOON_BROKEN)
         return;
@@ -905,6 +1140,11 @@ static void poll_once(struct balloon *b, bool poll_device)
         inflate_step(b);
     else if (b->inflight_inflate == 0 && b->actual > b->target + b->inflight_deflate)
         deflate_step(b);
+    if (b->has_reporting)
+        report_step(b);
+    check_queues(b);
+    if (b->state == BALLOON_BROKEN)
+        return;
     check_stall(b);
     if (!b->reached_logged && b->actual == b->target && !b->inflight_inflate &&
         !b->inflight_deflate) {

@@ -40,6 +40,11 @@
 #define BALLOON_MAX_CHUNKS  256 /* per buffer: the most a chunked device must accept */
 #define BALLOON_NUM_STATS   10
 
+/* Free page reporting: blocks per report chain (Linux's PAGE_REPORTING_CAPACITY; QEMU's
+ * reporting queue has 32 entries) and report chains in flight at once. */
+#define BALLOON_REPORT_CAPACITY 32
+#define BALLOON_REPORT_CHAINS   32
+
 /* A bad chunk sent on purpose, once, so a test can prove the host rejects it
  * (docs/chunked-inflate.md section 4); blimp.balloon.inject. */
 enum balloon_inject {
@@ -65,6 +70,13 @@ struct balloon_config {
     bool page_poison;
     uint32_t poison_val;
     uint32_t hint_order; /* largest block hinted at once (buddy order) */
+    /* Free page reporting (VIRTIO_BALLOON_F_PAGE_REPORTING; docs/design.md "Free page
+     * reporting"). */
+    bool reporting;                  /* accept PAGE_REPORTING when offered */
+    uint32_t report_order;           /* smallest block reported: 2^order pages */
+    uint32_t report_delay_ms;        /* quiet time after a free-memory change before a pass */
+    uint64_t report_budget_pages;    /* a pass stops once it reported this much (0: no limit) */
+    uint64_t report_threshold_pages; /* start a pass only with this much unreported memory */
 };
 
 /* One range of a chunked buffer (docs/chunked-inflate.md); little-endian, as x86 is. */
@@ -80,6 +92,15 @@ struct balloon_buf {
     uint64_t *blocks; /* deflate: the (pfn << 8 | order) blocks this buffer returns */
     unsigned pages, n_blocks;
     bool busy, inflate;
+    uint64_t sent_ns;
+};
+
+/* One report: device-writable blocks (pfn << 8 | order) the device may discard. */
+struct balloon_report {
+    uint64_t blocks[BALLOON_REPORT_CAPACITY];
+    unsigned n_blocks;
+    uint64_t pages;
+    bool busy;
     uint64_t sent_ns;
 };
 
@@ -99,7 +120,10 @@ struct balloon_status {
     uint32_t inflight_inflate, inflight_deflate;
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
     uint64_t hinted_pages, hint_rounds, hint_released_pages;
-    uint32_t hint_cmd_id; /* the round in progress, 0 when none */
+    uint32_t hint_cmd_id;                   /* the round in progress, 0 when none */
+    uint64_t inflight_report;               /* pages held out of the allocator for reports */
+    uint64_t reported_pages, report_chains; /* acknowledged by the device, all passes */
+    uint64_t report_passes;
 };
 
 struct balloon {
@@ -107,10 +131,12 @@ struct balloon {
     struct buddy *mm;
     struct balloon_config cfg;
     uint64_t offered, features;
-    struct virtqueue inflate_vq, deflate_vq, stats_vq;
+    struct virtqueue inflate_vq, deflate_vq, stats_vq, report_vq;
     bool has_stats;
-    bool chunked;        /* X_CHUNKS negotiated */
-    unsigned max_blocks; /* buddy blocks per buffer: PFNs, or chunks when chunked */
+    bool has_reporting;         /* PAGE_REPORTING negotiated and its queue set up */
+    unsigned report_max_blocks; /* blocks per report chain: min(capacity, direct room) */
+    bool chunked;               /* X_CHUNKS negotiated */
+    unsigned max_blocks;        /* buddy blocks per buffer: PFNs, or chunks when chunked */
     struct balloon_buf bufs[BALLOON_MAX_BUFFERS];
     struct blocklist held;   /* every block given to the balloon (acked or in flight) */
     uint32_t target;         /* num_pages as last read, clamped to what we can give */
@@ -137,8 +163,20 @@ struct balloon {
     bool hint_stop_owed;                      /* a STOP id still has to go out */
     uint64_t hint_rounds, hint_released_pages, hint_round_pages;
     char violation[160];
+    /* Free page reporting. */
+    struct balloon_report reports[BALLOON_REPORT_CHAINS];
+    uint64_t inflight_report;    /* pages in report chains the device has not used yet */
+    uint64_t mm_activity;        /* allocs + frees of the allocator when last looked at */
+    uint64_t mm_changed_ns;      /* when that count last moved */
+    bool unsettled;              /* free memory changed since the last pass started */
+    uint64_t unsettled_since_ns; /* the first such change */
+    bool pass_active;            /* a pass is sending chains or waiting for them */
+    bool pass_cut_short;         /* it stopped for the budget or an inflate, not for lack of
+                                    blocks: another pass follows after the delay */
+    uint64_t pass_start_ns, pass_pages, pass_chains;
     /* counters */
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
+    uint64_t reported_pages, report_chains, report_passes;
 };
 
 void balloon_default_config(struct balloon_config *cfg);

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "virtio/balloon.h"
+#include "mm/buddy.h"
 #include "tests/unit/fake_platform.h"
 #include "include/platform.h"
 
@@ -30,7 +31,8 @@ static const char *role_name(enum fb_role r)
     return r == FB_INFLATE   ? "inflateq"
            : r == FB_DEFLATE ? "deflateq"
            : r == FB_STATS   ? "statsq"
-                             : "free_page_vq";
+           : r == FB_HINT    ? "free_page_vq"
+                             : "reporting_vq";
 }
 
 static int role_of(const struct fake_balloon *fb, unsigned index)
@@ -295,6 +297,100 @@ static void process(struct fake_balloon *fb, enum fb_role role, struct fake_vq *
     s->valid = false;
 }
 
+/* ---- Free page reporting ------------------------------------------------------------------- */
+
+/* Is any page of [pfn, pfn + n) free in the driver's allocator (when the model knows it)? */
+static bool any_free_in_driver(const struct fake_balloon *fb, uint64_t pfn, uint64_t n)
+{
+    for (uint64_t p = pfn; fb->mm && p < pfn + n; p++)
+        if (buddy_is_free(fb->mm, p))
+            return true;
+    return false;
+}
+
+/* A report chain was popped: check each block (QEMU's rules plus the driver's promises), then
+ * take the pages: mark them held and put the canary in. */
+static void take_report(struct fake_balloon *fb, const struct fake_chain *c)
+{
+    if (c->out_bytes)
+        fb_error(fb, "reporting_vq chain %u has %llu device-readable bytes (must be writable only)",
+                 c->head, (unsigned long long)c->out_bytes);
+    for (unsigned i = 0; i < c->nsegs; i++) {
+        const struct fake_seg *sg = &c->segs[i];
+        uint64_t pfn = sg->addr >> PAGE_SHIFT, n = sg->len >> PAGE_SHIFT;
+        const char *rule = NULL;
+        if (!sg->write)
+            rule = "is not device-writable";
+        else if (sg->len == 0 || ((sg->addr | sg->len) & (PAGE_SIZE - 1)))
+            rule = "is empty or not 4 KiB-aligned";
+        else if (!in_ram(fb, pfn) || !in_ram(fb, pfn + n - 1))
+            rule = "is not inside guest RAM";
+        for (uint64_t p = pfn; !rule && p < pfn + n; p++) {
+            if (fb->ballooned[p - fb->ram_pfn])
+                rule = "holds a page that is in the balloon";
+            else if (fb->reporting[p - fb->ram_pfn])
+                rule = "overlaps a block the device already holds for a report";
+        }
+        if (!rule && any_free_in_driver(fb, pfn, n))
+            rule = "is free in the driver's allocator (not held out while reported)";
+        if (rule) {
+            fb_error(fb, "reporting_vq chain %u block %u (addr 0x%llx, len 0x%x) %s", c->head, i,
+                     (unsigned long long)sg->addr, sg->len, rule);
+            continue;
+        }
+        for (uint64_t p = pfn; p < pfn + n; p++) {
+            fb->reporting[p - fb->ram_pfn] = 1;
+            canary_fill(p);
+        }
+        fb->report_pages_held += n;
+    }
+}
+
+static void log_report_block(struct fake_balloon *fb, uint64_t addr, uint64_t len)
+{
+    if (fb->nreports == fb->capreports) {
+        fb->capreports = fb->capreports ? 2 * fb->capreports : 256;
+        fb->reports = realloc(fb->reports, fb->capreports * sizeof(*fb->reports));
+        if (!fb->reports)
+            abort();
+    }
+    fb->reports[fb->nreports++] = (struct fb_report_block){addr, len, fb->report_chains};
+}
+
+/* The device acts on a report chain: the canary must be intact and the pages still held out of
+ * the driver's allocator; then they are discarded. */
+static void discard_report(struct fake_balloon *fb, const struct fake_chain *c)
+{
+    for (unsigned i = 0; i < c->nsegs; i++) {
+        const struct fake_seg *sg = &c->segs[i];
+        uint64_t pfn = sg->addr >> PAGE_SHIFT, n = sg->len >> PAGE_SHIFT;
+        if (!in_ram(fb, pfn) || !n || !fb->reporting[pfn - fb->ram_pfn])
+            continue; /* rejected when popped */
+        for (uint64_t p = pfn; p < pfn + n; p++) {
+            if (!canary_intact(p)) {
+                fb->canary_errors++;
+                fb_error(fb, "reporting_vq: page 0x%llx was written while the device held it",
+                         (unsigned long long)p);
+            }
+            fb->reporting[p - fb->ram_pfn] = 0;
+            if (fb->discard_reports)
+                memset(phys_to_virt(p << PAGE_SHIFT), 0, PAGE_SIZE);
+        }
+        if (any_free_in_driver(fb, pfn, n))
+            fb_error(fb,
+                     "reporting_vq: block 0x%llx went back to the allocator before the device "
+                     "used its chain",
+                     (unsigned long long)sg->addr);
+        fb->report_pages_held -= n;
+        fb->reported_pages += n;
+        log_report_block(fb, sg->addr, sg->len);
+    }
+    if (c->nsegs > fb->max_report_blocks)
+        fb->max_report_blocks = c->nsegs;
+    fb->indirect_report_chains += c->indirect;
+    fb->report_chains++;
+}
+
 /* Write the one-shot broken entry for pending[0]; true if the buffer was completed anyway. */
 static bool misbehave(struct fake_balloon *fb, enum fb_role role, struct fake_vq *d)
 {
@@ -318,8 +414,12 @@ static bool misbehave(struct fake_balloon *fb, enum fb_role role, struct fake_vq
         return false;
     case FB_LEN_TOO_LARGE: {
         uint32_t len = (uint32_t)d->pending[0].out_bytes;
-        if (role == FB_INFLATE || role == FB_DEFLATE)
+        if (role == FB_REPORT) {
+            len = (uint32_t)d->pending[0].in_bytes + 1;
+            discard_report(fb, &d->pending[0]);
+        } else if (role == FB_INFLATE || role == FB_DEFLATE) {
             process(fb, role, d, &d->pending[0]);
+        }
         fake_vq_complete(d, 0, len ? len : 1);
         return true;
     }
@@ -340,8 +440,11 @@ unsigned fake_balloon_answer(struct fake_balloon *fb, enum fb_role role, unsigne
             if (!misbehave(fb, role, d))
                 return done;
         } else {
-            process(fb, role, d, &d->pending[0]);
-            fake_vq_complete(d, 0, 0); /* the device wrote nothing */
+            if (role == FB_REPORT)
+                discard_report(fb, &d->pending[0]);
+            else
+                process(fb, role, d, &d->pending[0]);
+            fake_vq_complete(d, 0, 0); /* the device wrote nothing (QEMU: used len 0) */
         }
         done++;
     }
@@ -520,6 +623,8 @@ unsigned fake_balloon_pop(struct fake_balloon *fb, enum fb_role role)
             take_stats(fb, c);
         else if (role == FB_HINT)
             take_hint(fb, c);
+        else if (role == FB_REPORT)
+            take_report(fb, c);
         else
             take_snapshot(fb, role, d, c);
         n++;
@@ -543,7 +648,10 @@ static void on_notify(struct fake_transport *ft, unsigned index, void *arg)
         struct fake_vq *d = role_vq(fb, FB_HINT);
         while (d->npending) /* QEMU's iothread uses every element at once, used len 0 */
             fake_vq_complete(d, 0, 0);
-    } else if (role != FB_STATS && !fb->hold[role]) {
+        return;
+    }
+    bool hold = role == FB_REPORT ? fb->hold_reports : role != FB_STATS && fb->hold[role];
+    if (role != FB_STATS && !hold) {
         fake_balloon_answer(fb, (enum fb_role)role, ~0u);
     }
 }
@@ -580,9 +688,11 @@ void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint6
     fb->ram_pfn = ram_base_phys >> PAGE_SHIFT;
     fb->ram_pages = ram_bytes >> PAGE_SHIFT;
     fb->ballooned = calloc(fb->ram_pages ? fb->ram_pages : 1, 1);
-    if (!fb->ballooned)
+    fb->reporting = calloc(fb->ram_pages ? fb->ram_pages : 1, 1);
+    if (!fb->ballooned || !fb->reporting)
         abort();
     fb->zero_on_deflate = true;
+    fb->discard_reports = true;
 
     uint64_t f = ft->device_features;
     if (ft->t.legacy)
@@ -595,6 +705,7 @@ void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint6
     fb->hinted = calloc(fb->ram_pages ? fb->ram_pages : 1, 1);
     if (!fb->hinted)
         abort();
+    fb->qidx[FB_REPORT] = FB_NO_QUEUE;
     fake_transport_add_queue(ft, fb->qidx[FB_INFLATE], queue_size);
     fake_transport_add_queue(ft, fb->qidx[FB_DEFLATE], queue_size);
     if (f & (1ULL << VIRTIO_BALLOON_F_STATS_VQ)) {
@@ -605,8 +716,10 @@ void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint6
         fb->qidx[FB_HINT] = next;
         fake_transport_add_queue(ft, next++, 1024);
     }
-    if (f & (1ULL << VIRTIO_BALLOON_F_PAGE_REPORTING))
+    if (f & (1ULL << VIRTIO_BALLOON_F_PAGE_REPORTING)) {
+        fb->qidx[FB_REPORT] = next;
         fake_transport_add_queue(ft, next++, 32);
+    }
 
     ft->hook_arg = fb;
     ft->on_notify = on_notify;
@@ -627,6 +740,8 @@ void fake_balloon_fini(struct fake_balloon *fb)
     }
     free(fb->ballooned);
     free(fb->hinted);
+    free(fb->reporting);
+    free(fb->reports);
     if (fb->ft && fb->ft->hook_arg == fb) {
         fb->ft->on_notify = NULL;
         fb->ft->on_config_write = NULL;

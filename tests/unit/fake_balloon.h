@@ -13,6 +13,14 @@
  * from then on); when the page is deflated (at the deflate buffer's completion) the canary must
  * still be there, so a driver that touched a ballooned page is caught. Deflated pages then read
  * back as zero (as after QEMU's discard).
+ *  - reporting_vq (VIRTIO_BALLOON_F_PAGE_REPORTING): on pop it checks every descriptor of a chain
+ *    (device-writable, non-empty, 4 KiB-aligned, inside RAM, not in the balloon, not overlapping
+ *    any block the device holds for another report or this one, and -- with fb->mm set -- not
+ *    free in the driver's allocator: the driver promised to hold it out of the allocator) and
+ *    fills the pages with the canary; on completion the canary must be intact and the pages
+ *    still held out of the allocator (the driver must not reuse a block before the device used
+ *    the chain), then they are discarded -- zeroed, as QEMU does with poison_val 0 -- and the
+ *    chain completes with used len 0. hold_reports keeps chains unanswered.
  *  - statsq: the device keeps the one buffer the driver gives it and parses its 10-byte entries;
  *    fake_balloon_request_stats() returns it (used len 0) so the driver refreshes it.
  *  - config: num_pages (offset 0) set by the test, actual (offset 4) written by the driver.
@@ -30,8 +38,17 @@
 
 #include "tests/unit/fake_transport.h"
 
+struct buddy;
+
 /* Queue roles (the index on the device is fb->qidx[role]). */
-enum fb_role { FB_INFLATE = 0, FB_DEFLATE = 1, FB_STATS = 2, FB_HINT = 3, FB_ROLES = 4 };
+enum fb_role {
+    FB_INFLATE = 0,
+    FB_DEFLATE = 1,
+    FB_STATS = 2,
+    FB_HINT = 3,
+    FB_REPORT = 4,
+    FB_ROLES = 5
+};
 
 /* Free page hinting, as QEMU's device runs it (balloon-protocol.md 4.6). */
 enum fb_hint_status { FB_HINT_STOP, FB_HINT_REQUESTED, FB_HINT_START, FB_HINT_DONE };
@@ -57,6 +74,12 @@ struct fb_buffer {
     unsigned nchunks; /* chunked buffers: how many chunks named them (0: a PFN array) */
 };
 
+/* One block of a report chain the device completed. */
+struct fb_report_block {
+    uint64_t addr, len;
+    unsigned chain; /* index of its chain among all completed chains */
+};
+
 /* What the device read from a buffer when it popped it (indexed by head descriptor). */
 struct fb_snapshot {
     bool valid;
@@ -78,6 +101,9 @@ struct fake_balloon {
     bool hold[2];                          /* inflate/deflate: keep popped buffers unanswered */
     enum fb_misbehave misbehave[FB_ROLES]; /* one-shot, cleared when applied */
     bool zero_on_deflate;                  /* deflated pages read back zero (default true) */
+    bool hold_reports;                     /* keep popped report chains unanswered */
+    bool discard_reports;                  /* reported pages read back zero (default true) */
+    const struct buddy *mm; /* the driver's allocator: reported blocks must not be free in it */
 
     /* What the device saw. */
     struct fb_buffer *log; /* every processed inflate/deflate buffer, oldest first */
@@ -91,6 +117,16 @@ struct fake_balloon {
     uint32_t poison_val;                     /* as the driver wrote it (PAGE_POISON) */
     unsigned poison_val_writes;
     unsigned canary_errors;
+
+    /* Free page reporting. */
+    uint8_t *reporting;              /* per RAM page: in a report chain the device holds */
+    struct fb_report_block *reports; /* every block of every completed chain, in order */
+    unsigned nreports, capreports;
+    unsigned report_chains;          /* chains completed */
+    unsigned indirect_report_chains; /* of which came through an indirect table */
+    unsigned max_report_blocks;      /* most blocks in one chain */
+    uint64_t reported_pages;         /* pages in completed chains */
+    uint64_t report_pages_held;      /* pages in chains the device holds now */
 
     /* Stats. */
     bool stats_held;

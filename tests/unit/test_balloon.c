@@ -36,6 +36,9 @@
      F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT) |                     \
      F(VIRTIO_F_VERSION_1) | F(VIRTIO_F_EVENT_IDX))
 
+/* What the driver accepts in addition with cfg.reporting when the device offers reporting. */
+#define REPORTING_WANTED (F(VIRTIO_BALLOON_F_PAGE_REPORTING) | F(VIRTIO_F_INDIRECT_DESC))
+
 /* A modern device offering everything the driver uses. */
 #define MODERN                                                                                     \
     (F(VIRTIO_F_VERSION_1) | F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_BALLOON_F_MUST_TELL_HOST) |   \
@@ -80,6 +83,7 @@ static struct env *env_new(bool legacy, uint64_t features, uint16_t qsize)
     assert_int_equal(e->mm.free_pages, RAM_PAGES);
     fake_transport_init(&e->ft, legacy, VIRTIO_ID_BALLOON, features, 16);
     fake_balloon_init(&e->fb, &e->ft, RAM_BASE, RAM_BYTES, qsize);
+    e->fb.mm = &e->mm; /* reported blocks must be held out of this allocator */
     balloon_default_config(&e->cfg);
     return e;
 }
@@ -393,10 +397,11 @@ static void test_init_spec_order(void **state)
     env_free(e);
 }
 
-static void check_features(uint64_t offered, bool oom_cfg, uint64_t expected)
+static void check_features(uint64_t offered, bool oom_cfg, bool reporting_cfg, uint64_t expected)
 {
     struct env *e = env_new(false, offered, QSIZE);
     e->cfg.deflate_on_oom = oom_cfg;
+    e->cfg.reporting = reporting_cfg;
     assert_int_equal(env_start(e), 0);
     assert_clean(e);
     assert_int_equal(e->b.offered, offered);
@@ -409,7 +414,8 @@ static void check_features(uint64_t offered, bool oom_cfg, uint64_t expected)
         VIRTIO_F_INDIRECT_DESC,   VIRTIO_F_NOTIFY_ON_EMPTY,     VIRTIO_F_ANY_LAYOUT,
         VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED,         VIRTIO_F_RING_RESET};
     for (unsigned i = 0; i < sizeof(never) / sizeof(never[0]); i++)
-        assert_false(fake_transport_negotiated(&e->ft, never[i]));
+        if (!((expected >> never[i]) & 1)) /* reporting brings INDIRECT_DESC with it */
+            assert_false(fake_transport_negotiated(&e->ft, never[i]));
     for (unsigned bit = 0; bit < 64; bit++)
         assert_int_equal(balloon_negotiated(&e->b, bit), (expected >> bit) & 1);
     env_free(e);
@@ -425,24 +431,34 @@ static void test_init_feature_subset(void **state)
            F(VIRTIO_F_EVENT_IDX) | F(VIRTIO_F_QEMU_BAD) | F(VIRTIO_F_VERSION_1) |
            F(VIRTIO_F_ACCESS_PLATFORM) | F(VIRTIO_F_RING_PACKED) | F(VIRTIO_F_RING_RESET);
     /* With FREE_PAGE_HINT accepted, EVENT_IDX is declined (see balloon_init). */
-    check_features(all, true, all & WANTED & ~F(VIRTIO_F_EVENT_IDX));
+    const uint64_t no_ev = ~F(VIRTIO_F_EVENT_IDX);
+    check_features(all, true, true, (WANTED | REPORTING_WANTED) & no_ev);
     assert_int_equal(all & WANTED, WANTED);
-    check_features(all, false,
-                   WANTED & ~F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) & ~F(VIRTIO_F_EVENT_IDX));
-    check_features(all & ~F(VIRTIO_BALLOON_F_FREE_PAGE_HINT), true,
+    check_features(all, true, false, WANTED & no_ev);
+    check_features(all, false, true,
+                   (WANTED | REPORTING_WANTED) & ~F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) & no_ev);
+    check_features(all & ~F(VIRTIO_BALLOON_F_FREE_PAGE_HINT), true, false,
                    WANTED & ~F(VIRTIO_BALLOON_F_FREE_PAGE_HINT));
-    check_features(QEMU72, true,
+    check_features(QEMU72, true, true,
                    F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_F_EVENT_IDX) | F(VIRTIO_F_VERSION_1));
-    check_features(F(VIRTIO_F_VERSION_1), true, F(VIRTIO_F_VERSION_1));
-    check_features(MODERN, true, MODERN);
+    check_features(QEMU72 | F(VIRTIO_BALLOON_F_PAGE_REPORTING), true, true,
+                   F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_F_EVENT_IDX) | F(VIRTIO_F_VERSION_1) |
+                       REPORTING_WANTED);
+    /* Reporting without INDIRECT_DESC offered: reporting alone, with direct chains. */
+    check_features(MODERN | F(VIRTIO_BALLOON_F_PAGE_REPORTING), true, true,
+                   MODERN | F(VIRTIO_BALLOON_F_PAGE_REPORTING));
+    check_features(F(VIRTIO_F_VERSION_1), true, true, F(VIRTIO_F_VERSION_1));
+    check_features(MODERN, true, true, MODERN);
 }
 
 static void test_init_queue_indices_compacted(void **state)
 {
     (void)state;
-    /* No STATS_VQ but PAGE_REPORTING: queue 2 is the reporting queue, which must be left alone. */
+    /* No STATS_VQ but PAGE_REPORTING, reporting off: queue 2 is the reporting queue, which
+     * must be left alone (tests/unit/test_balloon.c's reporting tests cover it switched on). */
     struct env *e =
         env_new(false, F(VIRTIO_F_VERSION_1) | F(VIRTIO_BALLOON_F_PAGE_REPORTING), QSIZE);
+    e->cfg.reporting = false;
     assert_int_equal(e->ft.q[2].max_size, 32);
     assert_int_equal(env_start(e), 0);
     assert_clean(e);
@@ -455,11 +471,13 @@ static void test_init_queue_indices_compacted(void **state)
     assert_consistent(e);
     env_free(e);
 
-    /* STATS_VQ, FREE_PAGE_HINT, PAGE_REPORTING: stats at 2, free page hints at 3; 4 is not
+    /* STATS_VQ, FREE_PAGE_HINT, PAGE_REPORTING, reporting off: stats at 2, free page hints at
+     * 3; 4 is not
      * ours. */
     e = env_new(false,
                 MODERN | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT) | F(VIRTIO_BALLOON_F_PAGE_REPORTING),
                 QSIZE);
+    e->cfg.reporting = false;
     assert_int_equal(e->ft.q[3].max_size, 1024);
     assert_int_equal(e->ft.q[4].max_size, 32);
     assert_int_equal(env_start(e), 0);
@@ -1784,6 +1802,558 @@ static void test_oom_without_feature(void **state)
     oom_refused(MODERN, false);                                      /* not wanted */
 }
 
+/* ---- Free page reporting -------------------------------------------------------------------- */
+
+/* A device that offers reporting (and indirect descriptors, as QEMU does). */
+#define REPORTING (MODERN | F(VIRTIO_BALLOON_F_PAGE_REPORTING) | F(VIRTIO_F_INDIRECT_DESC))
+
+/* A reporting env whose passes start without delay (tests of the delay set their own). */
+static struct env *env_reporting(uint64_t features)
+{
+    struct env *e = env_new(false, features, QSIZE);
+    e->cfg.report_delay_ms = 0;
+    assert_int_equal(env_start(e), 0);
+    assert_true(e->b.has_reporting);
+    return e;
+}
+
+/* Poll until no pass is active and none is due; returns the rounds used. */
+static unsigned report_settle(struct env *e)
+{
+    for (unsigned round = 1; round <= 10000; round++) {
+        balloon_poll(&e->b, true);
+        if (e->b.state == BALLOON_BROKEN)
+            fail_msg("balloon broke: %s", e->b.violation);
+        if (!e->b.pass_active && !e->b.unsettled && !e->b.inflight_report)
+            return round;
+    }
+    fail_msg("reporting did not settle: %lu pages in flight", (unsigned long)e->b.inflight_report);
+    return 0;
+}
+
+struct free_map {
+    uint8_t *state; /* per RAM page: 0 not free, 1 free unreported, 2 free reported */
+};
+
+static int free_map_cb(void *ctx, uint64_t pfn, unsigned order, bool reported)
+{
+    struct free_map *m = ctx;
+    for (uint64_t p = pfn; p < pfn + (1ull << order); p++)
+        m->state[p - RAM_PFN] = reported ? 2 : 1;
+    return 0;
+}
+
+static uint8_t *free_state(const struct env *e)
+{
+    struct free_map m = {calloc(RAM_PAGES, 1)};
+    assert_non_null(m.state);
+    buddy_walk_free(&e->mm, 0, free_map_cb, &m);
+    return m.state;
+}
+
+/*
+ * Blocks the device completed from log index `from`: each at least 2^report_order pages, a
+ * power of two aligned to its size, no page twice; with `now_reported`, each is now free and
+ * marked reported in the allocator and reads back as zero (the device discarded it). Returns
+ * the pages named.
+ */
+static uint64_t check_reports(const struct env *e, unsigned from, bool now_reported)
+{
+    uint8_t *st = free_state(e);
+    uint8_t *seen = calloc(RAM_PAGES, 1);
+    assert_non_null(seen);
+    uint64_t pages = 0, min_len = PAGE_SIZE << e->b.cfg.report_order;
+    for (unsigned i = from; i < e->fb.nreports; i++) {
+        const struct fb_report_block *r = &e->fb.reports[i];
+        if (r->len < min_len || (r->len & (r->len - 1)) || (r->addr & (r->len - 1)))
+            fail_msg("reported block %u (addr 0x%llx len 0x%llx): not an aligned power of two "
+                     ">= 0x%llx",
+                     i, (unsigned long long)r->addr, (unsigned long long)r->len,
+                     (unsigned long long)min_len);
+        for (uint64_t p = r->addr >> PAGE_SHIFT; p < (r->addr + r->len) >> PAGE_SHIFT; p++) {
+            assert_int_equal(seen[p - RAM_PFN]++, 0);
+            if (now_reported) {
+                assert_int_equal(st[p - RAM_PFN], 2);
+                const uint64_t *w = phys_to_virt(p << PAGE_SHIFT);
+                assert_int_equal(w[0] | w[PAGE_SIZE / 8 - 1], 0);
+            }
+        }
+        pages += r->len >> PAGE_SHIFT;
+    }
+    free(seen);
+    free(st);
+    return pages;
+}
+
+static void test_report_negotiation_and_queue_index(void **state)
+{
+    (void)state;
+    /* The reporting queue follows the offered queues: 2, +1 with STATS_VQ, +1 with
+     * FREE_PAGE_HINT (whose queue comes before it). */
+    for (unsigned stats = 0; stats <= 1; stats++) {
+        for (unsigned hint = 0; hint <= 1; hint++) {
+            uint64_t offered = F(VIRTIO_F_VERSION_1) | F(VIRTIO_BALLOON_F_PAGE_REPORTING) |
+                               F(VIRTIO_F_INDIRECT_DESC) |
+                               (stats ? F(VIRTIO_BALLOON_F_STATS_VQ) : 0) |
+                               (hint ? F(VIRTIO_BALLOON_F_FREE_PAGE_HINT) : 0);
+            struct env *e = env_reporting(offered);
+            unsigned want = 2 + stats + hint;
+            assert_int_equal(e->fb.qidx[FB_REPORT], want);
+            assert_int_equal(e->b.report_vq.index, want);
+            assert_true(e->ft.q[want].enabled);
+            assert_int_equal(e->ft.q[want].size, 32);
+            if (hint)
+                assert_true(e->ft.q[2 + stats].enabled);
+            assert_int_equal(fake_transport_negotiated(&e->ft, VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+                             hint);
+            assert_true(fake_transport_negotiated(&e->ft, VIRTIO_BALLOON_F_PAGE_REPORTING));
+            assert_true(fake_transport_negotiated(&e->ft, VIRTIO_F_INDIRECT_DESC));
+            report_settle(e);
+            /* The device saw the boot-time free memory on that queue (a notify on any other
+             * queue index is an error of the model). */
+            assert_true(e->fb.report_chains >= 1);
+            assert_true(notifies(e, FB_REPORT) >= 1);
+            assert_clean(e);
+            env_free(e);
+        }
+    }
+    /* Declined by configuration, or not offered: no queue, no reports, no reclaim hook. */
+    for (unsigned offered = 0; offered <= 1; offered++) {
+        struct env *e = env_new(false, offered ? REPORTING : MODERN, QSIZE);
+        e->cfg.report_delay_ms = 0;
+        e->cfg.reporting = !offered;
+        e->cfg.deflate_on_oom = false;
+        assert_int_equal(env_start(e), 0);
+        assert_false(e->b.has_reporting);
+        assert_false(fake_transport_negotiated(&e->ft, VIRTIO_BALLOON_F_PAGE_REPORTING));
+        for (unsigned i = 0; i < 50; i++)
+            balloon_poll(&e->b, true);
+        assert_int_equal(e->fb.report_chains, 0);
+        assert_int_equal(e->b.reported_pages, 0);
+        assert_null(e->mm.reclaim);
+        if (offered)
+            assert_false(e->ft.q[3].enabled);
+        assert_clean(e);
+        env_free(e);
+    }
+}
+
+/* Every order-9 block of free memory allocated, then those whose buddy stays allocated freed:
+ * scattered 2 MiB blocks that cannot merge. Returns the allocated ones kept (in kept[]). */
+static unsigned fragment_2m(struct env *e, uint64_t *kept, unsigned max, uint64_t *freed,
+                            unsigned *nfreed)
+{
+    unsigned nk = 0, nf = 0;
+    uint64_t pfn;
+    uint64_t all[64];
+    unsigned n = 0;
+    while (n < 64 && (pfn = buddy_alloc(&e->mm, 9)) != BUDDY_NONE)
+        all[n++] = pfn;
+    for (unsigned i = 0; i < n; i++) {
+        if ((all[i] >> 9) & 1) {
+            assert_true(nk < max);
+            kept[nk++] = all[i];
+        } else {
+            assert_int_equal(buddy_free(&e->mm, all[i], 9), 0);
+            freed[nf++] = all[i];
+        }
+    }
+    *nfreed = nf;
+    return nk;
+}
+
+static void test_report_blocks_and_chains(void **state)
+{
+    (void)state;
+    /* Indirect (32 blocks per chain, chains overlap) and direct (a chain fills the queue). */
+    for (int indirect = 1; indirect >= 0; indirect--) {
+        struct env *e =
+            env_reporting(indirect ? REPORTING : REPORTING & ~F(VIRTIO_F_INDIRECT_DESC));
+        report_settle(e);
+        uint64_t base = e->mm.free_pages;
+        /* Boot-time free memory: every block of >= 2 MiB went out once, and the allocator has
+         * them back, marked reported. */
+        uint64_t first = check_reports(e, 0, true);
+        assert_true(first >= RAM_PAGES / 2);
+        assert_int_equal(first, e->fb.reported_pages);
+        assert_int_equal(e->b.reported_pages, first);
+        assert_int_equal(e->mm.reported_pages, first);
+        assert_int_equal(buddy_unreported_pages(&e->mm, 9), 0);
+        assert_true(fake_log_contains("balloon_reported"));
+
+        /* 64 KiB blocks scattered over all RAM: hundreds of them, so many chains. */
+        e->b.cfg.report_order = 4;
+        uint64_t *pg = malloc(RAM_PAGES * sizeof(uint64_t));
+        assert_non_null(pg);
+        unsigned n = 0;
+        uint64_t pfn;
+        while ((pfn = buddy_alloc(&e->mm, 4)) != BUDDY_NONE)
+            pg[n++] = pfn;
+        unsigned nfree = 0;
+        for (unsigned i = 0; i < n; i++)
+            if (!((pg[i] >> 4) & 1)) {
+                assert_int_equal(buddy_free(&e->mm, pg[i], 4), 0);
+                nfree++;
+            }
+        assert_true(nfree > 300);
+        unsigned from = e->fb.nreports, chains0 = e->fb.report_chains;
+        unsigned indirect0 = e->fb.indirect_report_chains;
+        report_settle(e);
+        assert_clean(e);
+        assert_int_equal(check_reports(e, from, true), (uint64_t)nfree * 16);
+        assert_int_equal(e->fb.nreports - from, nfree);
+        assert_true(e->fb.max_report_blocks <= BALLOON_REPORT_CAPACITY);
+        assert_int_equal(e->fb.report_chains - chains0,
+                         (nfree + BALLOON_REPORT_CAPACITY - 1) / BALLOON_REPORT_CAPACITY);
+        /* Many blocks per chain: through an indirect table exactly when negotiated. */
+        assert_int_equal(e->fb.indirect_report_chains - indirect0,
+                         indirect ? e->fb.report_chains - chains0 : 0);
+        assert_int_equal(e->b.report_chains, e->fb.report_chains);
+        for (unsigned i = 0; i < n; i++)
+            if ((pg[i] >> 4) & 1)
+                assert_int_equal(buddy_free(&e->mm, pg[i], 4), 0);
+        free(pg);
+        assert_int_equal(e->mm.free_pages, base);
+        assert_clean(e);
+        env_free(e);
+    }
+}
+
+static void test_report_holds_blocks_in_flight(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, REPORTING, QSIZE);
+    e->cfg.report_delay_ms = 0;
+    e->fb.hold_reports = true;
+    uint64_t before = e->mm.free_pages;
+    assert_int_equal(env_start(e), 0);
+    balloon_poll(&e->b, true);
+    /* Every >= 2 MiB block is with the device: out of the allocator, none of it free. */
+    uint64_t held = e->b.inflight_report;
+    assert_true(held >= RAM_PAGES / 2);
+    assert_int_equal(e->fb.report_pages_held, held);
+    assert_true(fake_balloon_held(&e->fb, FB_REPORT) >= 1);
+    assert_int_equal(e->fb.report_chains, 0);
+    assert_true(e->mm.free_pages < before - held + 1);
+    /* All but what would cut into the reserve. */
+    int next = buddy_next_unreported_order(&e->mm, 9);
+    assert_true(next < 0 || e->mm.free_pages < e->cfg.reserve_pages + (1ull << next));
+    assert_true(e->mm.free_pages >= e->cfg.reserve_pages);
+    uint64_t free_in_flight = 0;
+    for (uint64_t i = 0; i < RAM_PAGES; i++)
+        if (e->fb.reporting[i] && buddy_is_free(&e->mm, RAM_PFN + i))
+            free_in_flight++;
+    assert_int_equal(free_in_flight, 0);
+    struct balloon_status st;
+    balloon_get_status(&e->b, &st);
+    assert_int_equal(st.inflight_report, held);
+    assert_int_equal(st.reported_pages, 0);
+    /* Polling does not give them back before the device answers. */
+    for (unsigned i = 0; i < 20; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(e->b.inflight_report, held);
+
+    uint64_t free_held = e->mm.free_pages;
+    assert_true(fake_balloon_answer(&e->fb, FB_REPORT, ~0u) >= 1);
+    e->fb.hold_reports = false;
+    report_settle(e);
+    assert_int_equal(e->mm.free_pages, free_held + held);
+    /* The block the reserve kept back went out once the others were back. */
+    assert_int_equal(check_reports(e, 0, true), e->b.reported_pages);
+    assert_true(e->b.reported_pages >= held);
+    assert_int_equal(e->mm.reported_pages, e->b.reported_pages);
+    balloon_get_status(&e->b, &st);
+    assert_int_equal(st.inflight_report, 0);
+    assert_int_equal(st.reported_pages, e->b.reported_pages);
+    assert_int_equal(st.report_chains, e->fb.report_chains);
+    assert_int_equal(st.report_passes, 1);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_report_once_until_reused_or_merged(void **state)
+{
+    (void)state;
+    struct env *e = env_reporting(REPORTING);
+    report_settle(e);
+    uint64_t kept[64], freed[64];
+    unsigned nfreed;
+    unsigned nkept = fragment_2m(e, kept, 64, freed, &nfreed);
+    assert_true(nkept >= 8 && nfreed >= 8);
+    unsigned from = e->fb.nreports;
+    report_settle(e);
+    assert_int_equal(e->fb.nreports - from, nfreed);
+    assert_int_equal(check_reports(e, from, true), (uint64_t)nfreed * 512);
+
+    /* Nothing changes: nothing is reported again, however long we poll. */
+    unsigned chains = e->fb.report_chains;
+    fake_clock_skip(5000 * MS);
+    for (unsigned i = 0; i < 100; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(e->fb.report_chains, chains);
+
+    /* Allocated and freed: the block is unreported again, and reported once more. */
+    uint64_t r = buddy_alloc(&e->mm, 9);
+    assert_int_not_equal(r, BUDDY_NONE);
+    assert_int_equal(buddy_free(&e->mm, r, 9), 0);
+    from = e->fb.nreports;
+    report_settle(e);
+    assert_int_equal(e->fb.nreports - from, 1);
+    assert_int_equal(e->fb.reports[from].addr, r << PAGE_SHIFT);
+    assert_int_equal(e->fb.reports[from].len, 2u << 20);
+
+    /* A freed block next to a reported buddy stays apart from it (mm/buddy.h: a merged block
+     * would hide the backing of its freed half): it goes out alone, as its 2 MiB. Once both
+     * are reported they merge, and the 4 MiB block is not reported again. */
+    unsigned k = 0;
+    while (k < nkept && !buddy_is_free(&e->mm, kept[k] ^ 512))
+        k++;
+    assert_true(k < nkept);
+    uint64_t u = kept[k];
+    kept[k] = kept[0];
+    assert_int_equal(buddy_free(&e->mm, u, 9), 0);
+    from = e->fb.nreports;
+    report_settle(e);
+    assert_int_equal(e->fb.nreports - from, 1);
+    assert_int_equal(e->fb.reports[from].addr, u << PAGE_SHIFT);
+    assert_int_equal(e->fb.reports[from].len, 2u << 20);
+    check_reports(e, from, true);
+    chains = e->fb.report_chains;
+    fake_clock_skip(5000 * MS);
+    report_settle(e);
+    assert_int_equal(e->fb.report_chains, chains);
+    for (unsigned i = 1; i < nkept; i++)
+        assert_int_equal(buddy_free(&e->mm, kept[i], 9), 0);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_report_threshold(void **state)
+{
+    (void)state;
+    struct env *e = env_reporting(REPORTING);
+    report_settle(e);
+    uint64_t kept[64], freed[64];
+    unsigned nfreed;
+    unsigned nkept = fragment_2m(e, kept, 64, freed, &nfreed);
+    report_settle(e);
+    unsigned chains = e->fb.report_chains;
+    /* At least 8 MiB unreported before a pass. */
+    e->b.cfg.report_threshold_pages = 4 * 512;
+    /* Allocate three reported blocks and free them again: 6 MiB unreported, below 8 MiB. */
+    uint64_t r[4];
+    for (unsigned i = 0; i < 4; i++)
+        assert_int_not_equal(r[i] = buddy_alloc(&e->mm, 9), BUDDY_NONE);
+    for (unsigned i = 0; i < 3; i++)
+        assert_int_equal(buddy_free(&e->mm, r[i], 9), 0);
+    assert_int_equal(buddy_unreported_pages(&e->mm, 9), 3 * 512);
+    report_settle(e);
+    fake_clock_skip(1000 * MS);
+    report_settle(e);
+    assert_int_equal(e->fb.report_chains, chains);
+    assert_int_equal(buddy_unreported_pages(&e->mm, 9), 3 * 512);
+    /* The fourth reaches the threshold: all four go out. */
+    assert_int_equal(buddy_free(&e->mm, r[3], 9), 0);
+    unsigned from = e->fb.nreports;
+    report_settle(e);
+    assert_int_equal(e->fb.nreports - from, 4);
+    assert_int_equal(buddy_unreported_pages(&e->mm, 9), 0);
+    for (unsigned i = 0; i < nkept; i++)
+        assert_int_equal(buddy_free(&e->mm, kept[i], 9), 0);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_report_budget_and_delay(void **state)
+{
+    (void)state;
+    struct env *e = env_reporting(REPORTING);
+    report_settle(e);
+    uint64_t kept[64], freed[64];
+    unsigned nfreed;
+    unsigned nkept = fragment_2m(e, kept, 64, freed, &nfreed);
+    assert_true(nfreed >= 8);
+    /* 2 blocks (1024 pages) per pass, passes 1 s after the last change. */
+    e->b.cfg.report_budget_pages = 1024;
+    e->b.cfg.report_delay_ms = 1000;
+    unsigned passes = 0, chains = e->fb.report_chains;
+    uint64_t reported = e->fb.reported_pages;
+    while (buddy_unreported_pages(&e->mm, 9) && passes < 64) {
+        /* Not before the delay: polls for a while (well under 1 s) send nothing. */
+        for (unsigned i = 0; i < 50; i++)
+            balloon_poll(&e->b, true);
+        assert_int_equal(e->fb.reported_pages, reported);
+        assert_false(e->b.pass_active);
+        fake_clock_skip(1000 * MS);
+        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, true);
+        passes++;
+        uint64_t now = e->fb.reported_pages - reported;
+        assert_true(now == 1024 || (now == 512 && !buddy_unreported_pages(&e->mm, 9)));
+        reported = e->fb.reported_pages;
+    }
+    assert_int_equal(passes, (nfreed + 1) / 2);
+    assert_int_equal(e->fb.report_chains - chains, passes);
+    assert_int_equal(e->b.report_passes, 1 + passes);
+    for (unsigned i = 0; i < nkept; i++)
+        assert_int_equal(buddy_free(&e->mm, kept[i], 9), 0);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_report_and_inflate(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, REPORTING, QSIZE);
+    e->cfg.report_delay_ms = 0;
+    e->fb.hold_reports = true;
+    assert_int_equal(env_start(e), 0);
+    balloon_poll(&e->b, true);
+    uint64_t held = e->b.inflight_report;
+    assert_true(held >= RAM_PAGES / 2);
+    /* A target set while nearly all memory is out for reporting: inflate takes what is free,
+     * waits for the rest (no "exhausted"), and starts no new pass meanwhile. */
+    uint64_t target = 8192; /* 32 MiB */
+    fake_balloon_set_target(&e->fb, (uint32_t)target);
+    for (unsigned i = 0; i < 100; i++)
+        balloon_poll(&e->b, true);
+    assert_true(e->b.actual < target);
+    assert_false(fake_log_contains("balloon_exhausted"));
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_int_equal(e->b.inflight_report, held);
+    assert_true(e->mm.free_pages <= e->cfg.reserve_pages + 1);
+    /* The device answers the reports: the balloon reaches its target. */
+    e->fb.hold_reports = false;
+    fake_balloon_answer(&e->fb, FB_REPORT, ~0u);
+    settle(e);
+    assert_int_equal(e->b.actual, target);
+    report_settle(e);
+    assert_clean(e);
+    /* Ballooned pages were never reported (the model checks each block), and what is free
+     * now is all reported again after the pass that followed. */
+    assert_int_equal(buddy_unreported_pages(&e->mm, 9), 0);
+    settle_at(e, 0);
+    report_settle(e);
+    assert_int_equal(e->fb.balloon_pages, 0);
+    assert_clean(e);
+    env_free(e);
+}
+
+static void test_report_stall(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, REPORTING, QSIZE);
+    e->cfg.report_delay_ms = 0;
+    e->cfg.ack_timeout_ns = 200 * MS; /* well beyond init, even on a loaded machine */
+    e->fb.hold_reports = true;
+    uint64_t t0 = platform_now_ns(); /* the first chains go out during init */
+    assert_int_equal(env_start(e), 0);
+    unsigned polls = 0;
+    while (e->b.state != BALLOON_STALLED && platform_now_ns() - t0 < 2000 * MS) {
+        balloon_poll(&e->b, true);
+        polls++;
+    }
+    assert_int_equal(e->b.state, BALLOON_STALLED);
+    assert_true(platform_now_ns() - t0 >= 200 * MS);
+    assert_true(polls >= 10); /* every poll returned while the device kept silent */
+    assert_true(fake_log_contains("balloon_stalled"));
+    assert_true(fake_log_contains("report"));
+    uint64_t held = e->b.inflight_report;
+    assert_true(held > 0);
+    /* No more chains while stalled. */
+    unsigned long kicks = notifies(e, FB_REPORT);
+    for (unsigned i = 0; i < 20; i++)
+        balloon_poll(&e->b, true);
+    assert_int_equal(notifies(e, FB_REPORT), kicks);
+    /* The device answers after all. */
+    e->fb.hold_reports = false;
+    fake_balloon_answer(&e->fb, FB_REPORT, ~0u);
+    report_settle(e);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_true(fake_log_contains("balloon_recovered"));
+    assert_int_equal(e->b.reported_pages, held);
+    assert_clean(e);
+    env_free(e);
+}
+
+static int find_unreported(void *ctx, uint64_t pfn, unsigned order, bool reported)
+{
+    (void)order;
+    if (reported)
+        return 0;
+    *(uint64_t *)ctx = pfn;
+    return 1;
+}
+
+/* With the allocator's poisoning on, reported pages the host discarded (zero) are not mistaken
+ * for corruption, while a zeroed page that was never reported still is. */
+static void test_report_with_poison(void **state)
+{
+    (void)state;
+    const uint64_t pattern = 0xaaaaaaaaaaaaaaaaull;
+    struct env *e = env_new(false, REPORTING, QSIZE);
+    e->cfg.report_delay_ms = 0;
+    buddy_set_poison(&e->mm, true, pattern);
+    assert_int_equal(env_start(e), 0);
+    report_settle(e);
+    uint64_t kept[64], freed[64];
+    unsigned nfreed;
+    unsigned nkept = fragment_2m(e, kept, 64, freed, &nfreed);
+    report_settle(e);
+    assert_true(e->fb.reported_pages >= RAM_PAGES / 2);
+    assert_int_equal(e->mm.poison_errors, 0);
+    /* The discard happened: a reported page reads zero, not the pattern. */
+    const uint64_t *w = phys_to_virt(freed[0] << PAGE_SHIFT);
+    assert_int_equal(w[0], 0);
+    /* Damage one word of an unreported free page (below 2 MiB, never reported). */
+    uint64_t victim = BUDDY_NONE;
+    buddy_walk_free(&e->mm, 0, find_unreported, &victim);
+    assert_int_not_equal(victim, BUDDY_NONE);
+    uint64_t *v = phys_to_virt(victim << PAGE_SHIFT);
+    v[7] = 0;
+    /* Allocate every free page: exactly the damaged one is reported as a mismatch. */
+    unsigned long n = 0;
+    while (buddy_alloc(&e->mm, 0) != BUDDY_NONE)
+        n++;
+    assert_true(n > RAM_PAGES / 4);
+    assert_int_equal(e->mm.poison_errors, 1);
+    assert_int_equal(e->mm.poison_bad_phys, (victim << PAGE_SHIFT) + 7 * 8);
+    (void)nkept;
+    env_free(e);
+}
+
+static void test_report_reclaim_waits_for_reports(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, REPORTING & ~F(VIRTIO_BALLOON_F_DEFLATE_ON_OOM), QSIZE);
+    e->cfg.report_delay_ms = 0;
+    e->cfg.ack_timeout_ns = 30 * MS;
+    e->fb.hold_reports = true;
+    assert_int_equal(env_start(e), 0);
+    balloon_poll(&e->b, true);
+    uint64_t held = e->b.inflight_report;
+    assert_true(held >= RAM_PAGES / 2);
+    assert_true(e->mm.reclaim != NULL); /* reporting alone registers the hook */
+    /* The device never answers: an allocation that needs reported memory fails after the
+     * timeout, it does not hang. */
+    uint64_t t0 = platform_now_ns();
+    assert_int_equal(buddy_alloc(&e->mm, 12), BUDDY_NONE);
+    assert_true(platform_now_ns() - t0 >= 30 * MS);
+    assert_int_equal(e->b.inflight_report, held);
+    /* The device has answered but the driver has not polled yet: the allocation collects the
+     * chains and succeeds, without deflating anything. */
+    fake_balloon_answer(&e->fb, FB_REPORT, ~0u);
+    uint64_t pfn = buddy_alloc(&e->mm, 12);
+    assert_int_not_equal(pfn, BUDDY_NONE);
+    assert_true(e->mm.reclaimed_pages >= 4096);
+    assert_int_equal(e->b.oom_deflated_pages, 0);
+    assert_int_equal(buddy_free(&e->mm, pfn, 12), 0);
+    e->fb.hold_reports = false;
+    report_settle(e);
+    assert_clean(e);
+    env_free(e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1830,6 +2400,16 @@ int main(void)
         cmocka_unit_test(test_page_poison_negotiation),
         cmocka_unit_test(test_chunks_inject_bad_chunk),
         cmocka_unit_test(test_oom_reclaim_needs_the_feature),
+        cmocka_unit_test(test_report_negotiation_and_queue_index),
+        cmocka_unit_test(test_report_blocks_and_chains),
+        cmocka_unit_test(test_report_holds_blocks_in_flight),
+        cmocka_unit_test(test_report_once_until_reused_or_merged),
+        cmocka_unit_test(test_report_threshold),
+        cmocka_unit_test(test_report_budget_and_delay),
+        cmocka_unit_test(test_report_and_inflate),
+        cmocka_unit_test(test_report_stall),
+        cmocka_unit_test(test_report_with_poison),
+        cmocka_unit_test(test_report_reclaim_waits_for_reports),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -631,6 +631,14 @@ static void test_reported_state(void **state)
     struct buddy *b = &e->b;
     unsigned order;
 
+    /* What a reporting pass could take, and the order it would take first. */
+    assert_int_equal(buddy_unreported_pages(b, 0), 1024 + 64 + 1);
+    assert_int_equal(buddy_unreported_pages(b, 6), 1024 + 64);
+    assert_int_equal(buddy_unreported_pages(b, 11), 0);
+    assert_int_equal(buddy_next_unreported_order(b, 0), 10);
+    assert_int_equal(buddy_next_unreported_order(b, 11), -1);
+    assert_int_equal(buddy_next_unreported_order(b, BUDDY_MAX_ORDER + 1), -1);
+
     /* Largest first, then smaller; none below min_order. */
     uint64_t p1 = buddy_take_unreported(b, 0, &order);
     assert_int_equal(p1, 0);
@@ -641,6 +649,9 @@ static void test_reported_state(void **state)
     assert_int_equal(st.reported_pages, 1024);
     assert_int_equal(st.allocs, 0); /* reporting round trips are not allocations */
     assert_int_equal(st.frees, 0);
+    assert_int_equal(buddy_unreported_pages(b, 0), 64 + 1); /* the reported block is not */
+    assert_int_equal(buddy_next_unreported_order(b, 0), 6);
+    assert_int_equal(buddy_next_unreported_order(b, 7), -1);
 
     /* Already reported blocks are not taken again. */
     uint64_t p2 = buddy_take_unreported(b, 1, &order);
