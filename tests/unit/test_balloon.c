@@ -2071,14 +2071,36 @@ static void test_report_holds_blocks_in_flight(void **state)
     env_free(e);
 }
 
+/* A reporting guest whose first pass is done, then fragmented by fragment_2m: 2 MiB blocks
+ * the "kernel" keeps and freed ones between them (tests give the kept ones back at the end
+ * with free_kept). */
+struct frag {
+    uint64_t kept[64], freed[64];
+    unsigned nkept, nfreed;
+};
+
+static struct env *env_fragmented(struct frag *f)
+{
+    struct env *e = env_reporting(REPORTING);
+    report_settle(e);
+    f->nkept = fragment_2m(e, f->kept, 64, f->freed, &f->nfreed);
+    return e;
+}
+
+static void free_kept(struct env *e, const uint64_t *kept, unsigned from, unsigned n)
+{
+    for (unsigned i = from; i < n; i++)
+        assert_int_equal(buddy_free(&e->mm, kept[i], 9), 0);
+}
+
 static void test_report_once_until_reused_or_merged(void **state)
 {
     (void)state;
-    struct env *e = env_reporting(REPORTING);
-    report_settle(e);
-    uint64_t kept[64], freed[64];
-    unsigned nfreed;
-    unsigned nkept = fragment_2m(e, kept, 64, freed, &nfreed);
+    struct frag f;
+    struct env *e = env_fragmented(&f);
+    uint64_t *kept = f.kept, *freed = f.freed;
+    unsigned nkept = f.nkept, nfreed = f.nfreed;
+    (void)freed, (void)nfreed; /* not every test looks at the freed blocks */
     assert_true(nkept >= 8 && nfreed >= 8);
     unsigned from = e->fb.nreports;
     report_settle(e);
@@ -2122,8 +2144,7 @@ static void test_report_once_until_reused_or_merged(void **state)
     fake_clock_skip(5000 * MS);
     report_settle(e);
     assert_int_equal(e->fb.report_chains, chains);
-    for (unsigned i = 1; i < nkept; i++)
-        assert_int_equal(buddy_free(&e->mm, kept[i], 9), 0);
+    free_kept(e, kept, 1, nkept);
     assert_clean(e);
     env_free(e);
 }
@@ -2131,11 +2152,11 @@ static void test_report_once_until_reused_or_merged(void **state)
 static void test_report_threshold(void **state)
 {
     (void)state;
-    struct env *e = env_reporting(REPORTING);
-    report_settle(e);
-    uint64_t kept[64], freed[64];
-    unsigned nfreed;
-    unsigned nkept = fragment_2m(e, kept, 64, freed, &nfreed);
+    struct frag f;
+    struct env *e = env_fragmented(&f);
+    uint64_t *kept = f.kept, *freed = f.freed;
+    unsigned nkept = f.nkept, nfreed = f.nfreed;
+    (void)freed, (void)nfreed; /* not every test looks at the freed blocks */
     report_settle(e);
     unsigned chains = e->fb.report_chains;
     /* At least 8 MiB unreported before a pass. */
@@ -2158,8 +2179,7 @@ static void test_report_threshold(void **state)
     report_settle(e);
     assert_int_equal(e->fb.nreports - from, 4);
     assert_int_equal(buddy_unreported_pages(&e->mm, 9), 0);
-    for (unsigned i = 0; i < nkept; i++)
-        assert_int_equal(buddy_free(&e->mm, kept[i], 9), 0);
+    free_kept(e, kept, 0, nkept);
     assert_clean(e);
     env_free(e);
 }
@@ -2167,11 +2187,11 @@ static void test_report_threshold(void **state)
 static void test_report_budget_and_delay(void **state)
 {
     (void)state;
-    struct env *e = env_reporting(REPORTING);
-    report_settle(e);
-    uint64_t kept[64], freed[64];
-    unsigned nfreed;
-    unsigned nkept = fragment_2m(e, kept, 64, freed, &nfreed);
+    struct frag f;
+    struct env *e = env_fragmented(&f);
+    uint64_t *kept = f.kept, *freed = f.freed;
+    unsigned nkept = f.nkept, nfreed = f.nfreed;
+    (void)freed, (void)nfreed; /* not every test looks at the freed blocks */
     assert_true(nfreed >= 8);
     /* 2 blocks (1024 pages) per pass, passes 1 s after the last change. */
     e->b.cfg.report_budget_pages = 1024;
@@ -2195,8 +2215,7 @@ static void test_report_budget_and_delay(void **state)
     assert_int_equal(passes, (nfreed + 1) / 2);
     assert_int_equal(e->fb.report_chains - chains, passes);
     assert_int_equal(e->b.report_passes, 1 + passes);
-    for (unsigned i = 0; i < nkept; i++)
-        assert_int_equal(buddy_free(&e->mm, kept[i], 9), 0);
+    free_kept(e, kept, 0, nkept);
     assert_clean(e);
     env_free(e);
 }

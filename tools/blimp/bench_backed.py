@@ -19,7 +19,7 @@ import sys
 from .options import DEFAULT_KERNEL, size_arg
 from .qemu import qemu_version, resolve_accel
 from .session import SESSION_ERRORS, BalloonSession, describe_failure
-from .units import GiB, MiB, mib
+from .units import GiB, mib
 
 TARGET = 0.95
 

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .benchutil import log
 from . import exitcodes
 from .options import REPO, add_balloon_guest_options, balloon_append, size_arg
 from .qemu import qemu_version, resolve_accel
@@ -67,10 +68,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="per QEMU run")
     p.add_argument("--check-targets", action="store_true", help="exit 2 if a target is missed")
     p.set_defaults(func=run)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # ------------------------------------------------------------------ the host floor

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
+from .benchutil import best_run, log
 from . import refhost
 from .bench_balloon import BenchError, floor_binary
 from .options import DEFAULT_KERNEL, REPO, size_arg
@@ -47,10 +48,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=os.path.join(REPO, "build", "bench", "chunks.png"))
     p.add_argument("--timeout", type=float, default=1200.0, help="per QEMU run")
     p.set_defaults(func=run)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def measure_floors(size: int) -> Dict[str, float]:
@@ -104,13 +101,10 @@ def one_guest(args: argparse.Namespace, qemu: str, protocol: str, size: int,
 
 
 def best_of(results: List[dict]) -> Optional[dict]:
-    ok = [r for r in results if r.get("ok")]
-    if not ok:
-        return None
-    best = min(ok, key=lambda r: r["inflate_s"])
-    best = dict(best)
-    best["deflate_s"] = min(r["deflate_s"] for r in ok)
-    best["runs"] = len(results)
+    """The fastest inflate, with the fastest deflate of all runs beside it."""
+    best = best_run(results, "inflate_s")
+    if best:
+        best["deflate_s"] = min(r["deflate_s"] for r in results if r.get("ok"))
     return best
 
 

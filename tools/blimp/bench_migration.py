@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
+from .benchutil import best_run, log
 from .balloon import F_FREE_PAGE_HINT
 from .options import DEFAULT_KERNEL, memory_arg, size_arg
 from .qemu import parse_memory, qemu_version, resolve_accel
@@ -48,10 +49,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accel", default="tcg")
     p.add_argument("--timeout", type=float, default=300.0, help="per QEMU run")
     p.set_defaults(func=run)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def one_guest(args: argparse.Namespace, hinting: bool) -> dict:
@@ -93,12 +90,9 @@ def one_guest(args: argparse.Namespace, hinting: bool) -> dict:
 
 def best_of(results: List[dict]) -> Optional[dict]:
     """The run with the least total time, with every run's transferred bytes beside it."""
-    ok = [r for r in results if r.get("ok")]
-    if not ok:
-        return None
-    best = dict(min(ok, key=lambda r: r["total_time_ms"]))
-    best["runs"] = len(results)
-    best["transferred_all"] = [r["ram_transferred"] for r in ok]
+    best = best_run(results, "total_time_ms")
+    if best:
+        best["transferred_all"] = [r["ram_transferred"] for r in results if r.get("ok")]
     return best
 
 
