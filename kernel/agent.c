@@ -147,31 +147,11 @@ static int take_pages(struct held *h, uint64_t pages)
     return 0;
 }
 
-/* Decimal with an optional K/M/G suffix; the whole word must be a number. */
-static bool parse_num(const char *s, uint64_t *out)
-{
-    uint64_t v = 0;
-    if (*s < '0' || *s > '9')
-        return false;
-    for (; *s >= '0' && *s <= '9'; s++) {
-        if (v > (UINT64_MAX - 9) / 10)
-            return false;
-        v = v * 10 + (uint64_t)(*s - '0');
-    }
-    unsigned shift = *s == 'K' ? 10 : *s == 'M' ? 20 : *s == 'G' ? 30 : 0;
-    if (shift)
-        s++;
-    if (*s || v > (UINT64_MAX >> shift))
-        return false;
-    *out = v << shift;
-    return true;
-}
-
 static void cmd_alloc(char **argv, unsigned argc)
 {
     uint64_t bytes, seed = 1;
-    if (argc < 2 || !parse_num(argv[1], &bytes) || bytes == 0 ||
-        (argc > 2 && !parse_num(argv[2], &seed))) {
+    if (argc < 2 || !parse_u64(argv[1], &bytes) || bytes == 0 ||
+        (argc > 2 && !parse_u64(argv[2], &seed))) {
         reply_error("alloc", "usage: alloc <bytes>[K|M|G] [seed]");
         return;
     }
@@ -216,7 +196,7 @@ static int select_held(const char *cmd, const char *arg, struct held **out)
                 out[n++] = &held[i];
         return (int)n;
     }
-    if (parse_num(arg, &id) && id <= UINT32_MAX && find_held((unsigned)id)) {
+    if (parse_u64(arg, &id) && id <= UINT32_MAX && find_held((unsigned)id)) {
         out[0] = find_held((unsigned)id);
         return 1;
     }
@@ -248,7 +228,7 @@ static void cmd_verify_or_touch(char **argv, unsigned argc, bool touch)
     struct held *sel[MAX_HELD];
     uint64_t new_seed = 0;
     bool reseed = touch && argc > 2;
-    if (reseed && !parse_num(argv[2], &new_seed)) {
+    if (reseed && !parse_u64(argv[2], &new_seed)) {
         reply_error(name, "usage: touch [id|all] [seed]");
         return;
     }
@@ -284,7 +264,7 @@ static void cmd_verify_or_touch(char **argv, unsigned argc, bool touch)
 static void cmd_corrupt(char **argv, unsigned argc)
 {
     uint64_t page, word = 0;
-    if (argc < 3 || !parse_num(argv[2], &page) || (argc > 3 && !parse_num(argv[3], &word))) {
+    if (argc < 3 || !parse_u64(argv[2], &page) || (argc > 3 && !parse_u64(argv[3], &word))) {
         reply_error("corrupt", "usage: corrupt <id> <page> [word]");
         return;
     }
@@ -367,7 +347,7 @@ static void cmd_state(void)
 static void cmd_quit(char **argv, unsigned argc)
 {
     uint64_t code = EXIT_SUCCESS_CODE;
-    if (argc > 1 && (!parse_num(argv[1], &code) || code > 0xff)) {
+    if (argc > 1 && (!parse_u64(argv[1], &code) || code > 0xff)) {
         reply_error("quit", "usage: quit [code]");
         return;
     }

@@ -120,50 +120,6 @@ const char *kernel_mode_name(enum kernel_mode m)
     return (unsigned)m < sizeof(mode_names) / sizeof(mode_names[0]) - 1 ? mode_names[m] : "unknown";
 }
 
-/* Decimal or 0x-hex, with an optional K/M/G suffix; the whole string must be consumed. */
-static bool parse_u64(const char *s, uint64_t *out)
-{
-    uint64_t v = 0;
-    unsigned base = 10;
-    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-        base = 16;
-        s += 2;
-    }
-    if (!*s)
-        return false;
-    for (; *s; s++) {
-        unsigned d;
-        if (*s >= '0' && *s <= '9')
-            d = (unsigned)(*s - '0');
-        else if (base == 16 && *s >= 'a' && *s <= 'f')
-            d = (unsigned)(*s - 'a' + 10);
-        else if (base == 16 && *s >= 'A' && *s <= 'F')
-            d = (unsigned)(*s - 'A' + 10);
-        else
-            break;
-        if (v > (UINT64_MAX - d) / base)
-            return false;
-        v = v * base + d;
-    }
-    unsigned shift = 0;
-    if (*s == 'K' || *s == 'k')
-        shift = 10;
-    else if (*s == 'M' || *s == 'm')
-        shift = 20;
-    else if (*s == 'G' || *s == 'g')
-        shift = 30;
-    if (shift) {
-        if (v > (UINT64_MAX >> shift))
-            return false;
-        v <<= shift;
-        s++;
-    }
-    if (*s)
-        return false;
-    *out = v;
-    return true;
-}
-
 static void error(const char *word, const char *why)
 {
     kprintf("blimp: error: bad command-line option '%s': %s\n", word, why);

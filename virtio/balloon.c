@@ -102,7 +102,6 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .hinted_pages = b->hinted.pages,
         .hint_rounds = b->hint_rounds,
         .hint_released_pages = b->hint_released_pages,
-        .hint_cmd_id = b->hint_active,
         .inflight_report = b->inflight_report,
         .reported_pages = b->reported_pages,
         .report_chains = b->report_chains,
@@ -604,14 +603,12 @@ static void inflate_step(struct balloon *b)
             want = b->cfg.pfns_per_buffer;
         unsigned n = 0, pushed = 0;
         while (n < want && pushed < b->max_blocks) {
-            struct buddy_stats st;
-            buddy_get_stats(b->mm, &st);
-            uint64_t room = want - n;
+            uint64_t free = b->mm->free_pages, room = want - n;
             /* Keep one page beyond the reserve for the record page the push may need. */
-            if (st.free_pages <= b->cfg.reserve_pages + 1)
+            if (free <= b->cfg.reserve_pages + 1)
                 break;
-            if (room > st.free_pages - b->cfg.reserve_pages - 1)
-                room = st.free_pages - b->cfg.reserve_pages - 1;
+            if (room > free - b->cfg.reserve_pages - 1)
+                room = free - b->cfg.reserve_pages - 1;
             unsigned max_order = floor_log2(room);
             if (max_order > BUDDY_MAX_ORDER)
                 max_order = BUDDY_MAX_ORDER;
@@ -847,13 +844,12 @@ static void hint_step(struct balloon *b)
 {
     unsigned added = 0;
     while (b->hint_active && added < 64 && vq_num_free(&b->hint_vq) > 1) {
-        struct buddy_stats st;
-        buddy_get_stats(b->mm, &st);
-        if (st.free_pages <= b->cfg.reserve_pages + 1) {
+        uint64_t free = b->mm->free_pages;
+        if (free <= b->cfg.reserve_pages + 1) {
             hint_end_round(b, "exhausted");
             break;
         }
-        unsigned max_order = floor_log2(st.free_pages - b->cfg.reserve_pages - 1);
+        unsigned max_order = floor_log2(free - b->cfg.reserve_pages - 1);
         if (max_order > b->cfg.hint_order)
             max_order = b->cfg.hint_order;
         unsigned order;

@@ -1619,6 +1619,20 @@ static void test_hint_stop_new_round_and_pressure(void **state)
     env_free(e);
 }
 
+/* A device that offers FREE_PAGE_HINT must have the config field that drives it. */
+static void test_hint_config_too_small(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, HINTING, QSIZE);
+    e->ft.t.config_size = 8; /* num_pages and actual only */
+    assert_int_equal(env_start(e), -1);
+    assert_int_equal(e->b.state, BALLOON_BROKEN);
+    assert_non_null(strstr(e->b.violation, "free_page_hint_cmd_id"));
+    assert_true(e->ft.status & VIRTIO_STATUS_FAILED);
+    assert_false(e->ft.status & VIRTIO_STATUS_DRIVER_OK);
+    env_free(e);
+}
+
 static void test_hint_declined(void **state)
 {
     (void)state;
@@ -2416,6 +2430,7 @@ int main(void)
         cmocka_unit_test(test_hint_round_and_done),
         cmocka_unit_test(test_hint_stop_new_round_and_pressure),
         cmocka_unit_test(test_hint_declined),
+        cmocka_unit_test(test_hint_config_too_small),
         cmocka_unit_test(test_page_poison_negotiation),
         cmocka_unit_test(test_chunks_inject_bad_chunk),
         cmocka_unit_test(test_oom_reclaim_needs_the_feature),

@@ -655,7 +655,7 @@ static void test_cap_bar_index_above_5_refused(void)
 
 static void test_cap_in_absent_bar_refused(void)
 {
-    expect_common_cap_refused(2, COMMON_AT, COMMON_LEN); /* BAR2 is not implemented */
+    expect_common_cap_refused(2, COMMON_AT, COMMON_LEN); /* the function has no BAR2 */
 }
 
 static void test_common_cap_too_short_refused(void)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from .benchutil import best_run, log
+from .benchutil import best_run, log, new_plot, save_plot
 from . import refhost
 from .bench_balloon import BenchError, floor_binary
 from .options import DEFAULT_KERNEL, REPO, size_arg
@@ -181,14 +181,10 @@ def summarise(points: List[dict]) -> dict:
 
 
 def plot(points: List[dict], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("plot: python3-matplotlib is not installed (./blimp bench installs it); no plot")
+    made = new_plot()
+    if made is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = made
     for protocol, style in (("chunks", "o-"), ("pfns", "s--")):
         for touched in (False, True):
             xs = [p["size"] / GiB for p in points if p["protocol"] == protocol
@@ -211,10 +207,7 @@ def plot(points: List[dict], path: str) -> None:
     ax.set_title("blimp on the reference host (QEMU 7.2 + chunk patch)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    log("plot: %s" % path)
+    save_plot(fig, path)
 
 
 if __name__ == "__main__":

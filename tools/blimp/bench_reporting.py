@@ -19,7 +19,7 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from .benchutil import log
+from .benchutil import log, new_plot, save_plot
 from .options import DEFAULT_KERNEL, REPO, size_arg
 from .qemu import QEMU_BINARY, qemu_version, resolve_accel
 from .session import SESSION_ERRORS, BalloonSession, describe_failure
@@ -152,14 +152,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plot(results: List[dict], args: argparse.Namespace) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("plot: python3-matplotlib is not installed (./blimp bench installs it); no plot")
+    made = new_plot()
+    if made is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = made
     for i, r in enumerate(results):
         ax.plot([t for t, _ in r["samples"]], [rss / MiB for _, rss in r["samples"]], "-",
                 label="run %d: 90 %% in %.3f s" % (i + 1, r["t90_s"]))
@@ -171,10 +167,7 @@ def plot(results: List[dict], args: argparse.Namespace) -> None:
                  % (mib(args.memory), mib(args.size), resolve_accel(args.accel)))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
-    log("plot: %s" % args.plot)
+    save_plot(fig, args.plot)
 
 
 if __name__ == "__main__":

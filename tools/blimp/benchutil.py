@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+import os
+from typing import Any, List, Optional, Tuple
 
 
 def log(msg: str) -> None:
@@ -19,3 +20,23 @@ def best_run(results: List[dict], key: str) -> Optional[dict]:
     best = dict(min(ok, key=lambda r: r[key]))
     best["runs"] = len(results)
     return best
+
+
+def new_plot() -> Optional[Tuple[Any, Any]]:
+    """A (figure, axes) pair from Debian's python3-matplotlib (no display needed), or None
+    with a note when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("plot: python3-matplotlib is not installed (./blimp bench installs it); no plot")
+        return None
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def save_plot(fig: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log("plot: %s" % path)
