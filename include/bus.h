@@ -40,6 +40,10 @@ void bus_write8(const struct bus_region *r, uint64_t off, uint8_t v);
 void bus_write16(const struct bus_region *r, uint64_t off, uint16_t v);
 void bus_write32(const struct bus_region *r, uint64_t off, uint32_t v);
 
+/* Makes the physical MMIO window [phys, phys + size) a region, mapped uncached (virtio-mmio
+ * devices, the IOAPIC). Returns 0, or -1 when it cannot be mapped. */
+int bus_map_mmio(uint64_t phys, uint64_t size, struct bus_region *out);
+
 /* ---- PCI ----------------------------------------------------------------------------------- */
 
 /* Standard configuration header offsets and bits used by the portable code. */

@@ -43,7 +43,12 @@ void balloon_mode_run(const struct options *opts)
         bool poll_device = now - last_poll >= DEVICE_POLL_NS;
         if (poll_device)
             last_poll = now;
-        balloon_poll(&balloon, poll_device);
+        /* Polling: read (and so acknowledge) the ISR, and re-read the configuration every time
+         * whatever it says. */
+        unsigned events = 0;
+        if (poll_device)
+            events = transport.ops->read_isr(&transport) | BALLOON_EV_CONFIG;
+        balloon_poll(&balloon, events);
         balloon_get_status(&balloon, &st);
         if (st.state == BALLOON_BROKEN)
             machine_exit(EXIT_PROTOCOL_ERROR, st.violation);

@@ -456,7 +456,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     if (balloon_negotiated(b, VIRTIO_BALLOON_F_DEFLATE_ON_OOM) || b->has_reporting ||
         b->has_hint_vq)
         buddy_set_reclaim(mm, reclaim_for_allocator, b);
-    balloon_poll(b, true);
+    balloon_poll(b, BALLOON_EV_CONFIG);
     return 0;
 }
 
@@ -873,7 +873,7 @@ static void hint_step(struct balloon *b)
         kick(b, &b->hint_vq);
 }
 
-static void hint_poll(struct balloon *b, bool poll_device)
+static void hint_poll(struct balloon *b, bool config)
 {
     uint32_t len;
     void *token;
@@ -882,7 +882,7 @@ static void hint_poll(struct balloon *b, bool poll_device)
             b->hint_id_busy[(uint32_t *)token - b->hint_ids] = false;
     if (b->hint_stop_owed && hint_send_id(b, BALLOON_HINT_CMD_STOP))
         b->hint_stop_owed = false;
-    if (poll_device)
+    if (config)
         hint_check_cmd(b);
     if (b->hint_active)
         hint_step(b);
@@ -1106,24 +1106,23 @@ static void update_target(struct balloon *b)
                      (unsigned long)can, b->target);
 }
 
-static void poll_once(struct balloon *b, bool poll_device);
+static void poll_once(struct balloon *b, unsigned events);
 
-void balloon_poll(struct balloon *b, bool poll_device)
+void balloon_poll(struct balloon *b, unsigned events)
 {
     bool was = b->in_driver;
     b->in_driver = true;
-    poll_once(b, poll_device);
+    poll_once(b, events);
     b->in_driver = was;
 }
 
-static void poll_once(struct balloon *b, bool poll_device)
+static void poll_once(struct balloon *b, unsigned events)
 {
+    bool config = events & BALLOON_EV_CONFIG;
     if (b->state == BALLOON_BROKEN)
         return;
-    if (poll_device) {
-        b->t->ops->read_isr(b->t); /* acknowledge; we poll everything anyway */
+    if (config)
         update_target(b);
-    }
     if (collect(b))
         write_actual(b);
     collect_reports(b);
@@ -1131,7 +1130,7 @@ static void poll_once(struct balloon *b, bool poll_device)
     if (b->state == BALLOON_BROKEN)
         return;
     if (b->has_hint_vq)
-        hint_poll(b, poll_device);
+        hint_poll(b, config);
     if (b->inflight_deflate == 0 && b->actual + b->inflight_inflate < b->target)
         inflate_step(b);
     else if (b->inflight_inflate == 0 && b->actual > b->target + b->inflight_deflate)

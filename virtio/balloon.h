@@ -183,9 +183,14 @@ void balloon_default_config(struct balloon_config *cfg);
  * Returns 0, or -1 (the reason is logged; b->violation is set for a protocol violation). */
 int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm,
                  const struct balloon_config *cfg);
-/* One non-blocking round: collect acknowledgements, follow the target, answer stats requests.
- * poll_device: also re-read the interrupt status and num_pages (rate-limited by the caller). */
-void balloon_poll(struct balloon *b, bool poll_device);
+/* What the caller learnt about the device since the last balloon_poll (VIRTIO_ISR_* bits: an
+ * interrupt handler's ISR value, or a polling loop's own read of it). Used buffers are collected
+ * on every call whatever the bits say (that is only memory reads); BALLOON_EV_CONFIG makes the
+ * driver read the configuration (num_pages, the hint command id) and the device status. */
+#define BALLOON_EV_QUEUE  VIRTIO_ISR_QUEUE
+#define BALLOON_EV_CONFIG VIRTIO_ISR_CONFIG
+/* One non-blocking round: collect acknowledgements, follow the target, answer stats requests. */
+void balloon_poll(struct balloon *b, unsigned events);
 /* Deflate-on-OOM: give back at least `pages` to the guest (telling the host first) when
  * DEFLATE_ON_OOM was negotiated. Returns the pages released (0 without the feature). When the
  * feature is negotiated, balloon_init registers this with the allocator as its reclaim hook

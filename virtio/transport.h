@@ -38,6 +38,35 @@ struct vq_addrs {
     uint64_t desc, avail, used;
 };
 
+/*
+ * How the device interrupts, as the transport found it when it bound (docs/design.md,
+ * "Interrupts"). The kernel routes it; the portable code only carries it.
+ */
+enum virtio_irq_kind {
+    VIRTIO_IRQ_NONE, /* no line known: the kernel polls */
+    VIRTIO_IRQ_GSI,  /* a wire into the IOAPIC: PCI INTx (level) or a virtio-mmio line */
+    VIRTIO_IRQ_MSIX, /* PCI MSI-X (the transport has an msix table) */
+};
+
+struct virtio_irq {
+    enum virtio_irq_kind kind;
+    unsigned gsi;    /* VIRTIO_IRQ_GSI: the IOAPIC input (global system interrupt) */
+    bool level;      /* level-triggered (PCI INTx; virtio-mmio on QEMU) */
+    bool active_low; /* polarity */
+};
+
+/*
+ * Every register access the driver makes that a hypervisor has to trap (a VM exit on real
+ * virtualization), counted by the transport itself, so a host developer can compare what the
+ * driver costs with interrupts and with polling.
+ */
+struct virtio_exit_counts {
+    uint64_t config_reads, config_writes; /* device-specific configuration */
+    uint64_t status;                      /* status, features, generation, queue set-up */
+    uint64_t notifies;                    /* queue notifications */
+    uint64_t isr_reads;                   /* interrupt status reads (and acks) */
+};
+
 struct virtio_transport;
 
 struct virtio_transport_ops {
@@ -72,7 +101,9 @@ struct virtio_transport {
     bool legacy;          /* legacy interface: no FEATURES_OK, 32 feature bits */
     uint16_t device_id;   /* virtio device type, 5 = balloon */
     unsigned config_size; /* bytes of device config the transport exposes (0 = unknown) */
-    void *priv;           /* implementation state */
+    struct virtio_irq irq;
+    struct virtio_exit_counts exits;
+    void *priv; /* implementation state */
 };
 
 #endif

@@ -2,6 +2,7 @@
  * uncached by pci_map_bar), in/out instructions for port I/O. */
 #include "include/bus.h"
 #include "arch/x86/io.h"
+#include "arch/x86/paging.h"
 
 /* Callers validate device-supplied offsets; this is the last line against a slip. */
 static bool inside(const struct bus_region *r, uint64_t off, unsigned width)
@@ -74,4 +75,13 @@ void bus_write32(const struct bus_region *r, uint64_t off, uint32_t v)
         outl(port_of(r, off), v);
     else
         *(volatile uint32_t *)mmio_of(r, off) = v;
+}
+
+int bus_map_mmio(uint64_t phys, uint64_t size, struct bus_region *out)
+{
+    *out = (struct bus_region){0};
+    if (size == 0 || phys + size < phys || paging_map(phys, size, MAP_MMIO) != 0)
+        return -1;
+    *out = (struct bus_region){.base = phys, .size = size}; /* identity-mapped */
+    return 0;
 }

@@ -140,7 +140,7 @@ static void assert_clean(const struct env *e)
 static unsigned settle(struct env *e)
 {
     for (unsigned round = 1; round <= 10000; round++) {
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
         if (e->b.state == BALLOON_BROKEN)
             fail_msg("balloon broke: %s", e->b.violation);
         if (e->b.actual == e->b.target && !e->b.inflight_inflate && !e->b.inflight_deflate)
@@ -734,7 +734,7 @@ static void test_target_exceeds_memory(void **state)
     unsigned rounds = 0;
     while (rounds++ < 10000 && !(fake_log_contains("balloon_exhausted") && !e->b.inflight_inflate &&
                                  !e->b.inflight_deflate))
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_true(rounds < 10000);
     assert_int_equal(e->b.device_target, 10 * RAM_PAGES);
     assert_int_equal(e->b.target, total); /* clamped */
@@ -752,7 +752,7 @@ static void test_target_exceeds_memory(void **state)
     uint64_t bufs = e->b.inflate_buffers;
     unsigned lines = fake_log_count();
     for (unsigned i = 0; i < 50; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->b.inflate_buffers, bufs);
     assert_int_equal(fake_log_count(), lines);
     assert_int_equal(e->b.state, BALLOON_RUNNING);
@@ -785,7 +785,7 @@ static void test_reserve_kept_with_fragmented_memory(void **state)
     e->b.cfg.reserve_pages = f - 512;
     fake_balloon_set_target(&e->fb, 4000);
     for (unsigned i = 0; i < 100; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     bool exhausted = fake_log_contains("balloon_exhausted");
     uint32_t actual = e->b.actual;
     uint64_t left = free_pages(e), reserve = e->b.cfg.reserve_pages;
@@ -840,7 +840,7 @@ static void test_target_lowered_mid_inflate(void **state)
     assert_int_equal(env_start(e), 0);
     e->fb.hold[FB_INFLATE] = true;
     fake_balloon_set_target(&e->fb, 2000);
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     unsigned held = fake_balloon_held(&e->fb, FB_INFLATE);
     assert_int_equal(held, e->cfg.buffers);
     assert_int_equal(e->b.inflight_inflate, e->cfg.buffers * e->cfg.pfns_per_buffer);
@@ -848,7 +848,7 @@ static void test_target_lowered_mid_inflate(void **state)
     /* The host changes its mind while the inflate buffers are out. */
     fake_balloon_set_target(&e->fb, 300);
     for (unsigned i = 0; i < 5; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->b.target, 300);
     assert_int_equal(e->b.actual, 0);
     /* Nothing can be deflated before its inflate was acknowledged. */
@@ -870,13 +870,13 @@ static void test_target_lowered_mid_inflate(void **state)
     settle_at(e, 1000);
     e->fb.hold[FB_INFLATE] = true;
     fake_balloon_set_target(&e->fb, 1300); /* two buffers out, two free */
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->b.inflight_inflate, 300);
     assert_int_equal(fake_balloon_held(&e->fb, FB_INFLATE), 2);
     unsigned long kicks = notifies(e, FB_DEFLATE);
     fake_balloon_set_target(&e->fb, 200);
     for (unsigned i = 0; i < 5; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(notifies(e, FB_DEFLATE), kicks);
     assert_int_equal(e->b.actual, 1000);
     e->fb.hold[FB_INFLATE] = false;
@@ -900,7 +900,7 @@ static void test_stall_and_recovery(void **state)
     e->fb.hold[FB_INFLATE] = true;
     fake_balloon_set_target(&e->fb, 500);
     uint64_t t0 = platform_now_ns();
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->b.inflight_inflate, 500);
     assert_int_equal(e->b.state, BALLOON_RUNNING);
 
@@ -909,7 +909,7 @@ static void test_stall_and_recovery(void **state)
     uint64_t t_stalled = 0;
     unsigned polls = 0;
     while (platform_now_ns() - t0 < 2000 * MS) {
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
         polls++;
         if (e->b.state == BALLOON_STALLED) {
             t_stalled = platform_now_ns();
@@ -922,7 +922,7 @@ static void test_stall_and_recovery(void **state)
     assert_true(fake_log_contains("balloon_stalled"));
     assert_true(fake_log_contains("has not used a buffer"));
     for (unsigned i = 0; i < 10; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->b.state, BALLOON_STALLED);
     assert_int_equal(e->b.actual, 0);
     assert_int_equal(fake_balloon_held(&e->fb, FB_INFLATE), 2);
@@ -930,7 +930,7 @@ static void test_stall_and_recovery(void **state)
     /* The device answers after all. */
     e->fb.hold[FB_INFLATE] = false;
     assert_int_equal(fake_balloon_answer(&e->fb, FB_INFLATE, ~0u), 2);
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->b.state, BALLOON_RUNNING);
     assert_true(fake_log_contains("balloon_recovered"));
     assert_int_equal(e->b.actual, 500);
@@ -952,7 +952,7 @@ static void test_must_tell_host_before_reuse(void **state)
     e->fb.hold[FB_DEFLATE] = true;
     fake_balloon_set_target(&e->fb, 100);
     for (unsigned i = 0; i < 5; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     struct fake_vq *d = fake_transport_vq(&e->ft, 1);
     assert_int_equal(d->npending, 2);
     assert_int_equal(e->b.inflight_deflate, 500);
@@ -977,7 +977,7 @@ static void test_must_tell_host_before_reuse(void **state)
     size_t n0 = fake_chain_read(&d->pending[0], first, sizeof(first)) / 4;
     assert_int_equal(fake_balloon_answer(&e->fb, FB_DEFLATE, 1), 1);
     assert_int_equal(free_pages(e), before + (chunks - e->b.held.chunks)); /* not yet collected */
-    balloon_poll(&e->b, false);
+    balloon_poll(&e->b, 0);
     assert_int_equal(free_pages(e), before + (chunks - e->b.held.chunks) + n0);
     for (size_t i = 0; i < n0; i++)
         assert_true(buddy_is_free(&e->mm, first[i]));
@@ -1068,7 +1068,7 @@ static void violation_case(enum fb_role role, enum fb_misbehave how, const char 
     else
         assert_true(fake_balloon_request_stats(&e->fb));
     for (unsigned i = 0; i < 10 && e->b.state != BALLOON_BROKEN; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
 
     assert_int_equal(e->b.state, BALLOON_BROKEN);
     char q[32];
@@ -1092,10 +1092,10 @@ static void violation_case(enum fb_role role, enum fb_misbehave how, const char 
     struct frozen f0, f1;
     freeze(e, &f0);
     for (unsigned i = 0; i < 20; i++)
-        balloon_poll(&e->b, i & 1);
+        balloon_poll(&e->b, (i & 1) ? BALLOON_EV_CONFIG : 0);
     fake_balloon_set_target(&e->fb, 0);
     for (unsigned i = 0; i < 20; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(balloon_release_for_oom(&e->b, 256, 10 * MS), 0);
     freeze(e, &f1);
     assert_memory_equal(&f0, &f1, sizeof(f0));
@@ -1184,14 +1184,14 @@ static void test_config_generation_unstable(void **state)
     e->ft.unstable_generation = 1000000;
     unsigned r0 = e->ft.config_reads;
     uint64_t t0 = platform_now_ns();
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_true(platform_now_ns() - t0 < 100 * MS);
     unsigned reads = e->ft.config_reads - r0;
     assert_true(reads >= 2);
     assert_true(reads <= 16);
     for (unsigned i = 0; i < 20; i++) {
         r0 = e->ft.config_reads;
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
         assert_true(e->ft.config_reads - r0 <= 16);
     }
     assert_int_equal(e->b.state, BALLOON_RUNNING);
@@ -1200,7 +1200,7 @@ static void test_config_generation_unstable(void **state)
     e->ft.unstable_generation = 2;
     fake_balloon_set_target(&e->fb, 500);
     r0 = e->ft.config_reads;
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->ft.config_reads - r0, 2);
     assert_int_equal(e->ft.unstable_generation, 0);
     assert_int_equal(e->b.target, 500);
@@ -1254,7 +1254,7 @@ static void test_stats(void **state)
     assert_int_equal(v, memfree0);
     assert_true(fake_balloon_request_stats(&e->fb));
     assert_false(e->fb.stats_held);
-    balloon_poll(&e->b, false);
+    balloon_poll(&e->b, 0);
     assert_true(e->fb.stats_held);
     assert_int_equal(e->fb.stats_buffers, 2);
     assert_int_equal(e->b.stats_updates, 1);
@@ -1265,14 +1265,14 @@ static void test_stats(void **state)
     /* Requests keep being answered, one buffer at a time, with the same tags. */
     for (unsigned i = 0; i < 5; i++) {
         assert_true(fake_balloon_request_stats(&e->fb));
-        balloon_poll(&e->b, i & 1);
+        balloon_poll(&e->b, (i & 1) ? BALLOON_EV_CONFIG : 0);
     }
     assert_int_equal(e->b.stats_updates, 6);
     assert_int_equal(e->fb.stats_buffers, 7);
     assert_int_equal(notifies(e, FB_STATS), 7);
     settle_at(e, 0);
     assert_true(fake_balloon_request_stats(&e->fb));
-    balloon_poll(&e->b, false);
+    balloon_poll(&e->b, 0);
     assert_stats_now(e);
     assert_true(fake_balloon_stat(&e->fb, 4, &v));
     assert_int_equal(v, memfree0);
@@ -1432,7 +1432,7 @@ static void test_chunks_inject_bad_chunk(void **state)
         assert_int_equal(env_start(e), 0);
         fake_balloon_set_target(&e->fb, 300);
         for (unsigned k = 0; k < 5; k++)
-            balloon_poll(&e->b, true);
+            balloon_poll(&e->b, BALLOON_EV_CONFIG);
         assert_true(e->b.injected);
         if (e->fb.errors != 1 || !strstr(e->fb.error, cases[i].rule))
             fail_msg("inject %u: device saw %u errors, \"%s\"; expected one saying \"%s\"",
@@ -1506,7 +1506,7 @@ static void give_back(struct env *e, uint64_t *pfns, uint64_t n);
 static void poll_n(struct env *e, unsigned n)
 {
     for (unsigned i = 0; i < n; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
 }
 
 /* Every page the device counts as hinted is the driver's (not free in the allocator), and the
@@ -1835,7 +1835,7 @@ static struct env *env_reporting(uint64_t features)
 static unsigned report_settle(struct env *e)
 {
     for (unsigned round = 1; round <= 10000; round++) {
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
         if (e->b.state == BALLOON_BROKEN)
             fail_msg("balloon broke: %s", e->b.violation);
         if (!e->b.pass_active && !e->b.unsettled && !e->b.inflight_report)
@@ -1941,7 +1941,7 @@ static void test_report_negotiation_and_queue_index(void **state)
         assert_false(e->b.has_reporting);
         assert_false(fake_transport_negotiated(&e->ft, VIRTIO_BALLOON_F_PAGE_REPORTING));
         for (unsigned i = 0; i < 50; i++)
-            balloon_poll(&e->b, true);
+            balloon_poll(&e->b, BALLOON_EV_CONFIG);
         assert_int_equal(e->fb.report_chains, 0);
         assert_int_equal(e->b.reported_pages, 0);
         assert_null(e->mm.reclaim);
@@ -2041,7 +2041,7 @@ static void test_report_holds_blocks_in_flight(void **state)
     e->fb.hold_reports = true;
     uint64_t before = e->mm.free_pages;
     assert_int_equal(env_start(e), 0);
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     /* Every >= 2 MiB block is with the device: out of the allocator, none of it free. */
     uint64_t held = e->b.inflight_report;
     assert_true(held >= RAM_PAGES / 2);
@@ -2064,7 +2064,7 @@ static void test_report_holds_blocks_in_flight(void **state)
     assert_int_equal(st.reported_pages, 0);
     /* Polling does not give them back before the device answers. */
     for (unsigned i = 0; i < 20; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->b.inflight_report, held);
 
     uint64_t free_held = e->mm.free_pages;
@@ -2125,7 +2125,7 @@ static void test_report_once_until_reused_or_merged(void **state)
     unsigned chains = e->fb.report_chains;
     fake_clock_skip(5000 * MS);
     for (unsigned i = 0; i < 100; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(e->fb.report_chains, chains);
 
     /* Allocated and freed: the block is unreported again, and reported once more. */
@@ -2215,12 +2215,12 @@ static void test_report_budget_and_delay(void **state)
     while (buddy_unreported_pages(&e->mm, 9) && passes < 64) {
         /* Not before the delay: polls for a while (well under 1 s) send nothing. */
         for (unsigned i = 0; i < 50; i++)
-            balloon_poll(&e->b, true);
+            balloon_poll(&e->b, BALLOON_EV_CONFIG);
         assert_int_equal(e->fb.reported_pages, reported);
         assert_false(e->b.pass_active);
         fake_clock_skip(1000 * MS);
-        balloon_poll(&e->b, true);
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
         passes++;
         uint64_t now = e->fb.reported_pages - reported;
         assert_true(now == 1024 || (now == 512 && !buddy_unreported_pages(&e->mm, 9)));
@@ -2241,7 +2241,7 @@ static void test_report_and_inflate(void **state)
     e->cfg.report_delay_ms = 0;
     e->fb.hold_reports = true;
     assert_int_equal(env_start(e), 0);
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     uint64_t held = e->b.inflight_report;
     assert_true(held >= RAM_PAGES / 2);
     /* A target set while nearly all memory is out for reporting: inflate takes what is free,
@@ -2249,7 +2249,7 @@ static void test_report_and_inflate(void **state)
     uint64_t target = 8192; /* 32 MiB */
     fake_balloon_set_target(&e->fb, (uint32_t)target);
     for (unsigned i = 0; i < 100; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_true(e->b.actual < target);
     assert_false(fake_log_contains("balloon_exhausted"));
     assert_int_equal(e->b.state, BALLOON_RUNNING);
@@ -2283,7 +2283,7 @@ static void test_report_stall(void **state)
     assert_int_equal(env_start(e), 0);
     unsigned polls = 0;
     while (e->b.state != BALLOON_STALLED && platform_now_ns() - t0 < 2000 * MS) {
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
         polls++;
     }
     assert_int_equal(e->b.state, BALLOON_STALLED);
@@ -2296,7 +2296,7 @@ static void test_report_stall(void **state)
     /* No more chains while stalled. */
     unsigned long kicks = notifies(e, FB_REPORT);
     for (unsigned i = 0; i < 20; i++)
-        balloon_poll(&e->b, true);
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
     assert_int_equal(notifies(e, FB_REPORT), kicks);
     /* The device answers after all. */
     e->fb.hold_reports = false;
@@ -2363,7 +2363,7 @@ static void test_report_reclaim_waits_for_reports(void **state)
     e->cfg.ack_timeout_ns = 30 * MS;
     e->fb.hold_reports = true;
     assert_int_equal(env_start(e), 0);
-    balloon_poll(&e->b, true);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
     uint64_t held = e->b.inflight_report;
     assert_true(held >= RAM_PAGES / 2);
     assert_true(e->mm.reclaim != NULL); /* reporting alone registers the hook */
