@@ -408,7 +408,10 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     b->chunked = balloon_negotiated(b, VIRTIO_BALLOON_F_X_CHUNKS);
     b->max_blocks = b->chunked ? b->cfg.chunks_per_buffer : b->cfg.pfns_per_buffer;
     unsigned wire = b->chunked ? sizeof(struct balloon_chunk) : 4;
-    uint64_t per = (uint64_t)b->max_blocks * (wire + 8);
+    /* The block list follows the wire array: keep it 8-byte aligned (an odd count of 4-byte
+     * PFNs would not; found by tests/fuzz/fuzz_balloon). */
+    uint64_t wire_bytes = ((uint64_t)b->max_blocks * wire + 7) & ~7ull;
+    uint64_t per = wire_bytes + (uint64_t)b->max_blocks * 8;
     uint8_t *area = alloc_zeroed(mm, per * b->cfg.buffers);
     if (b->has_stats)
         b->stats_buf = alloc_zeroed(mm, PAGE_SIZE);
@@ -421,7 +424,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     }
     for (unsigned i = 0; i < b->cfg.buffers; i++) {
         b->bufs[i].pfns = (uint32_t *)(area + i * per);
-        b->bufs[i].blocks = (uint64_t *)(area + i * per + (uint64_t)b->max_blocks * wire);
+        b->bufs[i].blocks = (uint64_t *)(area + i * per + wire_bytes);
     }
     if (b->has_hint_vq)
         /* No used-buffer notifications on the free page queue (we poll it, as Linux, whose

@@ -385,8 +385,10 @@ static bool map_cap(const struct pci_func *f, unsigned cap, uint8_t type, struct
     uint8_t bar = pci_cfg_read8(f, cap + CAP_BAR);
     uint32_t off = pci_cfg_read32(f, cap + CAP_OFFSET);
     uint32_t len = pci_cfg_read32(f, cap + CAP_LENGTH);
-    /* Checked here, not left to pci_map_bar: bar indexes f->bar, and the sum must not wrap. */
-    if (bar >= PCI_BARS || len < min_length(type) || !f->bar[bar].size ||
+    /* Checked here, not left to pci_map_bar: bar indexes f->bar, and the sum must not wrap. A
+     * structure must start 4-aligned, or its 16- and 32-bit registers would be misaligned (found
+     * by tests/fuzz/fuzz_virtio_pci). */
+    if (bar >= PCI_BARS || off % 4 != 0 || len < min_length(type) || !f->bar[bar].size ||
         (uint64_t)off + len > f->bar[bar].size || pci_map_bar(f, bar, off, len, out) != 0) {
         platform_log("virtio-pci: capability at 0x%x (type %u, BAR %u, 0x%x+0x%x) is unusable", cap,
                      type, bar, off, len);

@@ -27,6 +27,11 @@ void fake_mem_fini(void)
     mem_base = mem_bytes = mem_next = 0;
 }
 
+void fake_mem_rewind(void)
+{
+    mem_next = 0; /* allocations are zeroed when handed out */
+}
+
 uint64_t fake_mem_alloc_phys(size_t bytes, size_t align)
 {
     if (!align)

@@ -20,6 +20,8 @@
 /* (Re)create the fake RAM [base_phys, base_phys + bytes) and reset the allocator. */
 void fake_mem_init(uint64_t base_phys, uint64_t bytes);
 void fake_mem_fini(void);
+/* Forget every allocation but keep the arena (fuzzers reuse it for each input). */
+void fake_mem_rewind(void);
 /* Zeroed memory from the arena (align: power of two). Aborts when the arena is exhausted. */
 void *fake_mem_alloc(size_t bytes, size_t align);
 uint64_t fake_mem_alloc_phys(size_t bytes, size_t align);

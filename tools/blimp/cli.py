@@ -27,7 +27,7 @@ from types import FrameType
 from typing import List, Optional
 
 from . import (balloon_targets, bench_backed, bench_balloon, bench_boot, bench_chunks,
-               bench_migration, bench_reporting, demo, exitcodes)
+               bench_migration, bench_reporting, demo, exitcodes, fuzz)
 from .options import add_qemu_options, qemu_from_args
 from .qemu import QemuError
 
@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS = [add_run, bench_boot.add_parser, demo.add_parser, balloon_targets.add_parser,
                bench_balloon.add_parser, bench_chunks.add_parser, bench_backed.add_parser,
-               bench_migration.add_parser, bench_reporting.add_parser]
+               bench_migration.add_parser, bench_reporting.add_parser, fuzz.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
