@@ -662,6 +662,22 @@ static void test_round_trip_qemu72_small_buffers(void **state)
     env_free(e);
 }
 
+/* Found by tests/fuzz/fuzz_balloon: with an odd number of 4-byte PFNs per buffer the block list
+ * behind each PFN array was misaligned (UBSan: misaligned uint64_t store). */
+static void test_odd_pfns_per_buffer_keeps_block_lists_aligned(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.pfns_per_buffer = 255;
+    e->cfg.buffers = 3;
+    assert_int_equal(env_start(e), 0);
+    for (unsigned i = 0; i < e->cfg.buffers; i++)
+        assert_int_equal((uintptr_t)e->b.bufs[i].blocks % 8, 0);
+    round_trip(e);
+    assert_clean(e);
+    env_free(e);
+}
+
 /*
  * The driver promises PFNs "sorted and contiguous" in each inflate buffer (balloon.c, design
  * notes). With the rings and buffers taken from the bottom of RAM, the remainder buffer of a
@@ -2399,6 +2415,7 @@ int main(void)
         cmocka_unit_test(test_init_starts_toward_preset_target),
         cmocka_unit_test(test_inflate_deflate_round_trip),
         cmocka_unit_test(test_round_trip_qemu72_small_buffers),
+        cmocka_unit_test(test_odd_pfns_per_buffer_keeps_block_lists_aligned),
         cmocka_unit_test(test_inflate_buffers_sorted),
         cmocka_unit_test(test_partial_deflate_splits),
         cmocka_unit_test(test_target_exceeds_memory),

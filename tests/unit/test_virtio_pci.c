@@ -642,6 +642,13 @@ static void test_cap_offset_overflow_refused(void)
     expect_common_cap_refused(MEM_BAR, 0xfffffff0u, 0x40);
 }
 
+/* Found by tests/fuzz/fuzz_virtio_pci: an odd offset made every 16- and 32-bit register access
+ * misaligned. */
+static void test_cap_offset_misaligned_refused(void)
+{
+    expect_common_cap_refused(MEM_BAR, COMMON_AT + 2, 0x100);
+}
+
 static void test_cap_bar_index_above_5_refused(void)
 {
     static const uint8_t bad_bars[] = {6, 7, 0xff};
@@ -1028,6 +1035,7 @@ int main(void)
         T(test_legacy_choice_on_transitional_device),
         T(test_cap_past_end_of_bar_refused),
         T(test_cap_offset_overflow_refused),
+        T(test_cap_offset_misaligned_refused),
         T(test_cap_bar_index_above_5_refused),
         T(test_cap_in_absent_bar_refused),
         T(test_common_cap_too_short_refused),
