@@ -88,6 +88,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check(meta != NULL, "no memory for the allocator");
     }
     fake_log_reset();
+    fake_clock_virtual(1000 * 1000); /* 1 ms a reading: deadlines pass in steps, not waits */
 
     static struct buddy mm;
     static struct fake_transport ft;

@@ -55,6 +55,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         ready = true;
     }
     fake_log_reset();
+    fake_clock_virtual(1000 * 1000); /* 1 ms a reading: deadlines pass in steps, not waits */
     fake_mem_rewind();
     memset(outstanding, 0, sizeof(outstanding));
     n_outstanding = 0;

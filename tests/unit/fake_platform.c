@@ -64,9 +64,20 @@ uint64_t virt_to_phys(const void *virt)
 }
 
 static uint64_t clock_skip_ns;
+static uint64_t virtual_step_ns; /* 0: the host's clock; else each reading moves time this far */
+static uint64_t virtual_now_ns;
+
+void fake_clock_virtual(uint64_t step_ns)
+{
+    virtual_step_ns = step_ns;
+    virtual_now_ns = 0;
+    clock_skip_ns = 0;
+}
 
 uint64_t platform_now_ns(void)
 {
+    if (virtual_step_ns)
+        return (virtual_now_ns += virtual_step_ns) + clock_skip_ns;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec + clock_skip_ns;

@@ -19,6 +19,9 @@ void fake_ram_fini(void);
 /* platform_now_ns is the host's monotonic clock plus every skip so far: a test moves time on
  * (e.g. to run a deadline out) without sleeping. */
 void fake_clock_skip(uint64_t ns);
+/* A clock that only moves when read (step_ns per reading) or skipped, starting at 0: no wait ever
+ * spins in real time, and a run depends on its input alone (the fuzzers). 0: the host's clock. */
+void fake_clock_virtual(uint64_t step_ns);
 
 /* Log capture: every platform_log line is kept (the latest FAKE_LOG_KEEP of them). */
 #define FAKE_LOG_KEEP 64
