@@ -12,8 +12,11 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdlib.h>
 #include <string.h>
 
+#include "mm/buddy.h"
+#include "virtio/balloon.h"
 #include "virtio/virtio_mmio.h"
 #include "virtio/virtqueue.h"
 #include "include/platform.h"
@@ -499,6 +502,99 @@ static void test_exit_counters_cover_queue_setup_and_reset(void **state)
     check_clean(state);
 }
 
+/* ---- the balloon driver over the transport ------------------------------------------------- */
+
+#define BRAM_BYTES (8u << 20)
+#define BRAM_PAGES (BRAM_BYTES / 4096)
+
+/* The device side of inflate/deflate: take every buffer, check and count its PFNs, answer it. */
+static unsigned serve(struct fake_mmio_queue *q, uint8_t *ballooned, bool inflate)
+{
+    unsigned pages = 0;
+    if (!q->live)
+        return 0;
+    fake_vq_pop_all(&q->vq);
+    while (q->vq.npending) {
+        uint32_t pfns[256];
+        size_t n = fake_chain_read(&q->vq.pending[0], pfns, sizeof(pfns)) / 4;
+        for (size_t i = 0; i < n; i++) {
+            uint64_t k = pfns[i] - (RAM_BASE >> 12);
+            assert_true(pfns[i] >= RAM_BASE >> 12 && k < BRAM_PAGES);
+            assert_int_equal(ballooned[k], !inflate); /* not twice in, not out unless in */
+            ballooned[k] = inflate;
+        }
+        pages += (unsigned)n;
+        fake_vq_complete(&q->vq, 0, 0);
+    }
+    return pages;
+}
+
+static void balloon_round_trip(uint32_t version)
+{
+    fake_mem_fini();
+    fake_mem_init(RAM_BASE, BRAM_BYTES);
+    struct buddy mm;
+    size_t mb = buddy_meta_bytes(BRAM_PAGES);
+    void *meta = aligned_alloc(8, (mb + 7) & ~(size_t)7);
+    assert_non_null(meta);
+    assert_int_equal(buddy_init(&mm, meta, mb, RAM_BASE >> 12, BRAM_PAGES), 0);
+    buddy_add_range(&mm, RAM_BASE >> 12, BRAM_PAGES);
+    E.m = fake_mmio_add(BASE, SLOT, version, TYPE_BALLOON);
+    E.m->device_features = (version == 2 ? 1ull << 32 : 0) | 1ull << 0; /* MUST_TELL_HOST */
+    fake_mmio_add_queue(E.m, 0, QMAX);
+    fake_mmio_add_queue(E.m, 1, QMAX);
+    assert_int_equal(bind(VIRTIO_MMIO_ANY), VIRTIO_MMIO_BOUND);
+    struct balloon_config cfg;
+    balloon_default_config(&cfg);
+    static struct balloon b;
+    assert_int_equal(balloon_init(&b, &E.t, &mm, &cfg), 0);
+    assert_true(E.m->status & VIRTIO_STATUS_DRIVER_OK);
+    assert_int_equal(!!(E.m->status & VIRTIO_STATUS_FEATURES_OK), version == 2);
+    assert_true(E.m->q[0].live && E.m->q[1].live);
+    uint64_t free0 = mm.free_pages;
+    uint8_t *ballooned = calloc(BRAM_PAGES, 1);
+    assert_non_null(ballooned);
+    static const uint32_t targets[] = {700, 100, 0};
+    unsigned in = 0, out = 0;
+    for (unsigned k = 0; k < 3; k++) {
+        memcpy(&E.m->config[0], &targets[k], 4);
+        uint32_t actual = ~0u;
+        for (unsigned round = 0; round < 200 && actual != targets[k]; round++) {
+            balloon_poll(&b, ops()->read_isr(&E.t) | BALLOON_EV_CONFIG);
+            in += serve(&E.m->q[0], ballooned, true);
+            out += serve(&E.m->q[1], ballooned, false);
+            memcpy(&actual, &E.m->config[4], 4);
+        }
+        assert_int_equal(actual, targets[k]);
+        assert_int_equal(in - out, targets[k]);
+        /* The balloon keeps its records in pages of its own (mm/blocklist.c). */
+        assert_in_range(mm.free_pages, free0 - targets[k] - 4, free0 - targets[k]);
+    }
+    assert_int_equal(mm.free_pages, free0);
+    struct balloon_status st;
+    balloon_get_status(&b, &st);
+    assert_string_equal(st.state_name, "running");
+    assert_string_equal(st.transport, version == 2 ? "virtio-mmio-modern" : "virtio-mmio-legacy");
+    assert_true(E.t.exits.notifies > 0);
+    assert_int_equal(E.m->q[0].vq.errors + E.m->q[1].vq.errors, 0);
+    free(ballooned);
+    fake_mmio_clear();
+    E.m = NULL;
+    free(meta);
+}
+
+static void test_balloon_over_v1(void **state)
+{
+    balloon_round_trip(1);
+    check_clean(state);
+}
+
+static void test_balloon_over_v2(void **state)
+{
+    balloon_round_trip(2);
+    check_clean(state);
+}
+
 /* ---- microvm probe ------------------------------------------------------------------------- */
 
 static void test_probe_microvm_24_slots(void **state)
@@ -660,6 +756,8 @@ int main(void)
         T(test_isr_read_and_acked),
         T(test_exit_counters),
         T(test_exit_counters_cover_queue_setup_and_reset),
+        T(test_balloon_over_v1),
+        T(test_balloon_over_v2),
         T(test_probe_microvm_24_slots),
         T(test_probe_microvm_8_slots_line_unknown),
         T(test_probe_microvm_nothing),
