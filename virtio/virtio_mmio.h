@@ -67,8 +67,8 @@ enum virtio_mmio_result virtio_mmio_bind(const struct virtio_mmio_device *dev, u
  * with an optional K/M/G suffix, base decimal or 0x hex, irq and id decimal. Checks the size
  * (VIRTIO_MMIO_MIN_SIZE..VIRTIO_MMIO_MAX_SIZE), the base's alignment (4: registers are 32-bit)
  * and that the window ends below VIRTIO_MMIO_ADDR_LIMIT. Returns true, or false with *why set to
- * a static message. The irq is recorded as a level-triggered GSI (what QEMU and Firecracker
- * wire).
+ * a static message. The irq is recorded as a level-triggered, active-high GSI: QEMU holds the
+ * line until InterruptACK (other hosts' trigger mode is not verified here).
  */
 bool virtio_mmio_parse_device(const char *s, struct virtio_mmio_device *out, const char **why);
 
