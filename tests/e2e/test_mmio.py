@@ -74,11 +74,13 @@ def test_mmio_balloon_roundtrip(balloon_vm, case):
         vm.quit()
 
 
-def test_mmio_guest_stats(balloon_vm):
-    """The stats queue works over virtio-mmio (version 2): QEMU's guest-stats follow
-    the guest's free memory."""
-    with balloon_vm(machine="microvm", memory="512M", extra_args=V2) as vm:
-        assert vm.transport == "virtio-mmio-modern"
+@pytest.mark.parametrize("extra,transport", [([], "virtio-mmio-legacy"),
+                                             (V2, "virtio-mmio-modern")], ids=["v1", "v2"])
+def test_mmio_guest_stats(balloon_vm, extra, transport):
+    """The stats queue works over virtio-mmio: QEMU's guest-stats follow the guest's
+    free memory."""
+    with balloon_vm(machine="microvm", memory="512M", extra_args=extra) as vm:
+        assert vm.transport == transport
         bal = vm.balloon
         bal.enable_stats(1)
         s0 = bal.wait_stats(timeout=10)
