@@ -1,7 +1,8 @@
 /*
- * The bus interface the portable transports (virtio/virtio_pci.c, and virtio-mmio next) use
+ * The bus interface the portable transports (virtio/virtio_pci.c, virtio/virtio_mmio.c) use
  * to reach device registers and PCI configuration space. The kernel implements it in
- * arch/x86/bus.c and arch/x86/pci.c; host unit tests implement it in tests/unit/fake_pci.c.
+ * arch/x86/bus.c and arch/x86/pci.c; host unit tests implement it in tests/unit/fake_pci.c
+ * (PCI) and tests/unit/fake_mmio.c (virtio-mmio windows).
  * Capability-list walking is portable logic over the config accessors, in lib/pci.c.
  *
  * Why plain functions and not an ops table: like include/platform.h, every binary has exactly

@@ -1,22 +1,21 @@
 #include "kernel/balloon_mode.h"
 #include "arch/x86/exit.h"
 #include "kernel/agent.h"
+#include "kernel/devices.h"
 #include "kernel/mem.h"
 #include "lib/printf.h"
 #include "virtio/balloon.h"
-#include "virtio/virtio_pci.h"
 
 #define DEVICE_POLL_NS (1000ull * 1000) /* re-read the ISR and num_pages every millisecond */
 
-static struct virtio_pci vpci;
 static struct virtio_transport transport;
 static struct balloon balloon;
 
 void balloon_mode_run(const struct options *opts)
 {
-    if (virtio_pci_find(VIRTIO_ID_BALLOON, opts->virtio, &vpci, &transport) != 0) {
+    if (find_balloon(opts, &transport) != 0) {
         kprintf("blimp: error: no usable virtio balloon device found "
-                "(QEMU: -device virtio-balloon-pci)\n");
+                "(QEMU: -device virtio-balloon-pci, or virtio-balloon-device on microvm)\n");
         machine_exit(EXIT_NO_DEVICE, "no balloon device");
     }
     /* PAGE_POISON only when the guest poisons, with a pattern that repeats a 32-bit poison_val

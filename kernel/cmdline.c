@@ -28,7 +28,7 @@ struct option_def {
 
 _Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
                    sizeof(enum fault_inject) == sizeof(int) &&
-                   sizeof(enum virtio_pci_choice) == sizeof(int) &&
+                   sizeof(enum virtio_choice) == sizeof(int) &&
                    sizeof(enum balloon_inject) == sizeof(int),
                "OPT_ENUM stores enums as int");
 
@@ -40,9 +40,10 @@ static const char *const mode_names[] = {
     NULL,
 };
 static const char *const virtio_names[] = {
-    [VIRTIO_PCI_AUTO] = "auto",
-    [VIRTIO_PCI_MODERN] = "modern",
-    [VIRTIO_PCI_LEGACY] = "legacy",
+    [VIRTIO_AUTO] = "auto",
+    [VIRTIO_MODERN] = "modern",
+    [VIRTIO_LEGACY] = "legacy",
+    [VIRTIO_MMIO_ONLY] = "mmio",
     NULL,
 };
 static const char *const balloon_inject_names[] = {
@@ -76,7 +77,8 @@ static const struct option_def option_defs[] = {
      "damage done on purpose to prove a detector fires: none | stamp | poison (selftest)", 0, 0,
      inject_names},
     {"blimp.virtio", OPT_ENUM, OPT(virtio), "auto",
-     "auto (modern if the device has it) | modern | legacy", 0, 0, virtio_names},
+     "auto (modern if the device has it) | modern | legacy | mmio (virtio-mmio only)", 0, 0,
+     virtio_names},
     {"blimp.balloon.pfns", OPT_U32, OPT(balloon.pfns_per_buffer), NULL,
      "PFNs per inflate/deflate buffer, 1..65536", 1, 65536, NULL},
     {"blimp.balloon.buffers", OPT_U32, OPT(balloon.buffers), NULL,
@@ -110,7 +112,8 @@ static const struct option_def option_defs[] = {
      "chunk_outside | chunk_writable",
      0, 0, balloon_inject_names},
     {"virtio_mmio.device", OPT_MMIO, OPT(virtio_mmio), NULL,
-     "<size>@<base>:<irq>, a virtio-mmio device (as Linux spells it)", 0, 0, NULL},
+     "<size>@<base>:<irq>[:<id>], a virtio-mmio device (as Linux spells it); may repeat", 0, 0,
+     NULL},
 };
 
 #define N_OPTIONS (sizeof(option_defs) / sizeof(option_defs[0]))
@@ -170,6 +173,39 @@ static void list_known(void)
     }
 }
 
+static bool apply_mmio(struct options *o, const char *word, const char *value)
+{
+    struct virtio_mmio_device dev;
+    const char *why;
+    if (!virtio_mmio_parse_device(value, &dev, &why)) {
+        error(word, why);
+        return false;
+    }
+    for (unsigned i = 0; i < o->n_virtio_mmio; i++) {
+        const struct virtio_mmio_device *e = &o->virtio_mmio[i];
+        /* The same window twice (a user's entry that QEMU appends again) is one device. */
+        if (e->base == dev.base && e->size == dev.size && e->irq.gsi == dev.irq.gsi &&
+            e->id == dev.id) {
+            kprintf("blimp: virtio_mmio.device=%s given twice; using it once\n", value);
+            return true;
+        }
+        if (virtio_mmio_overlap(e, &dev)) {
+            char why_buf[120];
+            ksnprintf(why_buf, sizeof(why_buf),
+                      "overlaps the window 0x%lx-0x%lx of an earlier virtio_mmio.device", e->base,
+                      e->base + e->size - 1);
+            error(word, why_buf);
+            return false;
+        }
+    }
+    if (o->n_virtio_mmio == MAX_VIRTIO_MMIO) {
+        error(word, "too many virtio_mmio.device options");
+        return false;
+    }
+    o->virtio_mmio[o->n_virtio_mmio++] = dev;
+    return true;
+}
+
 static bool apply(const struct option_def *d, struct options *o, const char *word,
                   const char *value)
 {
@@ -214,18 +250,7 @@ static bool apply(const struct option_def *d, struct options *o, const char *wor
             *(uint64_t *)field = v * 1000000;
         return true;
     case OPT_MMIO:
-        if (o->n_virtio_mmio == MAX_VIRTIO_MMIO) {
-            error(word, "too many virtio_mmio.device options");
-            return false;
-        }
-        if (strlcpy(o->virtio_mmio[o->n_virtio_mmio], value, sizeof(o->virtio_mmio[0])) >=
-                sizeof(o->virtio_mmio[0]) ||
-            !strchr(value, '@')) {
-            error(word, "expected <size>@<base>:<irq>");
-            return false;
-        }
-        o->n_virtio_mmio++;
-        return true;
+        return apply_mmio(o, word, value);
     }
     return false;
 }

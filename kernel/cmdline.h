@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "virtio/balloon.h"
-#include "virtio/virtio_pci.h"
+#include "virtio/virtio_mmio.h"
 
 enum kernel_mode {
     MODE_BALLOON,  /* default: follow the host's balloon target for as long as the host runs us */
@@ -28,16 +28,21 @@ enum fault_inject {
     INJECT_POISON, /* selftest with blimp.poison=1: overwrite one word of a poisoned free page */
 };
 
-#define MAX_VIRTIO_MMIO 4
+/* blimp.virtio: which interface of which transport. modern and legacy pick the face of a
+ * transitional virtio-pci device and the virtio-mmio version (2 or 1); mmio skips PCI. */
+enum virtio_choice { VIRTIO_AUTO, VIRTIO_MODERN, VIRTIO_LEGACY, VIRTIO_MMIO_ONLY };
+
+#define MAX_VIRTIO_MMIO 16 /* Firecracker passes one entry per device */
 
 struct options {
     enum kernel_mode mode;
     bool poison;             /* fill free pages with a pattern, check it on allocation */
     uint64_t poison_pattern; /* the 64-bit pattern */
     enum fault_inject inject;
-    enum virtio_pci_choice virtio; /* which face of a transitional virtio-pci device to use */
+    enum virtio_choice virtio;
     struct balloon_config balloon; /* the driver's own settings, filled by blimp.balloon.* */
-    char virtio_mmio[MAX_VIRTIO_MMIO][64]; /* virtio_mmio.device=<size>@<base>:<irq> */
+    /* virtio_mmio.device=<size>@<base>:<irq>[:<id>], in command-line order, no two overlapping */
+    struct virtio_mmio_device virtio_mmio[MAX_VIRTIO_MMIO];
     unsigned n_virtio_mmio;
 };
 

@@ -1,8 +1,8 @@
 /*
  * The virtio transport interface: everything the device-independent code (virtqueue, balloon)
- * needs from a bus. Implementations: virtio/virtio_pci.c (modern and legacy faces) and
- * tests/unit/fake_transport.c for host unit tests. Values read through it
- * come from the device and are untrusted: callers validate them.
+ * needs from a bus. Implementations: virtio/virtio_pci.c (modern and legacy faces),
+ * virtio/virtio_mmio.c (versions 2 and 1) and tests/unit/fake_transport.c for host unit tests.
+ * Values read through it come from the device and are untrusted: callers validate them.
  */
 #ifndef VIRTIO_TRANSPORT_H
 #define VIRTIO_TRANSPORT_H
@@ -97,7 +97,7 @@ struct virtio_transport_ops {
 
 struct virtio_transport {
     const struct virtio_transport_ops *ops;
-    const char *name;     /* "virtio-pci-modern", "virtio-pci-legacy", "virtio-mmio", ... */
+    const char *name;     /* "virtio-pci-modern"/"-legacy", "virtio-mmio-modern"/"-legacy" */
     bool legacy;          /* legacy interface: no FEATURES_OK, 32 feature bits */
     uint16_t device_id;   /* virtio device type, 5 = balloon */
     unsigned config_size; /* bytes of device config the transport exposes (0 = unknown) */

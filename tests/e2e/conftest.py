@@ -93,7 +93,8 @@ def kernel_bytes(images):
 
 @pytest.fixture
 def balloon_vm(pytestconfig, images, request, tmp_path_factory):
-    """Factory of blimp.session.BalloonSession runs (pvh image, balloon + agent); use as
+    """Factory of blimp.session.BalloonSession runs (pvh image unless image="mb1", balloon +
+    agent); use as
     ``with balloon_vm(machine="pc", balloon_opts=[...], append="...") as vm:``.
     What it adds for pytest: the accelerator and timeout scale of the command line,
     every run's serial log in pytest's temp dir, a longer serial tail in failure
@@ -103,10 +104,10 @@ def balloon_vm(pytestconfig, images, request, tmp_path_factory):
     scale = pytestconfig.getoption("timeout_scale")
 
     def make(machine="q35", memory="1G", balloon_opts=(), append="",
-             timeout=120.0, **qemu_options) -> BalloonSession:
+             timeout=120.0, image="pvh", **qemu_options) -> BalloonSession:
         name = "%s-%d.log" % (request.node.name, len(made))
         log_name = "".join(c if c.isalnum() or c in "-_.[]=," else "_" for c in name)
-        session = BalloonSession(images["pvh"], machine=machine, memory=memory,
+        session = BalloonSession(images[image], machine=machine, memory=memory,
                                  balloon_opts=balloon_opts, append=append,
                                  accel=pytestconfig.getoption("accel"),
                                  timeout=timeout * scale, boot_timeout=30.0 * scale,
