@@ -93,7 +93,8 @@ void kmain(uint32_t magic, uint32_t info_phys)
     traps_init();
     tsc_calibrate();
     if (boot_info_parse(magic, info_phys, &boot_info) != 0)
-        panic("unknown boot magic 0x%x (info at 0x%x)", magic, info_phys);
+        panic("boot information rejected: %s (magic 0x%x, info at 0x%x, offset %lu)",
+              boot_info.error, magic, info_phys, boot_info.error_offset);
     print_boot_event(&boot_info);
     if (cmdline_parse(boot_info.cmdline, &options) != 0)
         machine_exit(EXIT_BAD_CMDLINE, "bad command line");
