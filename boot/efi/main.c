@@ -17,17 +17,17 @@
 
 extern const unsigned char blimp_payload[], blimp_payload_end[];
 
-#define CMDLINE_FILE       L"\\blimp\\cmdline"
-#define HANDOVER_SCAN      (32 * 1024)
-#define EXIT_ATTEMPTS      8
-#define MAP_SLACK_ENTRIES  32 /* descriptors beyond what the first GetMemoryMap reported */
-#define RSDP_V1_BYTES      20
-#define RSDP_V2_MAX        256
-#define MB2_TAG_CMDLINE    1
-#define MB2_TAG_ACPI_OLD   14
-#define MB2_TAG_ACPI_NEW   15
-#define MB2_TAG_EFI_MMAP   17
-#define MB2_TAG_END        0
+#define CMDLINE_FILE      L"\\blimp\\cmdline"
+#define HANDOVER_SCAN     (32 * 1024)
+#define EXIT_ATTEMPTS     8
+#define MAP_SLACK_ENTRIES 32 /* descriptors beyond what the first GetMemoryMap reported */
+#define RSDP_V1_BYTES     20
+#define RSDP_V2_MAX       256
+#define MB2_TAG_CMDLINE   1
+#define MB2_TAG_ACPI_OLD  14
+#define MB2_TAG_ACPI_NEW  15
+#define MB2_TAG_EFI_MMAP  17
+#define MB2_TAG_END       0
 
 /* boot/entry.S, blimp_handover */
 struct handover {
@@ -95,28 +95,33 @@ static const struct handover *find_handover(void)
     return NULL;
 }
 
-/* Printable ASCII in, whitespace runs (tab, CR, LF) as single spaces, no trailing space.
- * Returns the length, or -1 for a character outside ASCII text. `len` may exceed what fits:
- * the result is then only measured, so the caller can name the size. */
+/* Printable ASCII in, whitespace runs (space, tab, CR, LF) as single spaces, none at either
+ * end. Returns the length, or -1 for a character outside ASCII text. The length may exceed
+ * `cap`: then only the first cap bytes are stored, and the caller can name the size. */
 static INTN normalise(const UINT16 *wide, const char *narrow, UINTN n, char *out, UINTN cap)
 {
     UINTN len = 0;
+    BOOLEAN space = FALSE;
     for (UINTN i = 0; i < n; i++) {
         UINT16 c = wide ? wide[i] : (UINT8)narrow[i];
         if (c == 0)
             break;
-        if (c == '\t' || c == '\r' || c == '\n')
-            c = ' ';
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\n') {
+            space = len > 0;
+            continue;
+        }
         if (c < 0x20 || c > 0x7e)
             return -1;
-        if (c == ' ' && (len == 0 || (len <= cap && len > 0 && out[len - 1] == ' ')))
-            continue;
+        if (space) {
+            if (len < cap)
+                out[len] = ' ';
+            len++;
+            space = FALSE;
+        }
         if (len < cap)
             out[len] = (char)c;
         len++;
     }
-    if (len > 0 && len <= cap && out[len - 1] == ' ')
-        len--;
     return (INTN)len;
 }
 
@@ -130,8 +135,7 @@ static void drop_image_name(char *s)
     if (end < 4)
         return;
     const char *ext = s + end - 4;
-    if (ext[0] != '.' || (ext[1] | 0x20) != 'e' || (ext[2] | 0x20) != 'f' ||
-        (ext[3] | 0x20) != 'i')
+    if (ext[0] != '.' || (ext[1] | 0x20) != 'e' || (ext[2] | 0x20) != 'f' || (ext[3] | 0x20) != 'i')
         return;
     UINTN from = s[end] == ' ' ? end + 1 : end, i = 0;
     while (s[from + i]) {
@@ -143,8 +147,8 @@ static void drop_image_name(char *s)
 
 static EFI_STATUS too_long(const CHAR16 *source, INTN len)
 {
-    Print(L"blimp.efi: error: command line from %s too long: %d bytes, at most %d\n", source,
-          len, BOOT_CMDLINE_MAX - 1);
+    Print(L"blimp.efi: error: command line from %s too long: %d bytes, at most %d\n", source, len,
+          BOOT_CMDLINE_MAX - 1);
     return EFI_BAD_BUFFER_SIZE;
 }
 

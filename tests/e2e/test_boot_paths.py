@@ -1,0 +1,142 @@
+"""Every way blimp boots, each through to a working balloon (QEMU 7.2, TCG).
+
+One matrix: boot path x machine x command-line variant. Each run boots in balloon mode with
+a virtio-balloon-pci device and the agent, checks the boot event (protocol, the command line
+intact), the memory map and the allocator, then inflates and deflates the balloon over QMP.
+
+    -kernel PVH (blimp.elf) and multiboot1 (blimp-mb1.elf): QEMU's own loaders
+    GRUB ISO (blimp.images.iso) on SeaBIOS and on OVMF: multiboot2
+    blimp.efi (blimp.images.esp, \\EFI\\BOOT\\BOOTX64.EFI) on OVMF: the UEFI handover
+
+OVMF runs under TCG only (not under this machine's /dev/kvm); a boot takes 3-5 s.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import guest
+from blimp import images
+from blimp.qemu import Qemu
+from guest import MiB, PAGE
+
+# path id -> (protocol the guest must report, OVMF?, how the media carries the command line)
+PATHS = {
+    "pvh": ("pvh", False, "append"),
+    "mb1": ("multiboot1", False, "append"),
+    "grub-bios": ("multiboot2", False, "iso"),
+    "grub-ovmf": ("multiboot2", True, "iso"),
+    "efi": ("uefi", True, "esp"),
+}
+MATRIX = [("pvh", "pc"), ("pvh", "q35"), ("mb1", "pc"), ("mb1", "q35"),
+          ("grub-bios", "pc"), ("grub-bios", "q35"), ("grub-ovmf", "q35"),
+          ("efi", "q35"), ("efi", "pc")]
+# Command-line variants each path runs with: every word must reach the kernel unchanged.
+# A new kernel option that must work on every boot path is one more entry here.
+CMDLINES = {
+    "tuned": "blimp.balloon.pfns=512 blimp.balloon.buffers=8",
+}
+MEMORY = "1G"
+# RAM firmware keeps out of the map: SeaBIOS 513 KiB (guest.RAM_SLACK); OVMF about 6 MiB on
+# q35 and pc with 1 GiB (runtime services, ACPI, NVS and reserved areas).
+OVMF_RAM_SLACK = 16 * MiB
+BALLOON = 256 * MiB
+
+
+def boot_media(path: str, cmdline: str, build_dir: str) -> dict:
+    """Qemu keywords that boot `path` with `cmdline`."""
+    _, ovmf, carrier = PATHS[path]
+    if carrier == "append":
+        return {"kernel": path, "append": cmdline}
+    if carrier == "iso":
+        media = {"cdrom": images.iso(cmdline, kernel=build_dir + "/blimp.elf")}
+    else:
+        media = {"disk": images.esp(cmdline, efi=build_dir + "/blimp.efi")}
+    return dict(media, kernel=None, ovmf=ovmf)
+
+
+CASES = [(p, m, c) for p, m in MATRIX for c in CMDLINES]
+
+
+@pytest.mark.parametrize("path,machine,variant", CASES, ids=["-".join(c) for c in CASES])
+def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, machine,
+                                     variant):
+    cmdline = CMDLINES[variant]
+    protocol, ovmf, _ = PATHS[path]
+    with balloon_vm(machine=machine, memory=MEMORY, timeout=180.0,
+                    **boot_media(path, cmdline, build_dir)) as vm:
+        boot = vm.events("boot")
+        assert len(boot) == 1, vm.context()
+        assert boot[0]["protocol"] == protocol, (
+            "booted via %r, expected %r\n%s" % (boot[0]["protocol"], protocol, vm.context()))
+        assert boot[0]["cmdline"] == cmdline, (
+            "the command line arrived as %r, sent %r" % (boot[0]["cmdline"], cmdline))
+        mm = vm.events("memmap")[0]
+        slack = OVMF_RAM_SLACK if ovmf else guest.RAM_SLACK
+        guest.check_memmap_event(mm, machine, 1 << 30, slack)
+        guest.check_buddy_event(mm, vm.events("buddy")[0], kernel_bytes["pvh"])
+
+        st0 = vm.state()
+        free0 = st0["mm"]["free_pages"]
+        assert st0["balloon"]["actual_pages"] == 0
+        vm.check("alloc 32M 13")
+        r = vm.resize(BALLOON)
+        st = vm.check_balloon(BALLOON)
+        assert r.reached is not None and r.reached["actual_pages"] == BALLOON // PAGE, r
+        assert st["mm"]["free_pages"] <= free0 - (BALLOON + 32 * MiB) // PAGE, st
+        vm.verify(pages=32 * MiB // PAGE)
+        vm.resize(0)
+        vm.check_balloon(0)
+        vm.check("free all")
+        assert vm.state()["mm"]["free_pages"] == free0, "pages lost over the round trip"
+        vm.check_no_violation()
+        vm.quit()
+
+
+# ------------------------------------------------------------ blimp.efi's command line
+
+
+def _run(pytestconfig, timeout=60.0, **kw):
+    q = Qemu(None, machine="q35", memory="256M", accel="tcg", qmp=False, ovmf=True,
+             timeout=timeout * pytestconfig.getoption("timeout_scale"), **kw)
+    try:
+        q.start()
+        q.wait()
+    finally:
+        q.close()
+    return q
+
+
+def test_efi_load_options_win_over_the_file(pytestconfig, build_dir):
+    """Started by the UEFI shell (startup.nsh), blimp.efi takes its load options, drops the
+    program name the shell puts first, and ignores \\blimp\\cmdline (a selftest decoy)."""
+    cmdline = "blimp.mode=boot blimp.poison=0"
+    disk = images.esp_shell(cmdline, decoy="blimp.mode=selftest",
+                            efi=build_dir + "/blimp.efi")
+    q = _run(pytestconfig, disk=disk, timeout=90.0)
+    assert q.returncode == 33, q.describe()
+    ev = q.events("boot")
+    assert len(ev) == 1 and ev[0]["protocol"] == "uefi", q.describe()
+    assert ev[0]["cmdline"] == cmdline, q.describe()
+    assert any("command line from the load options" in l for l in q.lines), q.describe()
+
+
+def test_efi_cmdline_too_long_is_refused(pytestconfig, build_dir):
+    """A command line the kernel could not hold whole stops blimp.efi before the kernel
+    starts, with the size named, and powers the machine off."""
+    cmdline = "blimp.mode=boot " + " ".join(["blimp.poison=0"] * 80)   # 1215 bytes
+    q = _run(pytestconfig, disk=images.esp(cmdline, efi=build_dir + "/blimp.efi"))
+    assert not q.timed_out, q.describe()
+    assert q.returncode == 0, q.describe()    # ResetSystem(shutdown) under -no-reboot
+    msg = [l for l in q.lines if "blimp.efi: error: command line" in l]
+    assert msg and "too long: %d bytes, at most 1023" % len(cmdline) in msg[0], q.describe()
+    assert not q.events("boot"), "the kernel started anyway\n" + q.describe()
+
+
+def test_efi_without_cmdline_boots_balloon_mode(pytestconfig, build_dir):
+    """No load options and no \\blimp\\cmdline: an empty command line, so balloon mode
+    (which, without a balloon device, exits 0x17)."""
+    q = _run(pytestconfig, disk=images.esp(None, efi=build_dir + "/blimp.efi"))
+    assert q.returncode == 47, q.describe()
+    ev = q.events("boot")
+    assert len(ev) == 1 and ev[0]["cmdline"] == "", q.describe()
