@@ -20,14 +20,7 @@ from blimp import images
 from blimp.qemu import Qemu
 from guest import MiB, PAGE
 
-# path id -> (protocol the guest must report, OVMF?, how the media carries the command line)
-PATHS = {
-    "pvh": ("pvh", False, "append"),
-    "mb1": ("multiboot1", False, "append"),
-    "grub-bios": ("multiboot2", False, "iso"),
-    "grub-ovmf": ("multiboot2", True, "iso"),
-    "efi": ("uefi", True, "esp"),
-}
+PATHS = images.BOOT_PATHS
 MATRIX = [("pvh", "pc"), ("pvh", "q35"), ("mb1", "pc"), ("mb1", "q35"),
           ("grub-bios", "pc"), ("grub-bios", "q35"), ("grub-ovmf", "q35"),
           ("efi", "q35"), ("efi", "pc")]
@@ -43,18 +36,6 @@ OVMF_RAM_SLACK = 16 * MiB
 BALLOON = 256 * MiB
 
 
-def boot_media(path: str, cmdline: str, build_dir: str) -> dict:
-    """Qemu keywords that boot `path` with `cmdline`."""
-    _, ovmf, carrier = PATHS[path]
-    if carrier == "append":
-        return {"kernel": path, "append": cmdline}
-    if carrier == "iso":
-        media = {"cdrom": images.iso(cmdline, kernel=build_dir + "/blimp.elf")}
-    else:
-        media = {"disk": images.esp(cmdline, efi=build_dir + "/blimp.efi")}
-    return dict(media, kernel=None, ovmf=ovmf)
-
-
 CASES = [(p, m, c) for p, m in MATRIX for c in CMDLINES]
 
 
@@ -64,7 +45,7 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
     cmdline = CMDLINES[variant]
     protocol, ovmf, _ = PATHS[path]
     with balloon_vm(machine=machine, memory=MEMORY, timeout=180.0,
-                    **boot_media(path, cmdline, build_dir)) as vm:
+                    **images.boot_media(path, cmdline, build_dir)) as vm:
         boot = vm.events("boot")
         assert len(boot) == 1, vm.context()
         assert boot[0]["protocol"] == protocol, (

@@ -157,6 +157,33 @@ def esp_shell(cmdline: str, decoy: str = "blimp.mode=selftest", efi: Optional[st
                    lambda tmp: _fat(tmp, files), out)
 
 
+# ------------------------------------------------------------ boot paths
+
+#: every way blimp boots: path id -> (protocol the guest reports, OVMF?, what carries the
+#: command line: QEMU's -append, a GRUB ISO's grub.cfg or blimp.efi's ESP)
+BOOT_PATHS = {
+    "pvh": ("pvh", False, "append"),
+    "mb1": ("multiboot1", False, "append"),
+    "grub-bios": ("multiboot2", False, "iso"),
+    "grub-ovmf": ("multiboot2", True, "iso"),
+    "efi": ("uefi", True, "esp"),
+}
+
+
+def boot_media(path: str, cmdline: str, build_dir: str = BUILD) -> dict:
+    """blimp.qemu.Qemu keywords (kernel, append, cdrom, disk, ovmf) that boot `path` with
+    `cmdline`, making the ISO or ESP if needed."""
+    _, ovmf, carrier = BOOT_PATHS[path]
+    if carrier == "append":
+        image = "blimp.elf" if path == "pvh" else "blimp-mb1.elf"
+        return {"kernel": os.path.join(build_dir, image), "append": cmdline or None}
+    if carrier == "iso":
+        media = {"cdrom": iso(cmdline, kernel=os.path.join(build_dir, "blimp.elf"))}
+    else:
+        media = {"disk": esp(cmdline, efi=os.path.join(build_dir, "blimp.efi"))}
+    return dict(media, kernel=None, append=None, ovmf=ovmf)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m blimp.images", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
