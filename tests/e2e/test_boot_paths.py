@@ -121,3 +121,37 @@ def test_efi_without_cmdline_boots_balloon_mode(pytestconfig, build_dir):
     assert q.returncode == 47, q.describe()
     ev = q.events("boot")
     assert len(ev) == 1 and ev[0]["cmdline"] == "", q.describe()
+
+
+# ------------------------------------------------------------ host side (no QEMU)
+
+
+def test_firmware_boot_argv(tmp_path):
+    iso, disk = tmp_path / "x.iso", tmp_path / "esp.img"
+    q = Qemu(None, machine="q35", accel="tcg", cdrom=str(iso), ovmf=True, qmp=False)
+    argv = q.argv()
+    assert argv[argv.index("-bios") + 1].endswith("OVMF.fd")
+    assert argv[argv.index("-cdrom") + 1] == str(iso)
+    assert "-kernel" not in argv and "-append" not in argv
+    q = Qemu(None, machine="pc", accel="tcg", disk=str(disk), qmp=False)
+    argv = q.argv()
+    assert "file=%s,format=raw,snapshot=on" % disk in argv and "-bios" not in argv
+    with pytest.raises(ValueError):
+        Qemu(None, cdrom=str(iso), append="blimp.mode=boot")   # -append needs -kernel
+    with pytest.raises(ValueError):
+        Qemu(None)
+
+
+def test_grub_cfg_passes_words_unchanged():
+    cfg = images.grub_cfg("blimp.mode=boot  a=$x c=;")
+    line = [l for l in cfg.splitlines() if "multiboot2" in l][0]
+    assert line.strip() == "multiboot2 /boot/blimp.elf 'blimp.mode=boot' 'a=$x' 'c=;'"
+    for bad in ("b='q'", 'b="q"', "b=\\q"):
+        with pytest.raises(images.ImageError):
+            images.grub_cfg(bad)
+
+
+def test_serial_cleaning_drops_ovmf_escapes():
+    from blimp import guestlog
+    raw = '\x1b[2J\x1b[01;01H\x1b[=3h\x1b[2J{"event":"boot","cmdline":""}\r'
+    assert guestlog.parse_event(raw) == {"event": "boot", "cmdline": ""}
