@@ -77,8 +77,8 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
 # ------------------------------------------------------------ blimp.efi's command line
 
 
-def _run(pytestconfig, timeout=60.0, **kw):
-    q = Qemu(None, machine="q35", memory="256M", accel="tcg", qmp=False, ovmf=True,
+def _run(pytestconfig, timeout=60.0, memory="256M", **kw):
+    q = Qemu(None, machine="q35", memory=memory, accel="tcg", qmp=False, ovmf=True,
              timeout=timeout * pytestconfig.getoption("timeout_scale"), **kw)
     try:
         q.start()
@@ -121,6 +121,33 @@ def test_efi_without_cmdline_boots_balloon_mode(pytestconfig, build_dir):
     assert q.returncode == 47, q.describe()
     ev = q.events("boot")
     assert len(ev) == 1 and ev[0]["cmdline"] == "", q.describe()
+
+
+# ------------------------------------------------------------ firmware maps, more memory
+
+FIRMWARE_LARGE = [("efi", "6G", "blimp.mode=boot"), ("grub-ovmf", "6G", "blimp.mode=boot"),
+                  ("efi", "512M", "blimp.mode=selftest")]
+
+
+@pytest.mark.parametrize("path,memory,cmdline", FIRMWARE_LARGE,
+                         ids=["%s-%s-%s" % (p, m, c.split("=")[1]) for p, m, c in FIRMWARE_LARGE])
+def test_ovmf_memory_map_and_allocator(pytestconfig, build_dir, kernel_bytes, path, memory,
+                                       cmdline):
+    """UEFI maps (fragmented, RAM above 4 GiB on q35 from 2.75 GiB) through the EFI map tag:
+    the same split as QEMU's e820, every RAM page but firmware's and the kernel's managed,
+    and the allocator's self-test passes on them."""
+    from blimp.qemu import parse_memory
+    media = images.boot_media(path, cmdline, build_dir)
+    q = _run(pytestconfig, timeout=150.0, memory=memory,
+             **{k: v for k, v in media.items() if k not in ("kernel", "append", "ovmf")})
+    assert q.returncode == 33, q.describe()
+    mm = q.events("memmap")
+    assert len(mm) == 1, q.describe()
+    guest.check_memmap_event(mm[0], "q35", parse_memory(memory), OVMF_RAM_SLACK)
+    guest.check_buddy_event(mm[0], q.events("buddy")[0], kernel_bytes["pvh"])
+    if "selftest" in cmdline:
+        summary = [l for l in q.lines if l.startswith("SUMMARY:")]
+        assert summary and " 0 failed" in summary[0], q.describe()
 
 
 # ------------------------------------------------------------ host side (no QEMU)
