@@ -157,6 +157,16 @@ static void parse_mb2_efi_mmap(uint64_t tag, uint32_t size, struct boot_info *bi
     }
 }
 
+/* "RSD PTR " and the ACPI 1.0 checksum over the first 20 bytes (ACPI 6.5, 5.2.5.3). */
+static bool rsdp_valid(uint64_t addr)
+{
+    const uint8_t *r = phys(addr);
+    uint8_t sum = 0;
+    for (int i = 0; i < 20; i++)
+        sum += r[i];
+    return memcmp(r, "RSD PTR ", 8) == 0 && sum == 0;
+}
+
 static bool has_nul(uint64_t from, uint64_t to)
 {
     const char *s = phys(from);
@@ -205,13 +215,14 @@ static int parse_mb2(uint64_t info, struct boot_info *bi)
         case 14: /* ACPI 1.0 RSDP copy (20 bytes) */
             if (size < 8 + 20)
                 return reject(bi, "multiboot2 ACPI old RSDP tag too short", off);
-            if (!bi->rsdp_phys)
+            if (!bi->rsdp_phys && rsdp_valid(p + 8))
                 bi->rsdp_phys = p + 8;
             break;
         case 15: /* ACPI 2.0+ RSDP copy (36 bytes or more): preferred */
             if (size < 8 + 36)
                 return reject(bi, "multiboot2 ACPI new RSDP tag too short", off);
-            bi->rsdp_phys = p + 8;
+            if (rsdp_valid(p + 8))
+                bi->rsdp_phys = p + 8;
             break;
         case 17: /* EFI memory map */
             if (size < 16 || rd32(p + 8) < 40 || rd32(p + 8) % 8)

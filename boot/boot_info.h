@@ -41,7 +41,10 @@ struct boot_info {
     char cmdline[BOOT_CMDLINE_MAX];
     unsigned nregions;
     struct mem_region regions[BOOT_MAX_REGIONS];
-    uint64_t rsdp_phys;     /* 0 when the loader gave none */
+    /* 0 when the loader gave none (or a multiboot2 copy failed its signature or checksum).
+     * Multiboot2 passes a copy inside its info block, which is RAM the allocator reuses:
+     * read the RSDP before mem_init. */
+    uint64_t rsdp_phys;
     unsigned dropped;       /* map entries dropped: zero length, or beyond BOOT_MAX_REGIONS */
     bool cmdline_truncated; /* the loader's command line did not fit */
     const char *error;      /* why boot_info_parse returned -1 */

@@ -52,6 +52,9 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
             "booted via %r, expected %r\n%s" % (boot[0]["protocol"], protocol, vm.context()))
         assert boot[0]["cmdline"] == cmdline, (
             "the command line arrived as %r, sent %r" % (boot[0]["cmdline"], cmdline))
+        if protocol in ("multiboot2", "uefi"):
+            # a copy of the firmware's RSDP in the info block, signature and checksum checked
+            assert boot[0].get("rsdp", 0) > 0, "no valid RSDP tag: %r" % boot[0]
         mm = vm.events("memmap")[0]
         slack = OVMF_RAM_SLACK if ovmf else guest.RAM_SLACK
         guest.check_memmap_event(mm, machine, 1 << 30, slack)

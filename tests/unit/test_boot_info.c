@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdbool.h>
 #include <string.h>
 
 #include "boot/boot_info.h"
@@ -75,6 +76,22 @@ static size_t efi_mmap_tag(const uint64_t (*e)[3], unsigned n)
     return off;
 }
 
+/* An RSDP copy tag: signature, checksum over the first 20 bytes (broken on request). */
+static size_t rsdp_tag(uint32_t type, unsigned bytes, bool good)
+{
+    size_t off = tag(type, 8 + bytes);
+    unsigned char *r = block + off + 8;
+    memset(r, 0, bytes);
+    memcpy(r, "RSD PTR ", 8);
+    memcpy(r + 9, "BLIMP ", 6);
+    r[15] = type == 15 ? 2 : 0;
+    unsigned char sum = 0;
+    for (int i = 0; i < 20; i++)
+        sum += r[i];
+    r[8] = (unsigned char)(0x100 - sum) + (good ? 0 : 1);
+    return off;
+}
+
 static void end(void)
 {
     tag(0, 8);
@@ -102,7 +119,7 @@ static void test_grub_bios_block(void **state)
     cmdline_tag("blimp.mode=boot blimp.poison=1");
     tag(2, 8 + 6); /* boot loader name: ignored */
     mmap_tag(E820, 4);
-    size_t old = tag(14, 8 + 20);
+    size_t old = rsdp_tag(14, 20, true);
     end();
     assert_int_equal(parse(MB2_BOOT_MAGIC, &bi), 0);
     assert_int_equal(bi.protocol, BOOT_MULTIBOOT2);
@@ -139,8 +156,8 @@ static void test_efi_map_preferred_and_converted(void **state)
     begin();
     mmap_tag(E820, 4); /* GRUB on UEFI gives both maps: tag 17 wins */
     efi_mmap_tag(efi, 13);
-    size_t new = tag(15, 8 + 36);
-    tag(14, 8 + 20);
+    size_t new = rsdp_tag(15, 36, true);
+    rsdp_tag(14, 20, true);
     end();
     assert_int_equal(parse(UEFI_BOOT_MAGIC, &bi), 0);
     assert_string_equal(boot_protocol_name(bi.protocol), "uefi");
@@ -175,6 +192,24 @@ static void test_efi_map_overflowing_entry_dropped(void **state)
     assert_int_equal(parse(UEFI_BOOT_MAGIC, &bi), 0);
     assert_int_equal(bi.nregions, 1);
     assert_int_equal(bi.dropped, 1);
+}
+
+static void test_bad_rsdp_copy_ignored(void **state)
+{
+    (void)state;
+    begin();
+    mmap_tag(E820, 1);
+    size_t old = rsdp_tag(14, 20, true);
+    rsdp_tag(15, 36, false); /* a bad checksum: the good old copy stays */
+    end();
+    assert_int_equal(parse(MB2_BOOT_MAGIC, &bi), 0);
+    assert_ptr_equal((void *)(uintptr_t)bi.rsdp_phys, block + old + 8);
+    begin();
+    mmap_tag(E820, 1);
+    rsdp_tag(14, 20, false);
+    end();
+    assert_int_equal(parse(MB2_BOOT_MAGIC, &bi), 0);
+    assert_int_equal(bi.rsdp_phys, 0);
 }
 
 static void test_long_cmdline_truncated(void **state)
@@ -287,6 +322,7 @@ int main(void)
         cmocka_unit_test(test_grub_bios_block),
         cmocka_unit_test(test_efi_map_preferred_and_converted),
         cmocka_unit_test(test_efi_map_overflowing_entry_dropped),
+        cmocka_unit_test(test_bad_rsdp_copy_ignored),
         cmocka_unit_test(test_long_cmdline_truncated),
         cmocka_unit_test(test_malformed_blocks_rejected),
     };

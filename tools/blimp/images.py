@@ -32,7 +32,7 @@ CACHE = os.path.join(BUILD, "images")
 CMDLINE_FILE = ("blimp", "cmdline")
 ESP_BYTES = 8 << 20
 #: bump when the layout of an image changes, so cached ones are not reused
-LAYOUT = 1
+LAYOUT = 2
 
 
 class ImageError(Exception):
@@ -94,7 +94,11 @@ def grub_cfg(cmdline: str, kernel_name: str = "blimp.elf") -> str:
     if bad:
         raise ImageError("GRUB would escape %s in the command line %r" % (" ".join(bad), cmdline))
     args = "".join(" " + grub_word(w) for w in cmdline.split())
+    # On BIOS GRUB's messages (a load error, say) would only reach the VGA console, which no
+    # test sees: copy them to COM1. OVMF already mirrors its console to the serial port.
     return ("set timeout=0\nset timeout_style=hidden\n"
+            "if [ \"$grub_platform\" = pc ]; then\n"
+            "  serial --unit=0 --speed=115200\n  terminal_output --append serial\nfi\n"
             "menuentry \"blimp\" {\n  multiboot2 /boot/%s%s\n  boot\n}\n" % (kernel_name, args))
 
 
