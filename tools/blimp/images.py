@@ -33,6 +33,8 @@ CMDLINE_FILE = ("blimp", "cmdline")
 ESP_BYTES = 8 << 20
 #: bump when the layout of an image changes, so cached ones are not reused
 LAYOUT = 2
+#: cached images kept (least recently used go first; a GRUB ISO is about 20 MB)
+CACHE_KEEP = 16
 
 
 class ImageError(Exception):
@@ -71,13 +73,28 @@ def _cached(kind: str, ext: str, parts: Sequence[bytes], make, out: Optional[str
         os.makedirs(CACHE, exist_ok=True)
         out = os.path.join(CACHE, "%s-%s.%s" % (kind, _key(kind, parts), ext))
         if os.path.isfile(out):
+            os.utime(out)              # recently used: kept by _prune
             return out
+        _prune()
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="blimp-img-", dir=out_dir) as tmp:
         made = make(tmp)
         os.replace(made, out)          # atomic: a parallel user sees the old file or the new
     return out
+
+
+def _prune() -> None:
+    """Drop all but the CACHE_KEEP - 1 most recently used cached images (every kernel
+    change makes new ones)."""
+    try:
+        names = [os.path.join(CACHE, n) for n in os.listdir(CACHE)
+                 if n.endswith((".iso", ".img"))]
+        names.sort(key=lambda p: os.stat(p).st_mtime, reverse=True)
+        for old in names[CACHE_KEEP - 1:]:
+            os.unlink(old)
+    except OSError:
+        pass                           # a parallel user removed it first: fine
 
 
 def grub_word(w: str) -> str:
