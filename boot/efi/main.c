@@ -18,6 +18,7 @@
 extern const unsigned char blimp_payload[], blimp_payload_end[];
 
 #define CMDLINE_FILE      L"\\blimp\\cmdline"
+#define INJECT_FILE       L"\\blimp\\inject"
 #define HANDOVER_SCAN     (32 * 1024)
 #define EXIT_ATTEMPTS     8
 #define MAP_SLACK_ENTRIES 32 /* descriptors beyond what the first GetMemoryMap reported */
@@ -41,6 +42,24 @@ struct handover {
 };
 
 static char cmdline[BOOT_CMDLINE_MAX];
+/* Damage done on purpose so a test can prove the kernel's detector fires (like blimp.inject=):
+ * \blimp\inject holding "mb2_tag_size" gives the command line tag a size past the block. */
+static BOOLEAN inject_tag_size;
+
+/* Reads at most *size bytes of `name` on our volume into buf; EFI_NOT_FOUND when absent. */
+static EFI_STATUS read_file(EFI_LOADED_IMAGE *li, CHAR16 *name, void *buf, UINTN *size)
+{
+    EFI_FILE_HANDLE root = LibOpenRoot(li->DeviceHandle), fh;
+    if (!root)
+        return EFI_NOT_FOUND;
+    EFI_STATUS st = root->Open(root, &fh, name, EFI_FILE_MODE_READ, 0);
+    if (st == EFI_SUCCESS) {
+        st = fh->Read(fh, size, buf);
+        fh->Close(fh);
+    }
+    root->Close(root);
+    return st;
+}
 
 static void com1_puts(const char *s)
 {
@@ -174,15 +193,13 @@ static EFI_STATUS get_cmdline(EFI_LOADED_IMAGE *li)
         }
     }
     cmdline[0] = 0;
-    EFI_FILE_HANDLE root = LibOpenRoot(li->DeviceHandle), fh;
-    if (!root || root->Open(root, &fh, CMDLINE_FILE, EFI_FILE_MODE_READ, 0) != EFI_SUCCESS) {
+    static char buf[4 * BOOT_CMDLINE_MAX];
+    UINTN size = sizeof(buf);
+    EFI_STATUS st = read_file(li, CMDLINE_FILE, buf, &size);
+    if (st == EFI_NOT_FOUND) {
         Print(L"blimp.efi: no load options and no %s: empty command line\n", CMDLINE_FILE);
         return EFI_SUCCESS;
     }
-    static char buf[4 * BOOT_CMDLINE_MAX];
-    UINTN size = sizeof(buf);
-    EFI_STATUS st = fh->Read(fh, &size, buf);
-    fh->Close(fh);
     if (EFI_ERROR(st)) {
         Print(L"blimp.efi: error: reading %s: %r\n", CMDLINE_FILE, st);
         return st;
@@ -255,6 +272,13 @@ EFI_STATUS efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *systab)
     st = get_cmdline(li);
     if (EFI_ERROR(st))
         return fail(st);
+    char inject[32];
+    UINTN inject_size = sizeof(inject) - 1;
+    if (read_file(li, INJECT_FILE, inject, &inject_size) == EFI_SUCCESS) {
+        inject[inject_size] = 0;
+        inject_tag_size = CompareMem(inject, "mb2_tag_size", 12) == 0;
+        Print(L"blimp.efi: inject: %a\n", inject_tag_size ? "mb2_tag_size" : "(unknown: none)");
+    }
 
     /* The kernel's range, image and .bss, at its link address. */
     EFI_PHYSICAL_ADDRESS kernel = h->load;
@@ -330,6 +354,8 @@ EFI_STATUS efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *systab)
     put_tag(b + off, MB2_TAG_END, 8);
     ((UINT32 *)b)[0] = (UINT32)(off + 8);
     ((UINT32 *)b)[1] = 0;
+    if (inject_tag_size)
+        ((UINT32 *)b)[3] = (UINT32)(off + 8); /* the first tag's size: past the end */
 
     __asm__ volatile("cli; jmp *%1" : : "D"(info), "r"(h->entry) : "memory");
     __builtin_unreachable();

@@ -117,6 +117,21 @@ def test_efi_cmdline_too_long_is_refused(pytestconfig, build_dir):
     assert not q.events("boot"), "the kernel started anyway\n" + q.describe()
 
 
+def test_malformed_multiboot2_block_is_rejected(pytestconfig, build_dir):
+    """blimp.efi told to damage the block it hands over (the first tag's size past the
+    block's end): the kernel's tag walk refuses it, names the reason and the tag's offset,
+    and panics (0x13) before using any of it."""
+    disk = images.esp("blimp.mode=boot", efi=build_dir + "/blimp.efi", inject="mb2_tag_size")
+    q = _run(pytestconfig, disk=disk)
+    assert q.returncode == 39, q.describe()
+    assert any("blimp.efi: inject: mb2_tag_size" in l for l in q.lines), q.describe()
+    ev = q.events("exit")
+    assert ev and ev[-1]["name"] == "panic", q.describe()
+    assert "multiboot2 tag size out of bounds" in ev[-1]["reason"], ev[-1]
+    assert "offset 8" in ev[-1]["reason"], ev[-1]
+    assert not q.events("boot"), "the kernel reported a boot from a rejected block"
+
+
 def test_efi_without_cmdline_boots_balloon_mode(pytestconfig, build_dir):
     """No load options and no \\blimp\\cmdline: an empty command line, so balloon mode
     (which, without a balloon device, exits 0x17)."""

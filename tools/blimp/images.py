@@ -159,15 +159,19 @@ def _fat(tmp: str, files: List[tuple]) -> str:
 
 
 def esp(cmdline: Optional[str] = "", efi: Optional[str] = None,
-        out: Optional[str] = None) -> str:
+        out: Optional[str] = None, inject: Optional[str] = None) -> str:
     """A FAT image booting blimp.efi as the removable-media default \\EFI\\BOOT\\BOOTX64.EFI,
-    with `cmdline` in \\blimp\\cmdline (None: no such file)."""
+    with `cmdline` in \\blimp\\cmdline (None: no such file). `inject` goes to
+    \\blimp\\inject: damage blimp.efi does on purpose ("mb2_tag_size", for tests)."""
     efi = efi or os.path.join(BUILD, "blimp.efi")
     app = _read(efi)
     files = [(("EFI", "BOOT", "BOOTX64.EFI"), app)]
     if cmdline is not None:
         files.append((CMDLINE_FILE, cmdline.encode() + b"\n"))
-    return _cached("esp", "img", [app, b"-" if cmdline is None else b"+" + cmdline.encode()],
+    if inject is not None:
+        files.append((("blimp", "inject"), inject.encode()))
+    return _cached("esp", "img", [app, b"-" if cmdline is None else b"+" + cmdline.encode(),
+                                  (inject or "").encode()],
                    lambda tmp: _fat(tmp, files), out)
 
 
