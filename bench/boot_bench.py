@@ -1,6 +1,8 @@
 #!/usr/bin/python3
 """Boot-time benchmark: QEMU spawn -> `ready` line on serial (host wall clock),
-TCG, blimp.mode=boot, N runs per machine (default 7, after 1 warm-up run).
+TCG, blimp.mode=boot, N runs per machine (default 7, after 1 warm-up run); then every
+boot path (-kernel PVH / multiboot1, GRUB ISO on SeaBIOS and OVMF, blimp.efi on OVMF)
+from spawn to balloon-ready (the balloon_features event), median of --path-runs (5).
 Prints median/min/max per machine and the guest's own boot_us median,
 compares with the targets (q35 <= 0.15 s, microvm <= 0.05 s), and ends with
 one JSON line of the figures.

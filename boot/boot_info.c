@@ -1,10 +1,11 @@
 /*
- * Multiboot1, multiboot2 and PVH -> struct boot_info. Loaders differ in the details that bite:
+ * Multiboot1, multiboot2, PVH and blimp.efi's handover (a multiboot2-format block) ->
+ * struct boot_info. Loaders differ in the details that bite:
  * QEMU puts the image file name in front of a multiboot1 command line; microvm's maps are
  * unsorted and end with an all-zero entry; GRUB's UEFI maps are fragmented with many types.
  */
 #include "boot/boot_info.h"
-#include "lib/string.h"
+#include "lib/string.h" /* memcpy, memset: libc's in the host test */
 
 static const void *phys(uint64_t addr)
 {
@@ -27,16 +28,39 @@ static uint64_t rd64(uint64_t addr)
 
 static void add_region(struct boot_info *bi, uint64_t base, uint64_t size, uint32_t type)
 {
-    if (size == 0 || bi->nregions == BOOT_MAX_REGIONS) {
+    if (size == 0 || base + size < base) {
         bi->dropped++;
         return;
     }
     if (type < MEM_RAM || type > MEM_BAD)
         type = MEM_RESERVED;
+    /* Firmware maps (UEFI above all) list neighbours of one kind separately: merge them. */
+    struct mem_region *last = bi->nregions ? &bi->regions[bi->nregions - 1] : 0;
+    if (last && last->type == type && last->base + last->size == base) {
+        last->size += size;
+        return;
+    }
+    if (bi->nregions == BOOT_MAX_REGIONS) {
+        bi->dropped++;
+        return;
+    }
     struct mem_region *r = &bi->regions[bi->nregions++];
     r->base = base;
     r->size = size;
     r->type = type;
+}
+
+/* Copies at most BOOT_CMDLINE_MAX - 1 bytes; no lib/string strlcpy so a host test can build
+ * this file against libc (glibc 2.36 has none). */
+static void copy_cmdline(struct boot_info *bi, const char *s)
+{
+    size_t n = 0;
+    while (s[n] && n < BOOT_CMDLINE_MAX - 1) {
+        bi->cmdline[n] = s[n];
+        n++;
+    }
+    bi->cmdline[n] = 0;
+    bi->cmdline_truncated = s[n] != 0;
 }
 
 static void set_cmdline(struct boot_info *bi, uint64_t addr, bool skip_image_name)
@@ -58,7 +82,14 @@ static void set_cmdline(struct boot_info *bi, uint64_t addr, bool skip_image_nam
     }
     while (*s == ' ')
         s++;
-    bi->cmdline_truncated = strlcpy(bi->cmdline, s, sizeof(bi->cmdline)) >= sizeof(bi->cmdline);
+    copy_cmdline(bi, s);
+}
+
+static int reject(struct boot_info *bi, const char *why, uint64_t offset)
+{
+    bi->error = why;
+    bi->error_offset = offset;
+    return -1;
 }
 
 static void parse_mb1(uint64_t info, struct boot_info *bi)
@@ -80,35 +111,137 @@ static void parse_mb1(uint64_t info, struct boot_info *bi)
     }
 }
 
-static void parse_mb2(uint64_t info, struct boot_info *bi)
+/* UEFI memory types (UEFI 2.10, 7.2): after ExitBootServices loader and boot-services memory is
+ * free RAM like conventional memory; ACPI reclaim and NVS keep their meaning; unusable memory is
+ * bad; runtime services, MMIO, PAL code, persistent and unaccepted memory stay reserved. */
+static uint32_t efi_mem_type(uint32_t efi)
 {
-    uint64_t total = rd32(info), p = info + 8, end = info + total;
-    while (p + 8 <= end) {
+    switch (efi) {
+    case 1: /* EfiLoaderCode */
+    case 2: /* EfiLoaderData */
+    case 3: /* EfiBootServicesCode */
+    case 4: /* EfiBootServicesData */
+    case 7: /* EfiConventionalMemory */
+        return MEM_RAM;
+    case 8: /* EfiUnusableMemory */
+        return MEM_BAD;
+    case 9: /* EfiACPIReclaimMemory */
+        return MEM_ACPI;
+    case 10: /* EfiACPIMemoryNVS */
+        return MEM_NVS;
+    default:
+        return MEM_RESERVED;
+    }
+}
+
+/* Tag 6: entry_size, entry_version, then {u64 base, u64 length, u32 type, u32 reserved}. */
+static void parse_mb2_mmap(uint64_t tag, uint32_t size, struct boot_info *bi)
+{
+    uint32_t entry_size = rd32(tag + 8);
+    for (uint64_t e = tag + 16; e + entry_size <= tag + size; e += entry_size)
+        add_region(bi, rd64(e), rd64(e + 8), rd32(e + 16));
+}
+
+/* Tag 17: descr_size, descr_version, then EFI_MEMORY_DESCRIPTORs {u32 type, u32 pad,
+ * u64 physical start, u64 virtual start, u64 pages, u64 attribute}. */
+static void parse_mb2_efi_mmap(uint64_t tag, uint32_t size, struct boot_info *bi)
+{
+    uint32_t descr_size = rd32(tag + 8);
+    for (uint64_t e = tag + 16; e + descr_size <= tag + size; e += descr_size) {
+        uint64_t pages = rd64(e + 24);
+        if (pages >> 52) { /* more than 2^64 bytes */
+            bi->dropped++;
+            continue;
+        }
+        add_region(bi, rd64(e + 8), pages << 12, efi_mem_type(rd32(e)));
+    }
+}
+
+/* "RSD PTR " and the ACPI 1.0 checksum over the first 20 bytes (ACPI 6.5, 5.2.5.3). */
+static bool rsdp_valid(uint64_t addr)
+{
+    const uint8_t *r = phys(addr);
+    uint8_t sum = 0;
+    for (int i = 0; i < 20; i++)
+        sum += r[i];
+    return memcmp(r, "RSD PTR ", 8) == 0 && sum == 0;
+}
+
+static bool has_nul(uint64_t from, uint64_t to)
+{
+    const char *s = phys(from);
+    for (uint64_t i = 0; i < to - from; i++)
+        if (!s[i])
+            return true;
+    return false;
+}
+
+/* A bounded walk: every tag must lie inside total_size, be at least 8 bytes and the list must
+ * end with the 8-byte end tag; the tags we use are checked for their own minimum sizes. When
+ * the loader gives both maps (GRUB on UEFI) the EFI one (tag 17) is used: it is the firmware's
+ * own, with more types. */
+static int parse_mb2(uint64_t info, struct boot_info *bi)
+{
+    if (info & 7)
+        return reject(bi, "multiboot2 info is not 8-byte aligned", 0);
+    uint32_t total = rd32(info);
+    if (total < 16 || total > MB2_INFO_MAX)
+        return reject(bi, "multiboot2 total_size out of range", 0);
+    uint64_t p = info + 8, end = info + total, mmap = 0, efi_mmap = 0;
+    uint32_t mmap_size = 0, efi_mmap_size = 0;
+    bool ended = false;
+    while (!ended && p + 8 <= end) {
         uint32_t type = rd32(p), size = rd32(p + 4);
-        if (type == 0 || size < 8)
-            break;
+        uint64_t off = p - info;
+        if (size < 8 || size > end - p)
+            return reject(bi, "multiboot2 tag size out of bounds", off);
         switch (type) {
+        case 0: /* end */
+            if (size != 8)
+                return reject(bi, "multiboot2 end tag size is not 8", off);
+            ended = true;
+            break;
         case 1: /* command line */
+            if (!has_nul(p + 8, p + size))
+                return reject(bi, "multiboot2 command line is not NUL-terminated", off);
             set_cmdline(bi, p + 8, false);
             break;
-        case 6: { /* memory map */
-            uint32_t entry_size = rd32(p + 8);
-            if (entry_size < 24)
-                break;
-            for (uint64_t e = p + 16; e + 24 <= p + size; e += entry_size)
-                add_region(bi, rd64(e), rd64(e + 8), rd32(e + 16));
+        case 6: /* memory map */
+            if (size < 16 || rd32(p + 8) < 24 || rd32(p + 8) % 8)
+                return reject(bi, "multiboot2 memory map tag malformed", off);
+            mmap = p;
+            mmap_size = size;
             break;
-        }
-        case 14: /* ACPI 1.0 RSDP copy */
-            if (!bi->rsdp_phys)
+        case 14: /* ACPI 1.0 RSDP copy (20 bytes) */
+            if (size < 8 + 20)
+                return reject(bi, "multiboot2 ACPI old RSDP tag too short", off);
+            if (!bi->rsdp_phys && rsdp_valid(p + 8))
                 bi->rsdp_phys = p + 8;
             break;
-        case 15: /* ACPI 2.0+ RSDP copy: preferred */
-            bi->rsdp_phys = p + 8;
+        case 15: /* ACPI 2.0+ RSDP copy (36 bytes or more): preferred */
+            if (size < 8 + 36)
+                return reject(bi, "multiboot2 ACPI new RSDP tag too short", off);
+            if (rsdp_valid(p + 8))
+                bi->rsdp_phys = p + 8;
+            break;
+        case 17: /* EFI memory map */
+            if (size < 16 || rd32(p + 8) < 40 || rd32(p + 8) % 8)
+                return reject(bi, "multiboot2 EFI memory map tag malformed", off);
+            efi_mmap = p;
+            efi_mmap_size = size;
             break;
         }
         p += (size + 7) & ~7u;
     }
+    if (!ended)
+        return reject(bi, "multiboot2 tag list has no end tag", p - info);
+    if (efi_mmap)
+        parse_mb2_efi_mmap(efi_mmap, efi_mmap_size, bi);
+    else if (mmap)
+        parse_mb2_mmap(mmap, mmap_size, bi);
+    else
+        return reject(bi, "multiboot2 info has no memory map", 0);
+    return 0;
 }
 
 static void parse_pvh(uint64_t info, struct boot_info *bi)
@@ -148,17 +281,19 @@ int boot_info_parse(uint32_t magic, uint64_t info_phys, struct boot_info *bi)
         parse_mb1(info_phys, bi);
         break;
     case MB2_BOOT_MAGIC:
-        bi->protocol = BOOT_MULTIBOOT2;
-        parse_mb2(info_phys, bi);
+    case UEFI_BOOT_MAGIC:
+        bi->protocol = magic == UEFI_BOOT_MAGIC ? BOOT_UEFI : BOOT_MULTIBOOT2;
+        if (parse_mb2(info_phys, bi) != 0)
+            return -1;
         break;
     case PVH_BOOT_MAGIC:
         if (rd32(info_phys) != PVH_BOOT_MAGIC)
-            return -1;
+            return reject(bi, "PVH start info without its magic", 0);
         bi->protocol = BOOT_PVH;
         parse_pvh(info_phys, bi);
         break;
     default:
-        return -1;
+        return reject(bi, "unknown boot magic", 0);
     }
     sort_regions(bi);
     return 0;
@@ -173,6 +308,8 @@ const char *boot_protocol_name(enum boot_protocol p)
         return "multiboot2";
     case BOOT_PVH:
         return "pvh";
+    case BOOT_UEFI:
+        return "uefi";
     }
     return "unknown";
 }

@@ -11,8 +11,13 @@
 #define MB1_BOOT_MAGIC 0x2BADB002
 #define MB2_BOOT_MAGIC 0x36d76289
 #define PVH_BOOT_MAGIC 0x336ec578
+/* boot/entry.S's 64-bit entry (uefi_entry64, called by blimp.efi after ExitBootServices): the
+ * info block is in multiboot2 format, built by boot/efi/main.c. "UEFI" in ASCII. */
+#define UEFI_BOOT_MAGIC 0x55454649
+/* A multiboot2 info block larger than this is taken as garbage. */
+#define MB2_INFO_MAX (1u << 20)
 
-enum boot_protocol { BOOT_MULTIBOOT1, BOOT_MULTIBOOT2, BOOT_PVH };
+enum boot_protocol { BOOT_MULTIBOOT1, BOOT_MULTIBOOT2, BOOT_PVH, BOOT_UEFI };
 
 enum mem_type {
     MEM_RAM = 1,      /* usable */
@@ -36,12 +41,18 @@ struct boot_info {
     char cmdline[BOOT_CMDLINE_MAX];
     unsigned nregions;
     struct mem_region regions[BOOT_MAX_REGIONS];
-    uint64_t rsdp_phys;     /* 0 when the loader gave none */
+    /* 0 when the loader gave none (or a multiboot2 copy failed its signature or checksum).
+     * Multiboot2 passes a copy inside its info block, which is RAM the allocator reuses:
+     * read the RSDP before mem_init. */
+    uint64_t rsdp_phys;
     unsigned dropped;       /* map entries dropped: zero length, or beyond BOOT_MAX_REGIONS */
     bool cmdline_truncated; /* the loader's command line did not fit */
+    const char *error;      /* why boot_info_parse returned -1 */
+    uint64_t error_offset;  /* where in the loader's info block (multiboot2: tag offset) */
 };
 
-/* Fills bi from what the loader left; returns 0, or -1 for an unknown magic. */
+/* Fills bi from what the loader left; returns 0, or -1 (bi->error says why) for an unknown
+ * magic or a malformed info block. Host-testable: addresses are read through plain pointers. */
 int boot_info_parse(uint32_t magic, uint64_t info_phys, struct boot_info *bi);
 const char *boot_protocol_name(enum boot_protocol p);
 const char *mem_type_name(uint32_t type);

@@ -1,5 +1,6 @@
 /*
- * The one 32-bit entry shared by every boot path. Multiboot1, multiboot2 (GRUB) and PVH
+ * The one 32-bit entry shared by the multiboot and PVH paths (and a 64-bit one for blimp.efi,
+ * below). Multiboot1, multiboot2 (GRUB) and PVH
  * (QEMU -kernel, Firecracker, cloud-hypervisor) all enter in 32-bit protected mode with paging off;
  * we record what we were given, identity-map the first 4 GiB with 2 MiB pages, switch to long mode
  * and call kmain(boot_magic, boot_info_phys). kmain tells the paths apart by the magic.
@@ -7,6 +8,7 @@
 #define MB2_MAGIC     0xE85250D6
 #define PVH_MARKER    0x336ec578 /* hvm_start_info magic: passed to kmain as the PVH "magic" */
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
+#define UEFI_MARKER   0x55454649              /* UEFI_BOOT_MAGIC in boot/boot_info.h */
 
     .section .multiboot2, "a"
     .balign 8
@@ -18,6 +20,23 @@ mb2_header:
     .short 0, 0                               /* end tag */
     .long 8
 mb2_header_end:
+
+/*
+ * What blimp.efi (boot/efi/main.c) needs to load this image from its flat binary: found by
+ * the magic in the first 32 KiB, like a multiboot header. Addresses are physical (= linked).
+ */
+    .section .boot.handover, "a"
+    .balign 8
+    .global blimp_handover
+blimp_handover:
+    .ascii "BLIMPEFI"                         /* magic */
+    .long 1                                   /* version */
+    .long blimp_handover_end - blimp_handover /* size */
+    .quad _kernel_start                       /* load address of the binary's first byte */
+    .quad _edata                              /* end of the loaded bytes */
+    .quad __bss_end                           /* end of .bss (zeroed by the loader) */
+    .quad uefi_entry64                        /* 64-bit entry: rdi = multiboot2-format info */
+blimp_handover_end:
 
 /* PVH entry note. Keep it 4-aligned: QEMU 7.2 pads the note name to the segment's p_align. */
     .section .note.Xen, "a", @note
@@ -99,6 +118,60 @@ common32:
     ljmp $0x08, $long_entry
 
     .code64
+/*
+ * blimp.efi's entry, after ExitBootServices: long mode, the firmware's identity paging and
+ * GDT, interrupts maybe on, rdi = the multiboot2-format info block (below 4 GiB). Take over
+ * like the 32-bit path does: our own page tables (4 GiB identity, as above), GDT and stack,
+ * then kmain(UEFI_MARKER, info).
+ */
+    .global uefi_entry64
+uefi_entry64:
+    cli
+    mov %rdi, %rbx
+    rdtsc
+    mov %eax, boot_tsc(%rip)
+    mov %edx, boot_tsc + 4(%rip)
+    movl $UEFI_MARKER, boot_magic(%rip)
+    mov %ebx, boot_info_phys(%rip)
+
+    cld                                       /* zero .bss again: cheap, and loader-proof */
+    lea __bss_start(%rip), %rdi
+    lea __bss_end(%rip), %rcx
+    sub %rdi, %rcx
+    shr $3, %rcx
+    xor %eax, %eax
+    rep stosq
+
+    lea boot_pdpt(%rip), %rax
+    or $0x3, %rax
+    mov %rax, boot_pml4(%rip)
+    lea boot_pd(%rip), %rax
+    or $0x3, %rax
+    lea boot_pdpt(%rip), %rdi
+    mov $4, %ecx
+4:  mov %rax, (%rdi)
+    add $4096, %rax
+    add $8, %rdi
+    loop 4b
+    lea boot_pd(%rip), %rdi
+    mov $0x83, %eax                           /* present | writable | 2 MiB page */
+    mov $2048, %ecx
+5:  mov %rax, (%rdi)
+    add $0x200000, %rax
+    add $8, %rdi
+    loop 5b
+
+    mov %cr4, %rax                            /* no global pages: every firmware mapping */
+    and $~(1 << 7), %rax                      /* leaves the TLB with the next CR3 load */
+    mov %rax, %cr4
+    lea boot_pml4(%rip), %rax
+    mov %rax, %cr3
+    lgdt boot_gdt_ptr(%rip)
+    pushq $0x08
+    lea long_entry(%rip), %rax
+    push %rax
+    lretq
+
 long_entry:
     mov $0x10, %ax
     mov %ax, %ds
@@ -128,9 +201,9 @@ boot_gdt:
     .quad 0x00AF9A000000FFFF                  /* 0x08: 64-bit code */
     .quad 0x00CF92000000FFFF                  /* 0x10: data */
 boot_gdt_end:
-boot_gdt_ptr:
+boot_gdt_ptr:                                 /* 6 bytes for the 32-bit lgdt, 10 for the 64-bit one */
     .short boot_gdt_end - boot_gdt - 1
-    .long boot_gdt
+    .quad boot_gdt
 
     .section .bss
     .balign 4096

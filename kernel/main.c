@@ -31,6 +31,7 @@ static void print_boot_event(const struct boot_info *bi)
     json_str(&j, "protocol", boot_protocol_name(bi->protocol));
     json_str(&j, "cmdline", bi->cmdline);
     json_u64(&j, "tsc_khz", tsc_khz());
+    json_u64(&j, "rsdp", bi->rsdp_phys);
     event_emit(&j);
     if (bi->cmdline_truncated)
         kprintf("blimp: warning: command line truncated to %u bytes\n", BOOT_CMDLINE_MAX - 1);
@@ -93,7 +94,8 @@ void kmain(uint32_t magic, uint32_t info_phys)
     traps_init();
     tsc_calibrate();
     if (boot_info_parse(magic, info_phys, &boot_info) != 0)
-        panic("unknown boot magic 0x%x (info at 0x%x)", magic, info_phys);
+        panic("boot information rejected: %s (magic 0x%x, info at 0x%x, offset %lu)",
+              boot_info.error, magic, info_phys, boot_info.error_offset);
     print_boot_event(&boot_info);
     if (cmdline_parse(boot_info.cmdline, &options) != 0)
         machine_exit(EXIT_BAD_CMDLINE, "bad command line");

@@ -104,10 +104,12 @@ def balloon_vm(pytestconfig, images, request, tmp_path_factory):
     scale = pytestconfig.getoption("timeout_scale")
 
     def make(machine="q35", memory="1G", balloon_opts=(), append="",
-             timeout=120.0, image="pvh", **qemu_options) -> BalloonSession:
+             timeout=120.0, kernel="pvh", **qemu_options) -> BalloonSession:
+        """kernel: an image name of guest.IMAGES, a path, or None for a firmware boot from
+        qemu_options' cdrom= or disk= (see blimp.images)."""
         name = "%s-%d.log" % (request.node.name, len(made))
         log_name = "".join(c if c.isalnum() or c in "-_.[]=," else "_" for c in name)
-        session = BalloonSession(images[image], machine=machine, memory=memory,
+        session = BalloonSession(images.get(kernel, kernel), machine=machine, memory=memory,
                                  balloon_opts=balloon_opts, append=append,
                                  accel=pytestconfig.getoption("accel"),
                                  timeout=timeout * scale, boot_timeout=30.0 * scale,

@@ -274,8 +274,15 @@ def check_boot_event(boot: Boot):
 
 def check_memmap(boot: Boot) -> dict:
     spec = boot.spec
-    mem = spec.memory_bytes
     mm = boot.event("memmap")
+    check_memmap_event(mm, spec.machine, spec.memory_bytes)
+    return mm
+
+
+def check_memmap_event(mm: dict, machine: str, mem: int, slack: int = RAM_SLACK) -> None:
+    """A memmap event is sane for `-m mem` on `machine`: sorted, non-overlapping, RAM adds up
+    to ram_bytes, within `slack` below -m (firmware keeps some), the split around 4 GiB."""
+    memory = "%d MiB" % (mem >> 20)
     entries = mm.get("entries")
     assert isinstance(entries, list) and entries, "memmap without entries: %r" % (mm,)
     prev_end = None
@@ -293,25 +300,30 @@ def check_memmap(boot: Boot) -> dict:
     total = sum(e["size"] for e in ram)
     assert mm.get("ram_bytes") == total, "ram_bytes %r != sum of RAM entries %d" % (
         mm.get("ram_bytes"), total)
-    assert total <= mem, "ram_bytes %d exceeds -m %s (%d)" % (total, spec.memory, mem)
-    assert total >= mem - RAM_SLACK, (
+    assert total <= mem, "ram_bytes %d exceeds -m %s (%d)" % (total, memory, mem)
+    assert total >= mem - slack, (
         "ram_bytes %d is %d KiB short of -m %s (allowed %d KiB)" % (
-            total, (mem - total) >> 10, spec.memory, RAM_SLACK >> 10))
+            total, (mem - total) >> 10, memory, slack >> 10))
     high = sum(e["size"] for e in ram if e["base"] >= 4 * GiB)
-    want_high = expected_high_ram(spec.machine, mem)
+    want_high = expected_high_ram(machine, mem)
     assert high == want_high, "RAM above 4 GiB: %d MiB, expected %d MiB for %s -m %s" % (
-        high >> 20, want_high >> 20, spec.machine, spec.memory)
+        high >> 20, want_high >> 20, machine, memory)
     if mem > 4 * GiB:
         assert any(e["base"] >= 4 * GiB for e in ram), "no RAM entry above 4 GiB"
     # RAM entries never straddle 4 GiB in QEMU's maps, and no RAM overlaps the MMIO hole
     for e in ram:
         assert not (e["base"] < 4 * GiB < e["base"] + e["size"]), "RAM entry straddles 4 GiB: %r" % e
-    return mm
 
 
 def check_buddy(boot: Boot, kernel_bytes: int) -> dict:
-    mm = boot.event("memmap")
     b = boot.event("buddy")
+    check_buddy_event(boot.event("memmap"), b, kernel_bytes)
+    return b
+
+
+def check_buddy_event(mm: dict, b: dict, kernel_bytes: int) -> None:
+    """The buddy event agrees with itself and manages all RAM of the memmap event but the
+    kernel image, its metadata and a little more."""
     fb = b.get("free_blocks")
     assert isinstance(fb, list) and len(fb) == BUDDY_ORDERS, (
         "free_blocks must have %d orders, got %r" % (BUDDY_ORDERS, fb))
@@ -335,7 +347,6 @@ def check_buddy(boot: Boot, kernel_bytes: int) -> dict:
     # metadata is small: well under 1% of RAM... but not nothing
     assert 0 < meta <= mm["ram_bytes"] // 64, "meta_bytes %d implausible for %d bytes of RAM" % (
         meta, mm["ram_bytes"])
-    return b
 
 
 def check_tap(boot: Boot, allow_skips: bool = True) -> guestlog.Tap:

@@ -49,7 +49,7 @@ def test_mmio_balloon_roundtrip(balloon_vm, case):
     cannot be known); every QMP target is reached and confirmed by the guest, held
     memory verifies after each step, and deflating to 0 returns every page."""
     _, image, mopts, extra, transport, source, base, gsi = case
-    with balloon_vm(machine="microvm", memory="512M", image=image, machine_opts=list(mopts),
+    with balloon_vm(machine="microvm", memory="512M", kernel=image, machine_opts=list(mopts),
                     extra_args=extra) as vm:
         assert vm.transport == transport, vm.context()
         dev = _device_event(vm)

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .options import add_qemu_options, balloon_append, size_arg
+from .options import add_qemu_options, balloon_append, boot_media_from_args, size_arg
 from .session import SESSION_ERRORS, BalloonSession, describe_failure
 from .units import GiB, mib, page_round
 
@@ -44,11 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     append = balloon_append(args.append, args.pfns, args.buffers)
-    session = BalloonSession(args.kernel, machine=args.machine, memory=args.memory,
-                             accel=args.accel, append=append or "",
-                             balloon_opts=args.balloon_opt, timeout=args.timeout,
-                             machine_opts=args.machine_opt, smp=args.smp,
-                             extra_args=args.qemu_arg)
+    kernel, media = boot_media_from_args(args, append)
+    media["append"] = media.get("append") or ""
+    session = BalloonSession(kernel, machine=args.machine, memory=args.memory,
+                             accel=args.accel, balloon_opts=args.balloon_opt,
+                             timeout=args.timeout, machine_opts=args.machine_opt, smp=args.smp,
+                             extra_args=args.qemu_arg, **media)
     try:
         with session:
             _show_guest(session, append)

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Union
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# CSI sequences, including OVMF's private ones such as ESC[=3h
+_ANSI = re.compile(r"\x1b\[[0-9;?=<>]*[A-Za-z]")
 # an object line that names an event key is meant as an event, whatever its key order
 _EVENT_KEY = re.compile(r'"event"\s*:')
 

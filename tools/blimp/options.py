@@ -67,6 +67,12 @@ def add_qemu_options(p: argparse.ArgumentParser, machine_default: str = "q35",
                    help="extra raw QEMU argument (repeatable; use --qemu-arg=-foo)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="kill QEMU after this many seconds (default 60)")
+    p.add_argument("--boot", choices=("kernel", "grub-bios", "grub-ovmf", "efi"),
+                   default="kernel",
+                   help="kernel: QEMU -kernel (default); grub-bios / grub-ovmf: a GRUB ISO "
+                        "(multiboot2) on SeaBIOS / OVMF; efi: blimp.efi from a FAT disk on "
+                        "OVMF (OVMF: TCG only). The ISO or disk carries --append, made for it "
+                        "under build/images/")
 
 
 def add_balloon_guest_options(p: argparse.ArgumentParser, memory: str, accel: str) -> None:
@@ -89,7 +95,19 @@ def qemu_from_args(args: argparse.Namespace, **overrides: Any) -> Qemu:
               machine_opts=args.machine_opt, smp=args.smp, agent=args.agent,
               extra_args=args.qemu_arg, timeout=args.timeout)
     kw.update(overrides)
-    return Qemu(args.kernel, **kw)
+    kernel, media = boot_media_from_args(args, kw.get("append"))
+    kw.update(media)
+    return Qemu(kernel, **kw)
+
+
+def boot_media_from_args(args: argparse.Namespace, append: str | None) -> tuple:
+    """(kernel, Qemu keywords) for --boot: -kernel with append, or an ISO/ESP carrying it."""
+    boot = getattr(args, "boot", "kernel")
+    if boot == "kernel":
+        return args.kernel, {"append": append}
+    from . import images
+    media = images.boot_media(boot, append or "", os.path.dirname(os.path.abspath(args.kernel)))
+    return media.pop("kernel"), media
 
 
 def balloon_append(base: str | None, pfns: int | None = None,

@@ -51,6 +51,9 @@ DEBUG_EXIT_DEVICE = "isa-debug-exit,iobase=0xf4,iosize=0x04"
 AGENT_SERIAL = "isa-serial,chardev=agent,iobase=0x2f8,irq=3"
 #: the iothread that free page hinting runs in (QEMU refuses free-page-hint without one)
 HINT_IOTHREAD = "io0"
+#: UEFI firmware (Debian's ovmf): 2 MiB with volatile variables, so no VARS copy is needed.
+#: TCG only: OVMF does not run under this machine's PVM /dev/kvm.
+OVMF = "/usr/share/ovmf/OVMF.fd"
 KILL_GRACE = 2.0      # seconds between SIGTERM and SIGKILL
 
 T = TypeVar("T")
@@ -180,7 +183,7 @@ def firmware_args(qemu: str) -> List[str]:
 class Qemu:
     """One QEMU run of a blimp image (context manager)."""
 
-    def __init__(self, kernel: str, *, machine: str = "q35", memory: Union[str, int] = "128M",
+    def __init__(self, kernel: Optional[str], *, machine: str = "q35", memory: Union[str, int] = "128M",
                  accel: str = "auto", append: Optional[str] = None,
                  balloon: bool = False, balloon_opts: Opts = None, balloon_id: str = "balloon0",
                  agent: bool = False, qmp: bool = True, smp: Optional[int] = None,
@@ -189,12 +192,22 @@ class Qemu:
                  echo: Optional[BinaryIO] = None, serial_log: Optional[str] = None,
                  serial_log_append: bool = False, paused: bool = False,
                  qemu: str = QEMU_BINARY, keep_tmp: bool = False,
-                 iothread: Optional[str] = None, incoming: Optional[str] = None) -> None:
+                 iothread: Optional[str] = None, incoming: Optional[str] = None,
+                 cdrom: Optional[str] = None, disk: Optional[str] = None,
+                 ovmf: bool = False) -> None:
         """`iothread` adds ``-object iothread,id=<it>`` (for devices that need one, such
         as the balloon with free-page-hint=on); `incoming` makes this QEMU a migration
-        destination (``-incoming <it>``, e.g. "defer"; see migration_destination())."""
+        destination (``-incoming <it>``, e.g. "defer"; see migration_destination()).
+        Firmware boots instead of ``-kernel`` (kernel=None, no append: the command line is
+        inside the media; see blimp.images): `cdrom` an ISO, `disk` a raw image (a FAT ESP;
+        attached with snapshot=on, so the file never changes), `ovmf` UEFI firmware instead
+        of SeaBIOS (OVMF)."""
         if machine not in MACHINES:
             raise ValueError("machine must be one of %s, not %r" % (MACHINES, machine))
+        if kernel is None and not (cdrom or disk):
+            raise ValueError("nothing to boot: give a kernel, a cdrom or a disk")
+        if kernel is None and append is not None:
+            raise ValueError("append needs a kernel (-append only goes with -kernel)")
         self.kernel = kernel
         self.machine = machine
         self.memory = qemu_memory_arg(memory)
@@ -219,6 +232,9 @@ class Qemu:
         self.keep_tmp = keep_tmp
         self.iothread = iothread
         self.incoming = incoming
+        self.cdrom = cdrom
+        self.disk = disk
+        self.ovmf = ovmf
 
         self.tmpdir: Optional[str] = None
         self.qmp_path: Optional[str] = None
@@ -251,7 +267,7 @@ class Qemu:
         if self.tmpdir is None:
             raise QemuError("build_argv() needs the temp dir: call start() or argv()")
         machine = ",".join([self.machine] + self.machine_opts)
-        argv = [self.qemu] + firmware_args(self.qemu) + [
+        argv = [self.qemu] + firmware_args(self.qemu) + (["-bios", OVMF] if self.ovmf else []) + [
                 "-machine", machine,
                 "-accel", self.accel,
                 "-m", self.memory,
@@ -274,9 +290,14 @@ class Qemu:
             argv += ["-object", "iothread,id=%s" % self.iothread]
         if self.balloon:
             argv += ["-device", balloon_device(self.machine, self.balloon_opts, self.balloon_id)]
-        argv += ["-kernel", self.kernel]
+        if self.kernel is not None:
+            argv += ["-kernel", self.kernel]
         if self.append is not None:
             argv += ["-append", self.append]
+        if self.cdrom:
+            argv += ["-cdrom", self.cdrom]
+        if self.disk:
+            argv += ["-drive", "file=%s,format=raw,snapshot=on" % self.disk]
         if self.paused:
             argv += ["-S"]
         if self.incoming:
@@ -301,8 +322,10 @@ class Qemu:
     def start(self) -> Qemu:
         if self.proc is not None:
             raise QemuError("already started")
-        if not os.path.isfile(self.kernel):
-            raise QemuError("kernel image not found: %s" % self.kernel)
+        for what, path in (("kernel image", self.kernel), ("cdrom image", self.cdrom),
+                           ("disk image", self.disk), ("firmware", OVMF if self.ovmf else None)):
+            if path is not None and not os.path.isfile(path):
+                raise QemuError("%s not found: %s" % (what, path))
         self._make_tmp()
         argv = self.build_argv()
         spawn = argv
@@ -608,7 +631,8 @@ class Qemu:
                     machine_opts=self.machine_opts, cpu=self.cpu, extra_args=self.extra_args,
                     timeout=self.timeout if timeout is None else timeout, echo=echo,
                     serial_log=serial_log, serial_log_append=True, qemu=self.qemu,
-                    keep_tmp=self.keep_tmp, iothread=self.iothread, incoming="defer")
+                    keep_tmp=self.keep_tmp, iothread=self.iothread, incoming="defer",
+                    cdrom=self.cdrom, disk=self.disk, ovmf=self.ovmf)
 
     def accept_migration(self, timeout: float = 10.0) -> str:
         """On a started ``incoming="defer"`` QEMU: listen for the migration stream on a

@@ -94,7 +94,7 @@ class BalloonSession:
     """A blimp guest in balloon mode (its default) with a virtio-balloon device, QMP and
     the agent on COM2.  Construct, then start() it or use it as a context manager."""
 
-    def __init__(self, kernel: str, *, machine: str = "q35", memory: str = "1G",
+    def __init__(self, kernel: Optional[str], *, machine: str = "q35", memory: str = "1G",
                  accel: str = "auto", append: str = "", balloon_opts: Sequence[str] = (),
                  timeout: float = 120.0, boot_timeout: float = 30.0,
                  serial_log: Optional[str] = None, context_lines: int = 15,
