@@ -22,13 +22,13 @@
 #include "tests/unit/fake_platform.h"
 #include "virtio/balloon.h"
 
-#define RAM_BASE  0x100000ull
-#define RAM_BYTES (4ull << 20)
-#define RAM_PFN   (RAM_BASE >> 12)
-#define RAM_PAGES (RAM_BYTES >> 12)
-#define F(bit)    (1ull << (bit))
-#define MS        (1000ull * 1000)
-#define MAX_GUEST 64
+#define RAM_BASE     0x100000ull
+#define RAM_BYTES    (4ull << 20)
+#define RAM_PFN      (RAM_BASE >> 12)
+#define RAM_PAGES    (RAM_BYTES >> 12)
+#define F(bit)       (1ull << (bit))
+#define MS           (1000ull * 1000)
+#define MAX_GUEST    64
 #define BACKED_PAGES 256
 
 /* Every feature the driver knows, and a few it must not take. */
@@ -146,8 +146,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             case 2: {
                 /* (FB_BAD_ID_FREE needs a free descriptor to name, which the model cannot
                  * always find: raw pushes of any id cover that class.) */
-                static const enum fb_misbehave kinds[] = {FB_OK, FB_BAD_ID_RANGE,
-                                                          FB_LEN_TOO_LARGE, FB_IDX_JUMP};
+                static const enum fb_misbehave kinds[] = {FB_OK, FB_BAD_ID_RANGE, FB_LEN_TOO_LARGE,
+                                                          FB_IDX_JUMP};
                 fb.misbehave[fz_below(&f, FB_ROLES)] = kinds[fz_below(&f, 4)];
                 break;
             }

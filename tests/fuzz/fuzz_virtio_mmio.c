@@ -112,8 +112,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     parse_entry(&f);
 
     /* (The model has 0x100 bytes of config: windows up to 0x200.) */
-    uint64_t win = fz_bool(&f) ? 0x200
-                               : VIRTIO_MMIO_MIN_SIZE + fz_below(&f, 0x200 - VIRTIO_MMIO_MIN_SIZE + 1);
+    uint64_t win =
+        fz_bool(&f) ? 0x200 : VIRTIO_MMIO_MIN_SIZE + fz_below(&f, 0x200 - VIRTIO_MMIO_MIN_SIZE + 1);
     win &= ~3ull;
     struct fake_mmio *m = fake_mmio_add(BASE, win, 1 + fz_below(&f, 2), 5);
     m->device_features = fz_u64(&f);

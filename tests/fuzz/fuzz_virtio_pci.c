@@ -57,7 +57,7 @@ static void add_cap(struct fake_pci_func *f)
     uint8_t body[18] = {0};
     body[0] = (uint8_t)(fz_bool(&in) ? 16 + 4 * fz_bool(&in) : fz_u8(&in)); /* cap_len */
     body[1] = (uint8_t)(fz_bool(&in) ? 1 + fz_below(&in, 5) : fz_u8(&in));  /* cfg_type */
-    body[2] = (uint8_t)(fz_bool(&in) ? MEM_BAR : fz_below(&in, 8));           /* bar */
+    body[2] = (uint8_t)(fz_bool(&in) ? MEM_BAR : fz_below(&in, 8));         /* bar */
     uint32_t off = fz_bool(&in) ? fz_below(&in, 4) * 0x1000 : fz_u32(&in);
     uint32_t len = fz_len(&in, 0x1000);
     uint32_t mult = fz_len(&in, 4);
