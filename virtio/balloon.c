@@ -1405,10 +1405,19 @@ static void needs_reset(struct balloon *b, uint8_t status, const char *how)
     hint_release(b, UINT64_MAX);
     b->pass_active = false;
 
-    /* Every held page is to be told to the fresh device again. */
-    struct blocklist tmp = b->resend;
-    b->resend = b->held;
-    b->held = tmp; /* empty: resend was drained before any reset */
+    /* Every held page is to be told to the fresh device again. A reset during a re-inflation
+     * finds the rest of the previous one still on `resend`: both go. */
+    if (b->resend.blocks == 0) {
+        struct blocklist tmp = b->resend;
+        b->resend = b->held;
+        b->held = tmp;
+    } else {
+        uint64_t pfn;
+        unsigned order;
+        while (blocklist_pop(&b->held, &pfn, &order))
+            if (blocklist_push(&b->resend, pfn, order) != 0)
+                free_unbacked(b, pfn, order); /* no record page: the guest's again */
+    }
     b->actual = 0;
 
     if (negotiate(b, true) != 0 || setup_all_queues(b, true) != 0) {

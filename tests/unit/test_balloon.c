@@ -1305,6 +1305,37 @@ static void test_needs_reset_recover_deflate_in_flight(void **state)
     reset_case(FB_DEFLATE, true);
 }
 
+/* The device breaks again while the driver re-inflates after a first reset: the pages still
+ * waiting and those already re-sent all go to the third device session. */
+static void test_needs_reset_during_reinflate(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.buffers = 2; /* 512 pages in flight at most: the re-inflation takes several rounds */
+    assert_int_equal(env_start(e), 0);
+    settle_at(e, 3000);
+    fake_balloon_break(&e->fb);
+    e->fb.hold[FB_INFLATE] = true;
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.resets, 1);
+    assert_true(e->b.reinflating);
+    assert_int_equal(e->b.inflight_inflate, 512);
+    assert_int_equal(e->b.resend.pages, 3000 - 512);
+    fake_balloon_break(&e->fb);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.resets, 2);
+    assert_int_equal(e->b.held.pages + e->b.resend.pages, 3000);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u);
+    settle(e);
+    assert_int_equal(e->b.actual, 3000);
+    assert_consistent(e);
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+}
+
 /* With stats, reporting and hinting running too: every kind of buffer in flight comes back. */
 static void test_needs_reset_recover_all_queues(void **state)
 {
@@ -2767,6 +2798,7 @@ int main(void)
         cmocka_unit_test(test_needs_reset_recover_inflate_in_flight),
         cmocka_unit_test(test_needs_reset_recover_deflate_in_flight),
         cmocka_unit_test(test_needs_reset_recover_all_queues),
+        cmocka_unit_test(test_needs_reset_during_reinflate),
         cmocka_unit_test(test_needs_reset_stop),
         cmocka_unit_test(test_needs_reset_found_on_timeout),
         cmocka_unit_test(test_needs_reset_legacy_is_a_stall),
