@@ -43,6 +43,7 @@ def test_bad_next_reset_and_recover(balloon_vm):
         assert st["balloon"]["reinflate_pending_pages"] == 0, st["balloon"]
         err = vm.qemu.stderr
         assert "Desc next is" in err, "QEMU did not report the malformed chain:\n" + err
+        print("QEMU:", " | ".join(l for l in err.splitlines() if "Desc next" in l))
         vm.verify(pages=HELD // PAGE)
         # and the device works on: deflate, inflate again, back to zero
         vm.resize(64 * MiB)
@@ -69,3 +70,20 @@ def test_bad_next_on_reset_stop(balloon_vm):
         assert len(nr) == 1 and nr[0]["action"] == "stop", nr
         assert not vm.events("balloon_reset")
         assert "Desc next is" in vm.qemu.stderr
+
+
+def test_bad_next_legacy_device_is_a_stall(balloon_vm):
+    """The legacy interface has no DEVICE_NEEDS_RESET: QEMU marks the device broken but
+    sets no status bit (virtio_error does that for VERSION_1 devices only), so the
+    guest can only see a device that stopped answering: a stall, no reset."""
+    with balloon_vm(machine="pc", balloon_opts=["disable-modern=on"],
+                    append=BAD_NEXT + " blimp.balloon.timeout_ms=500") as vm:
+        assert vm.features["transport"] == "virtio-pci-legacy", vm.features
+        since = vm.mark()
+        vm.balloon.set_size(64 * MiB)
+        st = vm.wait_event("balloon_stalled", since=since, timeout=30)
+        assert st["inflight_inflate"] > 0, st
+        assert "Desc next is" in vm.qemu.stderr
+        assert not vm.events("device_needs_reset") and not vm.events("balloon_reset")
+        b = vm.state()["balloon"]
+        assert b["state"] == "stalled" and b["resets"] == 0, b
