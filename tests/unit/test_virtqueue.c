@@ -1272,7 +1272,8 @@ static void test_fuzz_garbage_used_ring(void **state)
         if (vq_is_broken(&vq)) {
             violations++;
             assert_true(strncmp(vq_violation(&vq), "virtqueue fuzz[7]: ", 19) == 0);
-            assert_int_equal(fake_log_count(), 1);
+            /* The violation, after the first used-length deviation's line if there was one. */
+            assert_int_equal(fake_log_count(), 1 + (vq_len_deviations(&vq) > 0));
             assert_null(vq_get_used(&vq, NULL));
             struct vq_seg s = {BUF_ADDR(0), 4};
             assert_int_equal(vq_add(&vq, &s, 1, 0, tok(0)), VQ_ERR_BROKEN);
