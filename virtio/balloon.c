@@ -1347,7 +1347,6 @@ static unsigned reclaim_in_flight(struct balloon *b, uint64_t *returned_deflate)
 static void needs_reset(struct balloon *b, uint8_t status, const char *how)
 {
     bool stop = b->cfg.on_reset == BALLOON_ON_RESET_STOP;
-    b->status_at_break = status;
     platform_log("balloon: the device needs a reset (status 0x%x, seen on %s): held %lu pages, "
                  "in flight inflate %u deflate %u report %lu; %s",
                  status, how, (unsigned long)(b->held.pages + b->resend.pages), b->inflight_inflate,

@@ -79,7 +79,7 @@ struct balloon_config {
     bool deflate_on_oom;        /* accept DEFLATE_ON_OOM when offered */
     bool chunks;                /* accept VIRTIO_BALLOON_F_X_CHUNKS when offered */
     uint32_t chunks_per_buffer; /* chunks per inflate/deflate buffer, 1..BALLOON_MAX_CHUNKS */
-    enum balloon_inject inject; /* damage the first chunked inflate buffer (tests only) */
+    enum balloon_inject inject; /* damage one inflate buffer on purpose (tests only) */
     enum balloon_on_reset on_reset;
     bool strict;                /* used-length deviations are violations too */
     enum balloon_queues queues; /* queue numbering */
@@ -158,8 +158,7 @@ struct balloon_status {
     uint64_t report_passes;
     uint64_t resets;            /* DEVICE_NEEDS_RESET recoveries */
     uint64_t reinflate_pending; /* held pages not yet told to the device since the last reset */
-    const char
-        *numbering; /* what the probe says the host uses: negotiated|fixed|ambiguous|unknown */
+    const char *numbering;      /* the host's, per the probe: negotiated|fixed|ambiguous|unknown */
     const char *numbering_used; /* negotiated | fixed */
     struct balloon_queue_status queues[BQ_COUNT];
 };
@@ -183,7 +182,6 @@ struct balloon {
     bool reinflating; /* a re-inflation after a reset runs */
     uint64_t reinflate_start_ns, reinflate_total;
     uint64_t resets;
-    uint8_t status_at_break; /* the device status that said NEEDS_RESET */
     /* Queue numbering: what the probe saw, what is used, and the indices. */
     const char *numbering, *numbering_used;
     unsigned hint_index, report_index;
