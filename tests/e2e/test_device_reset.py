@@ -11,8 +11,6 @@ it, reset the device, re-inflate every page it holds and reach the target again
 
 from __future__ import annotations
 
-import time
-
 from blimp import exitcodes
 from guest import MiB, PAGE
 
