@@ -114,3 +114,24 @@ def test_fixed_host_with_negotiated_numbering_forced(balloon_vm, reference_qemu)
         vm.qemu.wait(timeout=60)
         assert vm.qemu.outcome.code == exitcodes.DEVICE_NEEDS_RESET, vm.context()
         assert "not in use (x-fixed-queue-index)" in vm.qemu.stderr
+
+
+def test_bad_next_with_chunks_and_old_used_lengths(balloon_vm, reference_qemu):
+    """Reset recovery with chunked buffers on a host that also reports old-style used
+    lengths: the chunk arrays are re-sent to the fresh device, the target is reached,
+    and the deviation count survives the reset."""
+    with balloon_vm(balloon_opts=[refhost.CHUNKS, refhost.USED_LEN_BYTES_READ,
+                                  "disable-legacy=on"],
+                    qemu=reference_qemu, append="blimp.balloon.inject=bad_next") as vm:
+        assert int(vm.features["accepted"]) & refhost.F_X_CHUNKS, vm.features
+        vm.check("alloc %d 55" % HELD)
+        vm.resize(512 * MiB, timeout=90)
+        vm.wait_event("balloon_reset", timeout=5)
+        st = vm.check_balloon(512 * MiB)
+        assert st["balloon"]["resets"] == 1, st["balloon"]
+        assert st["balloon"]["queues"]["inflateq"]["verdict"] == "deviates", st["balloon"]
+        vm.resize(0)
+        vm.check_balloon(0)
+        vm.verify(pages=HELD // PAGE)
+        assert "Desc next is" in vm.qemu.stderr
+        vm.quit()
