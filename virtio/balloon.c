@@ -491,9 +491,12 @@ static void probe_numbering(struct balloon *b)
     json_str(&j, "numbering", b->numbering);
     json_str(&j, "used", b->numbering_used);
     json_u64(&j, "present", present);
-    json_u64(&j, "stats_index", stats ? 2 : 0);
-    json_u64(&j, "hint_index", b->hint_index);
-    json_u64(&j, "report_index", b->report_index);
+    if (stats)
+        json_u64(&j, "stats_index", 2);
+    if (hint)
+        json_u64(&j, "hint_index", b->hint_index);
+    if (report)
+        json_u64(&j, "report_index", b->report_index);
     event_emit(&j);
 }
 
