@@ -337,6 +337,22 @@ static void cmd_state(void)
         json_u64(&j, "report_chains", b.report_chains);
         json_u64(&j, "report_passes", b.report_passes);
         json_u64(&j, "inflight_report_pages", b.inflight_report);
+        json_u64(&j, "resets", b.resets);
+        json_u64(&j, "reinflate_pending_pages", b.reinflate_pending);
+        json_str(&j, "numbering", b.numbering);
+        json_str(&j, "numbering_used", b.numbering_used);
+        /* Each queue's used-length verdict: conforms | deviates | violated. */
+        json_open_object(&j, "queues");
+        for (unsigned q = 0; q < BQ_COUNT; q++) {
+            if (!b.queues[q].present)
+                continue;
+            json_open_object(&j, b.queues[q].name);
+            json_u64(&j, "index", b.queues[q].index);
+            json_str(&j, "verdict", b.queues[q].verdict);
+            json_u64(&j, "deviations", b.queues[q].deviations);
+            json_close(&j);
+        }
+        json_close(&j);
     } else {
         json_str(&j, "state", "absent");
     }

@@ -51,6 +51,8 @@ void balloon_mode_run(const struct options *opts)
         balloon_get_status(&balloon, &st);
         if (st.state == BALLOON_BROKEN)
             machine_exit(EXIT_PROTOCOL_ERROR, st.violation);
+        if (st.state == BALLOON_NEEDS_RESET) /* blimp.balloon.on_reset=stop */
+            machine_exit(EXIT_DEVICE_NEEDS_RESET, "the balloon device needs a reset");
         agent_poll();
     }
 }

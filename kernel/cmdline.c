@@ -29,7 +29,9 @@ struct option_def {
 _Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
                    sizeof(enum fault_inject) == sizeof(int) &&
                    sizeof(enum virtio_choice) == sizeof(int) &&
-                   sizeof(enum balloon_inject) == sizeof(int),
+                   sizeof(enum balloon_inject) == sizeof(int) &&
+                   sizeof(enum balloon_on_reset) == sizeof(int) &&
+                   sizeof(enum balloon_queues) == sizeof(int),
                "OPT_ENUM stores enums as int");
 
 static const char *const mode_names[] = {
@@ -52,6 +54,18 @@ static const char *const balloon_inject_names[] = {
     [BALLOON_INJECT_CHUNK_OVERLAP] = "chunk_overlap",
     [BALLOON_INJECT_CHUNK_OUTSIDE] = "chunk_outside",
     [BALLOON_INJECT_CHUNK_WRITABLE] = "chunk_writable",
+    [BALLOON_INJECT_BAD_NEXT] = "bad_next",
+    NULL,
+};
+static const char *const on_reset_names[] = {
+    [BALLOON_ON_RESET_RECOVER] = "recover",
+    [BALLOON_ON_RESET_STOP] = "stop",
+    NULL,
+};
+static const char *const queues_names[] = {
+    [BALLOON_QUEUES_AUTO] = "auto",
+    [BALLOON_QUEUES_NEGOTIATED] = "negotiated",
+    [BALLOON_QUEUES_FIXED] = "fixed",
     NULL,
 };
 static const char *const inject_names[] = {
@@ -108,9 +122,20 @@ static const struct option_def option_defs[] = {
      "unreported free pages (in blocks of at least report_order) needed to start a pass", 0,
      UINT64_MAX, NULL},
     {"blimp.balloon.inject", OPT_ENUM, OPT(balloon.inject), NULL,
-     "send one bad chunk to prove the host rejects it: none | chunk_align | chunk_overlap | "
-     "chunk_outside | chunk_writable",
+     "send one bad buffer to prove the host rejects it: none | chunk_align | chunk_overlap | "
+     "chunk_outside | chunk_writable | bad_next (a malformed chain: the device needs a reset)",
      0, 0, balloon_inject_names},
+    {"blimp.balloon.on_reset", OPT_ENUM, OPT(balloon.on_reset), NULL,
+     "when the device sets DEVICE_NEEDS_RESET: recover (reset it, re-inflate every held page) | "
+     "stop (exit 0x18)",
+     0, 0, on_reset_names},
+    {"blimp.balloon.strict", OPT_BOOL, OPT(balloon.strict), NULL,
+     "1: a used-length deviation (used len on a read-only buffer, QEMU < 7.0) is a violation", 0, 0,
+     NULL},
+    {"blimp.balloon.queues", OPT_ENUM, OPT(balloon.queues), NULL,
+     "queue numbering after deflateq: auto (as the queue sizes show) | negotiated | fixed "
+     "(stats 2, hint 3, reporting 4: crosvm before 2025)",
+     0, 0, queues_names},
     {"virtio_mmio.device", OPT_MMIO, OPT(virtio_mmio), NULL,
      "<size>@<base>:<irq>[:<id>], a virtio-mmio device (as Linux spells it); may repeat", 0, 0,
      NULL},

@@ -76,9 +76,23 @@ const char *balloon_state_name(enum balloon_state s)
         return "stalled";
     case BALLOON_BROKEN:
         return "broken";
+    case BALLOON_NEEDS_RESET:
+        return "needs_reset";
     }
     return "unknown";
 }
+
+static struct virtqueue *queue_of(struct balloon *b, enum balloon_q q, bool *present)
+{
+    struct virtqueue *vqs[BQ_COUNT] = {&b->inflate_vq, &b->deflate_vq, &b->stats_vq, &b->hint_vq,
+                                       &b->report_vq};
+    bool have[BQ_COUNT] = {true, true, b->has_stats, b->has_hint_vq, b->has_reporting};
+    *present = have[q] && vqs[q]->size;
+    return vqs[q];
+}
+
+static const char *const queue_names[BQ_COUNT] = {"inflateq", "deflateq", "statsq", "free_page_vq",
+                                                  "reportingq"};
 
 void balloon_get_status(const struct balloon *b, struct balloon_status *out)
 {
@@ -92,7 +106,7 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .device_target = b->device_target,
         .target = b->target,
         .actual = b->actual,
-        .held_pages = b->held.pages,
+        .held_pages = b->held.pages + b->resend.pages,
         .inflight_inflate = b->inflight_inflate,
         .inflight_deflate = b->inflight_deflate,
         .inflate_buffers = b->inflate_buffers,
@@ -106,12 +120,29 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .reported_pages = b->reported_pages,
         .report_chains = b->report_chains,
         .report_passes = b->report_passes,
+        .resets = b->resets,
+        .reinflate_pending = b->resend.pages,
+        .numbering = b->numbering ? b->numbering : "",
+        .numbering_used = b->numbering_used ? b->numbering_used : "",
     };
+    for (unsigned q = 0; q < BQ_COUNT; q++) {
+        bool present;
+        const struct virtqueue *vq = queue_of((struct balloon *)b, q, &present);
+        out->queues[q] = (struct balloon_queue_status){
+            .name = queue_names[q],
+            .present = present,
+            .index = present ? vq->index : 0,
+            .verdict = present ? vq_len_verdict(vq) : "",
+            .deviations = present ? vq->len_deviations : 0,
+        };
+    }
 }
 
 static void collect_reports(struct balloon *b);
 static void hint_end_round(struct balloon *b, const char *reason);
 static uint64_t hint_release(struct balloon *b, uint64_t pages);
+static bool device_needs_reset(struct balloon *b, uint8_t *status);
+static void needs_reset(struct balloon *b, uint8_t status, const char *how);
 
 /* Wait (at most ack_timeout) until the device has used report chains holding `pages` pages, or
  * all of them; returns the pages given back to the allocator. */
@@ -228,9 +259,11 @@ static void write_actual(struct balloon *b)
     b->actual_written = b->actual;
 }
 
-/* max_indirect: descriptors per indirect table (0: none; used only with INDIRECT_DESC). */
+/* max_indirect: descriptors per indirect table (0: none; used only with INDIRECT_DESC). again
+ * (after a device reset): the queue is set up anew over the memory it had, with the size it had,
+ * keeping its used-length deviation count. */
 static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name, unsigned index,
-                       unsigned max_indirect)
+                       unsigned max_indirect, bool again)
 {
     struct virtio_transport *t = b->t;
     uint16_t max = t->ops->queue_max_size(t, index);
@@ -247,14 +280,32 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
     bool event_idx = balloon_negotiated(b, VIRTIO_F_EVENT_IDX);
     if (!indirect || max_indirect > size)
         max_indirect = indirect ? size : 0;
-    void *mem = alloc_zeroed(b->mm, vq_mem_bytes(size, legacy, max_indirect));
-    if (!mem) {
-        platform_log("balloon: no memory for queue %s", name);
-        return -1;
+    void *mem;
+    uint32_t deviations = 0, first_len = 0, first_id = 0;
+    if (again) {
+        if (size != vq->size) {
+            platform_log("balloon: queue %u (%s) has size %u after the reset, %u before", index,
+                         name, max, vq->size);
+            violation(b, "a queue changed its size across a reset");
+            return -1;
+        }
+        mem = vq->desc; /* the area starts with the descriptor table */
+        deviations = vq->len_deviations;
+        first_len = vq->first_dev_len;
+        first_id = vq->first_dev_id;
+    } else {
+        mem = alloc_zeroed(b->mm, vq_mem_bytes(size, legacy, max_indirect));
+        if (!mem) {
+            platform_log("balloon: no memory for queue %s", name);
+            return -1;
+        }
     }
     if (vq_init(vq, name, index, size, mem, legacy, max_indirect, indirect, event_idx) != 0)
         return -1;
-    vq_set_lenient_len(vq, legacy); /* legacy: used len SHOULD be ignored (spec 5.5.6.2.1) */
+    vq->len_deviations = deviations;
+    vq->first_dev_len = first_len;
+    vq->first_dev_id = first_id;
+    vq_set_strict_len(vq, b->cfg.strict);
     struct vq_addrs a;
     vq_addrs(vq, &a);
     if (t->ops->queue_enable(t, index, size, &a) != 0) {
@@ -308,27 +359,15 @@ static void kick(struct balloon *b, struct virtqueue *vq)
         b->t->ops->notify(b->t, vq->index);
 }
 
-int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm,
-                 const struct balloon_config *cfg)
+static unsigned floor_log2(uint64_t v)
 {
-    __builtin_memset(b, 0, sizeof(*b));
-    b->t = t;
-    b->mm = mm;
-    b->cfg = *cfg;
-    if (b->cfg.buffers == 0 || b->cfg.buffers > BALLOON_MAX_BUFFERS ||
-        b->cfg.pfns_per_buffer == 0 || b->cfg.chunks_per_buffer == 0 ||
-        b->cfg.chunks_per_buffer > BALLOON_MAX_CHUNKS || b->cfg.report_order > BUDDY_MAX_ORDER)
-        return -1;
-    blocklist_init(&b->held, mm);
+    return 63 - (unsigned)__builtin_clzll(v);
+}
 
-    if (t->ops->reset(t) != 0) {
-        violation(b, "device status did not read 0 after reset");
-        return -1;
-    }
-    t->ops->set_status(t, VIRTIO_STATUS_ACKNOWLEDGE);
-    t->ops->set_status(t, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
-
-    b->offered = t->ops->get_features(t);
+/* The features the driver wants of what is offered (the same on every device session). */
+static uint64_t wanted_features(const struct balloon *b)
+{
+    const struct balloon_config *cfg = &b->cfg;
     uint64_t wanted = 1ull << VIRTIO_BALLOON_F_MUST_TELL_HOST | 1ull << VIRTIO_BALLOON_F_STATS_VQ |
                       1ull << VIRTIO_F_VERSION_1 | 1ull << VIRTIO_F_EVENT_IDX;
     if (cfg->deflate_on_oom)
@@ -346,24 +385,48 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     if (cfg->reporting && (b->offered >> VIRTIO_BALLOON_F_PAGE_REPORTING) & 1)
         wanted |= 1ull << VIRTIO_F_INDIRECT_DESC;
     /* Never accepted: QEMU's bit-30 sentinel. */
-    b->features = b->offered & wanted;
+    uint64_t features = b->offered & wanted;
     /* With EVENT_IDX a device's first notification on a queue cannot be suppressed (QEMU:
      * signalled_used_valid), and QEMU 7.2 notifies the free page queue from its iothread without
      * the big lock, which aborts QEMU under TCG when the interrupt is INTx. Without EVENT_IDX,
      * VRING_AVAIL_F_NO_INTERRUPT keeps it quiet (Linux avoids it by giving that queue no MSI-X
      * vector). */
-    if (balloon_negotiated(b, VIRTIO_BALLOON_F_FREE_PAGE_HINT))
-        b->features &= ~(1ull << VIRTIO_F_EVENT_IDX);
+    if ((features >> VIRTIO_BALLOON_F_FREE_PAGE_HINT) & 1)
+        features &= ~(1ull << VIRTIO_F_EVENT_IDX);
+    return features;
+}
+
+/* Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (re-read). `again` (after DEVICE_NEEDS_RESET):
+ * the device must offer what it offered before, so the driver's state carries over. Returns 0 or
+ * -1 (logged; a violation sets b->violation). */
+static int negotiate(struct balloon *b, bool again)
+{
+    struct virtio_transport *t = b->t;
+    if (t->ops->reset(t) != 0) {
+        violation(b, "device status did not read 0 after reset");
+        return -1;
+    }
+    t->ops->set_status(t, VIRTIO_STATUS_ACKNOWLEDGE);
+    t->ops->set_status(t, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    uint64_t offered = t->ops->get_features(t);
+    if (again && offered != b->offered) {
+        platform_log("balloon: after the reset the device offers 0x%lx, before 0x%lx",
+                     (unsigned long)offered, (unsigned long)b->offered);
+        violation(b, "the device offered other features after a reset");
+        t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
+        return -1;
+    }
+    b->offered = offered;
+    b->features = wanted_features(b);
     if (!t->legacy && !balloon_negotiated(b, VIRTIO_F_VERSION_1)) {
         violation(b, "modern interface without VIRTIO_F_VERSION_1");
         t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
     t->ops->set_features(t, b->features);
-    uint8_t status = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER;
     if (!t->legacy) {
-        status |= VIRTIO_STATUS_FEATURES_OK;
-        t->ops->set_status(t, status);
+        t->ops->set_status(t, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
+                                  VIRTIO_STATUS_FEATURES_OK);
         if (!(t->ops->get_status(t) & VIRTIO_STATUS_FEATURES_OK)) {
             platform_log("balloon: device refused our features 0x%lx (offered 0x%lx)",
                          (unsigned long)b->features, (unsigned long)b->offered);
@@ -371,6 +434,128 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
             return -1;
         }
     }
+    return 0;
+}
+
+/*
+ * Which numbering does the host use for the queues after deflateq? Compacted by the features
+ * (QEMU numbers by the offered ones, Linux by the negotiated ones: the same for blimp, which
+ * accepts STATS_VQ whenever offered and keeps a declined hinting queue's index), or fixed (stats
+ * 2, hint 3, reporting 4: crosvm until 2025). The sizes of queues 0-4 tell them apart when the
+ * two disagree (reporting offered without hinting, or stats not offered): each numbering names
+ * the queues that must exist and the last one; more queues past it contradict it.
+ */
+static void probe_numbering(struct balloon *b)
+{
+    struct virtio_transport *t = b->t;
+    bool stats = (b->offered >> VIRTIO_BALLOON_F_STATS_VQ) & 1;
+    bool hint = (b->offered >> VIRTIO_BALLOON_F_FREE_PAGE_HINT) & 1;
+    bool report = (b->offered >> VIRTIO_BALLOON_F_PAGE_REPORTING) & 1;
+    unsigned need_c = 3u | (unsigned)stats << 2, need_f = need_c, next = 2 + stats;
+    if (hint) {
+        need_c |= 1u << next++;
+        need_f |= 1u << 3;
+    }
+    if (report) {
+        need_c |= 1u << next++;
+        need_f |= 1u << 4;
+    }
+    unsigned present = 0;
+    uint16_t sizes[5];
+    for (unsigned i = 0; i < 5; i++) {
+        sizes[i] = t->ops->queue_max_size(t, i);
+        if (sizes[i])
+            present |= 1u << i;
+    }
+    /* A numbering fits when its queues exist and none follows its last one. */
+    unsigned beyond_c = 0x1fu & ~((2u << floor_log2(need_c)) - 1);
+    unsigned beyond_f = 0x1fu & ~((2u << floor_log2(need_f)) - 1);
+    bool fits_c = (present & need_c) == need_c && !(present & beyond_c);
+    bool fits_f = (present & need_f) == need_f && !(present & beyond_f);
+    bool seen_fixed = need_c != need_f && fits_f && !fits_c;
+    if (need_c == need_f)
+        b->numbering = "ambiguous"; /* both numberings name the same queues */
+    else if (fits_c != fits_f)
+        b->numbering = fits_c ? "negotiated" : "fixed";
+    else
+        b->numbering = "unknown";
+    bool fixed = b->cfg.queues == BALLOON_QUEUES_FIXED ||
+                 (b->cfg.queues == BALLOON_QUEUES_AUTO && seen_fixed);
+    b->numbering_used = fixed ? "fixed" : "negotiated";
+    b->hint_index = fixed ? 3 : 2 + stats;
+    b->report_index = fixed ? 4 : 2 + stats + hint;
+    platform_log("balloon: queue numbering: host %s, using %s (queue sizes %u %u %u %u %u)",
+                 b->numbering, b->numbering_used, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]);
+    struct json j;
+    event_begin(&j, "balloon_queues");
+    json_str(&j, "numbering", b->numbering);
+    json_str(&j, "used", b->numbering_used);
+    json_u64(&j, "present", present);
+    if (stats)
+        json_u64(&j, "stats_index", 2);
+    if (hint)
+        json_u64(&j, "hint_index", b->hint_index);
+    if (report)
+        json_u64(&j, "report_index", b->report_index);
+    event_emit(&j);
+}
+
+static int setup_all_queues(struct balloon *b, bool again)
+{
+    return setup_queue(b, &b->inflate_vq, "inflateq", 0, 0, again) != 0 ||
+                   setup_queue(b, &b->deflate_vq, "deflateq", 1, 0, again) != 0 ||
+                   (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2, 0, again) != 0) ||
+                   (b->has_hint_vq &&
+                    setup_queue(b, &b->hint_vq, "free_page_vq", b->hint_index, 0, again) != 0) ||
+                   (b->has_reporting && setup_queue(b, &b->report_vq, "reportingq", b->report_index,
+                                                    BALLOON_REPORT_CAPACITY, again) != 0)
+               ? -1
+               : 0;
+}
+
+/* Last steps of bringing the device up: stats buffer, poison_val, DRIVER_OK, the first kick. */
+static void start_device(struct balloon *b)
+{
+    struct virtio_transport *t = b->t;
+    if (b->has_hint_vq)
+        /* No used-buffer notifications on the free page queue (we poll it, as Linux, whose
+         * queue has no callback, does): QEMU 7.2 uses hints in an iothread, and a notification
+         * raised from there without the big lock aborts QEMU under TCG. */
+        vq_disable_interrupts(&b->hint_vq);
+    if (b->has_stats)
+        post_stats(b); /* primed with real values; kicked only after DRIVER_OK */
+    if (balloon_negotiated(b, VIRTIO_BALLOON_F_PAGE_POISON)) {
+        /* Before DRIVER_OK, and never changed afterwards (spec 5.5.6.6). With a non-zero value
+         * the host keeps reported pages (QEMU skips discarding them), so the allocator checks
+         * their poison when it hands them out again. */
+        t->ops->config_write(t, BALLOON_CFG_POISON, 4, b->cfg.poison_val);
+        buddy_set_reported_keep_content(b->mm, b->cfg.poison_val != 0);
+    }
+    uint8_t status = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_DRIVER_OK;
+    if (!t->legacy)
+        status |= VIRTIO_STATUS_FEATURES_OK;
+    t->ops->set_status(t, status);
+    if (b->has_stats)
+        kick(b, &b->stats_vq);
+}
+
+int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm,
+                 const struct balloon_config *cfg)
+{
+    __builtin_memset(b, 0, sizeof(*b));
+    b->t = t;
+    b->mm = mm;
+    b->cfg = *cfg;
+    if (b->cfg.buffers == 0 || b->cfg.buffers > BALLOON_MAX_BUFFERS ||
+        b->cfg.pfns_per_buffer == 0 || b->cfg.chunks_per_buffer == 0 ||
+        b->cfg.chunks_per_buffer > BALLOON_MAX_CHUNKS || b->cfg.report_order > BUDDY_MAX_ORDER)
+        return -1;
+    blocklist_init(&b->held, mm);
+    blocklist_init(&b->resend, mm);
+    blocklist_init(&b->hinted, mm);
+
+    if (negotiate(b, false) != 0)
+        return -1;
     platform_log("balloon: %s, features offered 0x%lx, accepted 0x%lx", t->name,
                  (unsigned long)b->offered, (unsigned long)b->features);
     struct json j;
@@ -380,8 +565,8 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
     json_u64(&j, "accepted", b->features);
     event_emit(&j);
 
-    /* Indices by offered features (see the file comment): an offered FREE_PAGE_HINT keeps its
-     * queue's index even though we decline it and never set that queue up. */
+    /* Indices: see probe_numbering. An offered FREE_PAGE_HINT keeps its queue's index even
+     * though we decline it and never set that queue up. */
     b->has_stats = (b->offered >> VIRTIO_BALLOON_F_STATS_VQ) & 1;
     b->has_hint_vq = balloon_negotiated(b, VIRTIO_BALLOON_F_FREE_PAGE_HINT);
     if (b->has_hint_vq && t->config_size && t->config_size < BALLOON_CFG_HINT_CMD + 4) {
@@ -389,17 +574,9 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
-    blocklist_init(&b->hinted, mm);
     b->has_reporting = balloon_negotiated(b, VIRTIO_BALLOON_F_PAGE_REPORTING);
-    unsigned hint_index = 2 + b->has_stats;
-    unsigned report_index =
-        2 + b->has_stats + ((b->offered >> VIRTIO_BALLOON_F_FREE_PAGE_HINT) & 1);
-    if (setup_queue(b, &b->inflate_vq, "inflateq", 0, 0) != 0 ||
-        setup_queue(b, &b->deflate_vq, "deflateq", 1, 0) != 0 ||
-        (b->has_stats && setup_queue(b, &b->stats_vq, "statsq", 2, 0) != 0) ||
-        (b->has_hint_vq && setup_queue(b, &b->hint_vq, "free_page_vq", hint_index, 0) != 0) ||
-        (b->has_reporting &&
-         setup_queue(b, &b->report_vq, "reportingq", report_index, BALLOON_REPORT_CAPACITY) != 0)) {
+    probe_numbering(b);
+    if (setup_all_queues(b, false) != 0) {
         t->ops->set_status(t, t->ops->get_status(t) | VIRTIO_STATUS_FAILED);
         return -1;
     }
@@ -426,24 +603,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
         b->bufs[i].pfns = (uint32_t *)(area + i * per);
         b->bufs[i].blocks = (uint64_t *)(area + i * per + wire_bytes);
     }
-    if (b->has_hint_vq)
-        /* No used-buffer notifications on the free page queue (we poll it, as Linux, whose
-         * queue has no callback, does): QEMU 7.2 uses hints in an iothread, and a notification
-         * raised from there without the big lock aborts QEMU under TCG. */
-        vq_disable_interrupts(&b->hint_vq);
-    if (b->has_stats)
-        post_stats(b); /* primed with real values; kicked only after DRIVER_OK */
-
-    if (balloon_negotiated(b, VIRTIO_BALLOON_F_PAGE_POISON)) {
-        /* Before DRIVER_OK, and never changed afterwards (spec 5.5.6.6). With a non-zero value
-         * the host keeps reported pages (QEMU skips discarding them), so the allocator checks
-         * their poison when it hands them out again. */
-        t->ops->config_write(t, BALLOON_CFG_POISON, 4, b->cfg.poison_val);
-        buddy_set_reported_keep_content(mm, b->cfg.poison_val != 0);
-    }
-    t->ops->set_status(t, status | VIRTIO_STATUS_DRIVER_OK);
-    if (b->has_stats)
-        kick(b, &b->stats_vq);
+    start_device(b);
     b->state = BALLOON_RUNNING;
     if (b->has_reporting) {
         b->report_max_blocks = b->report_vq.size < BALLOON_REPORT_CAPACITY
@@ -469,11 +629,6 @@ static struct balloon_buf *free_buf(struct balloon *b)
         if (!b->bufs[i].busy)
             return &b->bufs[i];
     return NULL;
-}
-
-static unsigned floor_log2(uint64_t v)
-{
-    return 63 - (unsigned)__builtin_clzll(v);
 }
 
 /* Sort (pfn << 8 | order) blocks by address: heapsort, O(n log n) whatever the input order (a
@@ -533,12 +688,13 @@ static uint64_t fill_wire(const struct balloon *b, struct balloon_buf *buf, unsi
  * the buffer never uses it, and the driver reports a stall. */
 static bool inject_bad_chunk(struct balloon *b, struct balloon_buf *buf, struct vq_seg *seg)
 {
-    static const char *const names[] = {"none", "chunk_align", "chunk_overlap", "chunk_outside",
-                                        "chunk_writable"};
+    static const char *const names[] = {"none",          "chunk_align",    "chunk_overlap",
+                                        "chunk_outside", "chunk_writable", "bad_next"};
     struct balloon_chunk *c = buf->chunks;
     bool writable = false;
     switch (b->cfg.inject) {
     case BALLOON_INJECT_NONE:
+    case BALLOON_INJECT_BAD_NEXT:
         return false;
     case BALLOON_INJECT_CHUNK_ALIGN:
         c[0].addr += 8;
@@ -568,6 +724,23 @@ static bool inject_bad_chunk(struct balloon *b, struct balloon_buf *buf, struct 
     return writable;
 }
 
+/* blimp.balloon.inject=bad_next: the next inflate buffer goes out as a malformed chain (see
+ * vq_inject_bad_next). Its pages stay held and in flight: the device never uses the buffer, and
+ * the reset that follows takes it back with every other buffer in flight. */
+static void inject_bad_next(struct balloon *b)
+{
+    vq_inject_bad_next(&b->inflate_vq);
+    b->injected = true;
+    platform_log("balloon: injected a malformed chain on %s[%u]: next = %u, the queue size",
+                 b->inflate_vq.name, b->inflate_vq.index, b->inflate_vq.size);
+    struct json j;
+    event_begin(&j, "inject");
+    json_str(&j, "what", "bad_next");
+    json_u64(&j, "queue", b->inflate_vq.index);
+    json_u64(&j, "next", b->inflate_vq.size);
+    event_emit(&j);
+}
+
 /* Publish buf (`pages` pages in nb blocks, sorted) on the inflate or deflate queue; 0 or the
  * vq_add error, in which case nothing changed. */
 static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned pages, unsigned nb,
@@ -575,7 +748,9 @@ static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned pages, 
 {
     struct vq_seg seg = {virt_to_phys(buf->pfns), (uint32_t)fill_wire(b, buf, nb)};
     bool writable = false;
-    if (inflate && b->chunked && !b->injected)
+    if (inflate && !b->injected && b->cfg.inject == BALLOON_INJECT_BAD_NEXT)
+        inject_bad_next(b);
+    else if (inflate && b->chunked && !b->injected)
         writable = inject_bad_chunk(b, buf, &seg);
     int rc = vq_add(inflate ? &b->inflate_vq : &b->deflate_vq, &seg, writable ? 0 : 1,
                     writable ? 1 : 0, buf);
@@ -901,6 +1076,12 @@ static void check_stall(struct balloon *b)
         if (b->reports[i].busy && b->reports[i].sent_ns < oldest)
             oldest = b->reports[i].sent_ns;
     if (now - oldest > b->cfg.ack_timeout_ns && b->state == BALLOON_RUNNING) {
+        /* Silent device: broken and waiting for a reset, or just slow? */
+        uint8_t status;
+        if (device_needs_reset(b, &status)) {
+            needs_reset(b, status, "timeout");
+            return;
+        }
         b->state = BALLOON_STALLED;
         platform_log("balloon: device has not used a buffer for %lu ms (inflate %u, deflate %u, "
                      "report %lu pages in flight); waiting",
@@ -1080,6 +1261,259 @@ static void report_step(struct balloon *b)
         end_pass(b, now);
 }
 
+/* ---- Used-length deviations ------------------------------------------------------------------ */
+
+/* Report each queue's first used-length deviation once (the virtqueue counts them all). */
+static void report_deviations(struct balloon *b)
+{
+    for (unsigned q = 0; q < BQ_COUNT; q++) {
+        bool present;
+        struct virtqueue *vq = queue_of(b, q, &present);
+        if (!present || !vq->len_deviations || (b->dev_reported & 1u << q))
+            continue;
+        b->dev_reported |= 1u << q;
+        platform_log("balloon: %s[%u] deviates: used len %u on a buffer the device only reads "
+                     "(QEMU before 7.0 reported the bytes it read); counted, not fatal "
+                     "(blimp.balloon.strict=1 makes it fatal)",
+                     vq->name, vq->index, vq->first_dev_len);
+        struct json j;
+        event_begin(&j, "device_deviation");
+        json_str(&j, "queue", vq->name);
+        json_u64(&j, "index", vq->index);
+        json_str(&j, "what", "used_len_on_read_only_buffer");
+        json_u64(&j, "len", vq->first_dev_len);
+        json_u64(&j, "count", vq->len_deviations);
+        event_emit(&j);
+    }
+}
+
+/* ---- DEVICE_NEEDS_RESET (spec 2.1.1) ----------------------------------------------------------
+ */
+
+/*
+ * Take back every buffer still in flight after the device was reset, each exactly once
+ * (vq_detach_unused hands out each token once): inflate buffers' pages are already in `held`;
+ * deflate buffers' blocks go back into `held` (the device may or may not have acted on them:
+ * they will be re-inflated, so either way the fresh device learns they are ballooned); report
+ * chains' blocks return to the allocator; hint ids and the stats buffer are simply free again.
+ * Returns the buffers reclaimed.
+ */
+static unsigned reclaim_in_flight(struct balloon *b, uint64_t *returned_deflate)
+{
+    unsigned n = 0;
+    void *tok;
+    while ((tok = vq_detach_unused(&b->inflate_vq))) {
+        struct balloon_buf *buf = tok;
+        buf->busy = false;
+        n++;
+    }
+    while ((tok = vq_detach_unused(&b->deflate_vq))) {
+        struct balloon_buf *buf = tok;
+        for (unsigned i = 0; i < buf->n_blocks; i++) {
+            uint64_t pfn = buf->blocks[i] >> 8;
+            unsigned order = buf->blocks[i] & 0xff;
+            if (blocklist_push(&b->held, pfn, order) == 0) {
+                *returned_deflate += 1ull << order;
+            } else {
+                /* No page for a record: the block goes to the guest instead. The fresh
+                 * device never hears of it, which is just as consistent. */
+                free_unbacked(b, pfn, order);
+            }
+        }
+        buf->busy = false;
+        n++;
+    }
+    while (b->has_stats && vq_detach_unused(&b->stats_vq))
+        n++;
+    while (b->has_hint_vq && (tok = vq_detach_unused(&b->hint_vq))) {
+        if (tok != &b->hinted)
+            b->hint_id_busy[(uint32_t *)tok - b->hint_ids] = false;
+        n++;
+    }
+    while (b->has_reporting && (tok = vq_detach_unused(&b->report_vq))) {
+        struct balloon_report *r = tok;
+        for (unsigned i = 0; i < r->n_blocks; i++)
+            buddy_free(b->mm, r->blocks[i] >> 8, r->blocks[i] & 0xff);
+        r->busy = false;
+        n++;
+    }
+    b->inflight_inflate = b->inflight_deflate = 0;
+    b->inflight_report = 0;
+    return n;
+}
+
+/*
+ * The device set DEVICE_NEEDS_RESET (found through `how`: "config" when a config change
+ * interrupt came, "timeout" when a buffer went unanswered). Report it; with on_reset=stop that is
+ * all. With recover: collect what the device used before it broke, reset it, take back every
+ * buffer still in flight, bring it up again with the same features and queues, and re-inflate
+ * every page the balloon holds (re-inflate_step) before following the target again: the fresh
+ * device knows of no ballooned page, and `actual` starts from 0.
+ */
+static void needs_reset(struct balloon *b, uint8_t status, const char *how)
+{
+    bool stop = b->cfg.on_reset == BALLOON_ON_RESET_STOP;
+    platform_log("balloon: the device needs a reset (status 0x%x, seen on %s): held %lu pages, "
+                 "in flight inflate %u deflate %u report %lu; %s",
+                 status, how, (unsigned long)(b->held.pages + b->resend.pages), b->inflight_inflate,
+                 b->inflight_deflate, (unsigned long)b->inflight_report,
+                 stop ? "stopping (blimp.balloon.on_reset=stop)" : "resetting it");
+    struct json j;
+    event_begin(&j, "device_needs_reset");
+    json_u64(&j, "status", status);
+    json_str(&j, "detected_by", how);
+    json_str(&j, "action", stop ? "stop" : "recover");
+    json_u64(&j, "held_pages", b->held.pages + b->resend.pages);
+    json_u64(&j, "actual_pages", b->actual);
+    json_u64(&j, "inflight_inflate", b->inflight_inflate);
+    json_u64(&j, "inflight_deflate", b->inflight_deflate);
+    json_u64(&j, "inflight_report", b->inflight_report);
+    json_u64(&j, "resets", b->resets);
+    event_emit(&j);
+    if (stop) {
+        b->state = BALLOON_NEEDS_RESET;
+        return;
+    }
+
+    /* What the device used before it broke was done: take it as usual. */
+    collect(b);
+    collect_reports(b);
+    if (b->has_hint_vq)
+        while (vq_get_used(&b->hint_vq, NULL))
+            ; /* hint ids and blocks are reclaimed below either way */
+    struct virtqueue *qs[BQ_COUNT] = {&b->inflate_vq, &b->deflate_vq, &b->stats_vq, &b->hint_vq,
+                                      &b->report_vq};
+    for (unsigned q = 0; q < BQ_COUNT; q++) {
+        bool present;
+        queue_of(b, q, &present);
+        if (present && vq_is_broken(qs[q])) {
+            violation(b, vq_violation(qs[q]));
+            return;
+        }
+    }
+    uint64_t held_before = b->held.pages + b->inflight_deflate;
+
+    /* Reset: from here on the device no longer touches the rings. */
+    if (b->t->ops->reset(b->t) != 0) {
+        violation(b, "device status did not read 0 after a reset for DEVICE_NEEDS_RESET");
+        return;
+    }
+    uint64_t returned = 0;
+    unsigned reclaimed = reclaim_in_flight(b, &returned);
+    for (unsigned i = 0; i < b->cfg.buffers; i++)
+        b->bufs[i].busy = false; /* all detached above; never leave one marked */
+    for (unsigned i = 0; i < BALLOON_REPORT_CHAINS; i++)
+        b->reports[i].busy = false;
+    /* Hinting: the round is over, hinted blocks are the guest's again. */
+    b->hint_active = 0;
+    b->hint_stop_owed = false;
+    hint_release(b, UINT64_MAX);
+    b->pass_active = false;
+
+    /* Every held page is to be told to the fresh device again. A reset during a re-inflation
+     * finds the rest of the previous one still on `resend`: both go. */
+    if (b->resend.blocks == 0) {
+        struct blocklist tmp = b->resend;
+        b->resend = b->held;
+        b->held = tmp;
+    } else {
+        uint64_t pfn;
+        unsigned order;
+        while (blocklist_pop(&b->held, &pfn, &order))
+            if (blocklist_push(&b->resend, pfn, order) != 0)
+                free_unbacked(b, pfn, order); /* no record page: the guest's again */
+    }
+    b->actual = 0;
+
+    if (negotiate(b, true) != 0 || setup_all_queues(b, true) != 0) {
+        if (b->state != BALLOON_BROKEN)
+            violation(b, "the device could not be brought up again after a reset");
+        return;
+    }
+    start_device(b);
+    b->actual_written = UINT32_MAX; /* the fresh device hears actual = 0 now */
+    write_actual(b);
+    b->resets++;
+    b->state = BALLOON_RUNNING;
+    b->reinflating = true;
+    b->reinflate_start_ns = platform_now_ns();
+    b->reinflate_total = b->resend.pages;
+    b->reached_logged = false;
+    b->exhausted_logged = false;
+    b->target_changed_ns = platform_now_ns();
+    platform_log("balloon: device reset #%lu done: %u buffers taken back, %lu pages to re-inflate "
+                 "(%lu of them from deflates in flight)",
+                 (unsigned long)b->resets, reclaimed, (unsigned long)b->resend.pages,
+                 (unsigned long)returned);
+    event_begin(&j, "balloon_reset");
+    json_u64(&j, "resets", b->resets);
+    json_u64(&j, "reclaimed_buffers", reclaimed);
+    json_u64(&j, "held_pages_before", held_before);
+    json_u64(&j, "reinflate_pages", b->resend.pages);
+    json_u64(&j, "returned_deflate_pages", returned);
+    event_emit(&j);
+}
+
+/* After a reset: send the held pages to the fresh device as inflate buffers, whatever the
+ * target; blocks move from `resend` back to `held` as they go out. */
+static void reinflate_step(struct balloon *b)
+{
+    bool added = false;
+    struct balloon_buf *buf;
+    uint64_t cap = b->chunked ? UINT64_MAX : b->cfg.pfns_per_buffer;
+    while (b->resend.pages && (buf = free_buf(b))) {
+        unsigned n = 0, nb = 0;
+        uint64_t pfn;
+        unsigned order;
+        while (n < cap && nb < b->max_blocks && blocklist_pop(&b->resend, &pfn, &order)) {
+            /* Too big for what is left of the buffer: the upper half waits for the next. */
+            while ((1ull << order) > cap - n) {
+                buddy_split(b->mm, pfn, order);
+                order--;
+                blocklist_push(&b->resend, pfn + (1ull << order), order); /* the pop made room */
+            }
+            if (blocklist_push(&b->held, pfn, order) != 0) {
+                blocklist_push(&b->resend, pfn, order);
+                break;
+            }
+            buf->blocks[nb++] = pfn << 8 | order;
+            n += 1u << order;
+        }
+        if (nb == 0)
+            break;
+        sort_blocks(buf->blocks, nb);
+        if (send_buf(b, buf, n, nb, true) != 0) {
+            for (unsigned i = 0; i < nb; i++) {
+                blocklist_pop(&b->held, &pfn, &order);
+                blocklist_push(&b->resend, pfn, order);
+            }
+            break;
+        }
+        added = true;
+    }
+    if (added)
+        kick(b, &b->inflate_vq);
+    if (b->reinflating && !b->resend.pages && !b->inflight_inflate) {
+        b->reinflating = false;
+        uint64_t ms = (platform_now_ns() - b->reinflate_start_ns) / 1000000;
+        platform_log("balloon: re-inflated %lu pages after the reset in %lu ms",
+                     (unsigned long)b->reinflate_total, (unsigned long)ms);
+        struct json j;
+        event_begin(&j, "balloon_reinflated");
+        json_u64(&j, "pages", b->reinflate_total);
+        json_u64(&j, "actual_pages", b->actual);
+        json_u64(&j, "ms", ms);
+        event_emit(&j);
+    }
+}
+
+/* Does the device status say NEEDS_RESET? (A status of 0xff is a device gone, not a request.) */
+static bool device_needs_reset(struct balloon *b, uint8_t *status)
+{
+    *status = b->t->ops->get_status(b->t);
+    return *status != 0xff && (*status & VIRTIO_STATUS_NEEDS_RESET);
+}
+
 /* ---- Target ---------------------------------------------------------------------------------- */
 
 static void update_target(struct balloon *b)
@@ -1122,8 +1556,14 @@ void balloon_poll(struct balloon *b, unsigned events)
 static void poll_once(struct balloon *b, unsigned events)
 {
     bool config = events & BALLOON_EV_CONFIG;
-    if (b->state == BALLOON_BROKEN)
+    if (b->state == BALLOON_BROKEN || b->state == BALLOON_NEEDS_RESET)
         return;
+    uint8_t status;
+    if (config && device_needs_reset(b, &status)) {
+        needs_reset(b, status, "config");
+        if (b->state != BALLOON_RUNNING)
+            return;
+    }
     if (config)
         update_target(b);
     if (collect(b))
@@ -1132,9 +1572,12 @@ static void poll_once(struct balloon *b, unsigned events)
     check_queues(b);
     if (b->state == BALLOON_BROKEN)
         return;
+    report_deviations(b);
     if (b->has_hint_vq)
         hint_poll(b, config);
-    if (b->inflight_deflate == 0 && b->actual + b->inflight_inflate < b->target)
+    if (b->reinflating)
+        reinflate_step(b); /* every held page goes to the fresh device before anything else */
+    else if (b->inflight_deflate == 0 && b->actual + b->inflight_inflate < b->target)
         inflate_step(b);
     else if (b->inflight_inflate == 0 && b->actual > b->target + b->inflight_deflate)
         deflate_step(b);
@@ -1144,7 +1587,9 @@ static void poll_once(struct balloon *b, unsigned events)
     if (b->state == BALLOON_BROKEN)
         return;
     check_stall(b);
-    if (!b->reached_logged && b->actual == b->target && !b->inflight_inflate &&
+    if (b->state != BALLOON_RUNNING && b->state != BALLOON_STALLED)
+        return;
+    if (!b->reached_logged && !b->reinflating && b->actual == b->target && !b->inflight_inflate &&
         !b->inflight_deflate) {
         uint64_t ms = (platform_now_ns() - b->target_changed_ns) / 1000000;
         platform_log("balloon: reached %u pages (%u MiB) in %lu ms", b->actual, b->actual >> 8,

@@ -45,7 +45,7 @@
 #define BALLOON_REPORT_CAPACITY 32
 #define BALLOON_REPORT_CHAINS   32
 
-/* A bad chunk sent on purpose, once, so a test can prove the host rejects it
+/* Damage sent on purpose, once, so a test can prove the host rejects it
  * (docs/chunked-inflate.md section 4); blimp.balloon.inject. */
 enum balloon_inject {
     BALLOON_INJECT_NONE,
@@ -53,6 +53,22 @@ enum balloon_inject {
     BALLOON_INJECT_CHUNK_OVERLAP,  /* the first chunk sent twice in one buffer */
     BALLOON_INJECT_CHUNK_OUTSIDE,  /* a chunk at 64 TiB, far outside guest RAM */
     BALLOON_INJECT_CHUNK_WRITABLE, /* the chunk array as a device-writable buffer */
+    /* The first inflate buffer's descriptor has NEXT set and next = queue size: a malformed
+     * chain (QEMU: "Desc next is N", the device needs a reset). PFN arrays or chunks. */
+    BALLOON_INJECT_BAD_NEXT,
+};
+
+/* What to do when the device sets DEVICE_NEEDS_RESET (blimp.balloon.on_reset). */
+enum balloon_on_reset {
+    BALLOON_ON_RESET_RECOVER, /* reset, re-initialise, re-inflate every held page, go on */
+    BALLOON_ON_RESET_STOP,    /* report it and stop (the kernel exits with its own code) */
+};
+
+/* How the queues after deflateq are numbered (blimp.balloon.queues; docs/design.md). */
+enum balloon_queues {
+    BALLOON_QUEUES_AUTO,       /* as the probe of the queue sizes says; negotiated if it can't */
+    BALLOON_QUEUES_NEGOTIATED, /* compacted by the features (QEMU, Linux, crosvm since 2025) */
+    BALLOON_QUEUES_FIXED,      /* stats 2, hint 3, reporting 4 whatever is offered (old crosvm) */
 };
 
 struct balloon_config {
@@ -63,7 +79,10 @@ struct balloon_config {
     bool deflate_on_oom;        /* accept DEFLATE_ON_OOM when offered */
     bool chunks;                /* accept VIRTIO_BALLOON_F_X_CHUNKS when offered */
     uint32_t chunks_per_buffer; /* chunks per inflate/deflate buffer, 1..BALLOON_MAX_CHUNKS */
-    enum balloon_inject inject; /* damage the first chunked inflate buffer (tests only) */
+    enum balloon_inject inject; /* damage one inflate buffer on purpose (tests only) */
+    enum balloon_on_reset on_reset;
+    bool strict;                /* used-length deviations are violations too */
+    enum balloon_queues queues; /* queue numbering */
     bool hinting;               /* accept FREE_PAGE_HINT when offered */
     /* PAGE_POISON: accepted only when the guest really poisons free pages (the kernel sets
      * this from blimp.poison), with poison_val the 32-bit value its pattern repeats. */
@@ -104,7 +123,21 @@ struct balloon_report {
     uint64_t sent_ns;
 };
 
-enum balloon_state { BALLOON_RUNNING, BALLOON_STALLED, BALLOON_BROKEN };
+/* NEEDS_RESET: the device asked for a reset and on_reset=stop (with recover the driver resets
+ * it at once and is RUNNING again). */
+enum balloon_state { BALLOON_RUNNING, BALLOON_STALLED, BALLOON_BROKEN, BALLOON_NEEDS_RESET };
+
+/* The queues whose used lengths are judged (status and events). */
+enum balloon_q { BQ_INFLATE, BQ_DEFLATE, BQ_STATS, BQ_HINT, BQ_REPORT, BQ_COUNT };
+
+/* One queue's used-length verdict. */
+struct balloon_queue_status {
+    const char *name;    /* "inflateq", ... */
+    bool present;        /* set up by the driver */
+    unsigned index;      /* on the device */
+    const char *verdict; /* "conforms", "deviates", "violated" */
+    uint64_t deviations; /* used lengths on read-only buffers, all device sessions */
+};
 
 /* What the rest of the kernel may know of the driver: a copy, taken by balloon_get_status. */
 struct balloon_status {
@@ -123,6 +156,11 @@ struct balloon_status {
     uint64_t inflight_report;               /* pages held out of the allocator for reports */
     uint64_t reported_pages, report_chains; /* acknowledged by the device, all passes */
     uint64_t report_passes;
+    uint64_t resets;            /* DEVICE_NEEDS_RESET recoveries */
+    uint64_t reinflate_pending; /* held pages not yet told to the device since the last reset */
+    const char *numbering;      /* the host's, per the probe: negotiated|fixed|ambiguous|unknown */
+    const char *numbering_used; /* negotiated | fixed */
+    struct balloon_queue_status queues[BQ_COUNT];
 };
 
 struct balloon {
@@ -137,7 +175,18 @@ struct balloon {
     bool chunked;               /* X_CHUNKS negotiated */
     unsigned max_blocks;        /* buddy blocks per buffer: PFNs, or chunks when chunked */
     struct balloon_buf bufs[BALLOON_MAX_BUFFERS];
-    struct blocklist held;   /* every block given to the balloon (acked or in flight) */
+    struct blocklist held; /* every block given to the balloon (acked or in flight) */
+    /* After a device reset: held blocks the fresh device has not been told about yet. They are
+     * re-inflated (moved back to `held` as they go out) before anything else happens. */
+    struct blocklist resend;
+    bool reinflating; /* a re-inflation after a reset runs */
+    uint64_t reinflate_start_ns, reinflate_total;
+    uint64_t resets;
+    /* Queue numbering: what the probe saw, what is used, and the indices. */
+    const char *numbering, *numbering_used;
+    unsigned hint_index, report_index;
+    unsigned dev_reported;   /* queues whose used-length deviations were reported (bit per
+                                enum balloon_q); counts survive resets (setup_queue) */
     uint32_t target;         /* num_pages as last read, clamped to what we can give */
     uint32_t device_target;  /* num_pages exactly as the device said */
     uint32_t actual;         /* pages the device has acknowledged as ballooned */

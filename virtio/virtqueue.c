@@ -242,6 +242,12 @@ int vq_add(struct virtqueue *vq, const struct vq_seg *segs, unsigned n_out, unsi
             vq->desc[d].flags =
                 (uint16_t)((i >= n_out ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT));
             vq->desc[d].next = last ? 0 : vq->slots[d].next;
+            if (last && vq->inject_bad_next) {
+                /* Test only: a chain that continues at an index past the table. */
+                vq->desc[d].flags |= VRING_DESC_F_NEXT;
+                vq->desc[d].next = (uint16_t)vq->size; /* size <= 32768 fits */
+                vq->inject_bad_next = false;
+            }
             if (i)
                 vq->slots[d].ndesc = VQ_SLOT_BODY;
             if (last)
@@ -343,16 +349,28 @@ void *vq_get_used(struct virtqueue *vq, uint32_t *len)
         return NULL;
     }
     if (ulen > s->in_len) {
-        if (!vq->lenient_len) {
+        if (s->in_len != 0) {
+            /* The device claims to have written past what it was given. */
             vq_break(vq, "used len %u for id %u exceeds the %u device-writable bytes",
                      (const uint64_t[]){ulen, id, s->in_len});
             return NULL;
         }
-        if (vq->bad_len_count++ == 0)
-            platform_log("virtqueue %s[%u]: used len %u for id %u exceeds the %u device-writable "
-                         "bytes (tolerated, clamped)",
-                         vq->name ? vq->name : "?", vq->index, ulen, id, s->in_len);
-        ulen = s->in_len;
+        if (vq->strict_len) {
+            vq_break(vq,
+                     "used len %u for id %u on a buffer with no device-writable bytes (a deviation "
+                     "QEMU before 7.0 made; fatal in strict mode)",
+                     (const uint64_t[]){ulen, id});
+            return NULL;
+        }
+        if (vq->len_deviations++ == 0) {
+            vq->first_dev_len = ulen;
+            vq->first_dev_id = id;
+            platform_log("virtqueue %s[%u]: used len %u for id %u on a buffer with no "
+                         "device-writable bytes: a deviation (QEMU before 7.0), counted and "
+                         "read as 0",
+                         vq->name ? vq->name : "?", vq->index, ulen, id);
+        }
+        ulen = 0;
     }
 
     void *token = s->token;
@@ -425,9 +443,19 @@ bool vq_enable_interrupts(struct virtqueue *vq)
     return !vq->broken && READ_ONCE16(&vq->used->idx) != vq->last_used;
 }
 
-void vq_set_lenient_len(struct virtqueue *vq, bool lenient)
+void vq_set_strict_len(struct virtqueue *vq, bool strict)
 {
-    vq->lenient_len = lenient;
+    vq->strict_len = strict;
+}
+
+const char *vq_len_verdict(const struct virtqueue *vq)
+{
+    return vq->broken ? "violated" : vq->len_deviations ? "deviates" : "conforms";
+}
+
+void vq_inject_bad_next(struct virtqueue *vq)
+{
+    vq->inject_bad_next = true;
 }
 
 void *vq_detach_unused(struct virtqueue *vq)

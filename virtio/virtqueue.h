@@ -106,8 +106,9 @@ struct virtqueue {
     bool use_indirect;  /* VIRTIO_F_INDIRECT_DESC negotiated and tables provided */
     bool use_event_idx; /* VIRTIO_F_EVENT_IDX negotiated */
     bool broken;
-    bool irq_disabled; /* vq_disable_interrupts in effect */
-    bool lenient_len;  /* clamp over-long used lengths instead of breaking (vq_set_lenient_len) */
+    bool irq_disabled;     /* vq_disable_interrupts in effect */
+    bool strict_len;       /* used len on a read-only buffer breaks it (vq_set_strict_len) */
+    bool inject_bad_next;  /* test only: see vq_inject_bad_next */
     unsigned max_indirect; /* descriptors per indirect table (0: no tables) */
 
     uint64_t mem_phys;           /* guest-physical base of the area */
@@ -117,15 +118,18 @@ struct virtqueue {
     struct vring_desc *indirect; /* size * max_indirect entries, table i belongs to head slot i */
     struct vq_slot *slots;       /* size entries */
 
-    uint16_t free_head;         /* first free descriptor (valid when num_free > 0) */
-    uint16_t num_free;          /* free descriptors */
-    uint16_t avail_idx;         /* our copy of avail.idx: the device can't change what we trust */
-    uint16_t last_used;         /* next used entry to consume */
-    uint32_t num_added;         /* entries published since the last vq_kick_prepare */
-    uint32_t in_flight;         /* buffers published and not yet used */
-    uint32_t bad_len_count;     /* over-long used lengths tolerated in lenient mode */
-    uint16_t detach_cursor;     /* vq_detach_unused scan position */
-    char violation[VQ_MSG_MAX]; /* "" until broken */
+    uint16_t free_head; /* first free descriptor (valid when num_free > 0) */
+    uint16_t num_free;  /* free descriptors */
+    uint16_t avail_idx; /* our copy of avail.idx: the device can't change what we trust */
+    uint16_t last_used; /* next used entry to consume */
+    uint32_t num_added; /* entries published since the last vq_kick_prepare */
+    uint32_t in_flight; /* buffers published and not yet used */
+    /* Used-length deviations: a non-zero used length on a buffer with no device-writable bytes
+     * (QEMU before 7.0 reported the bytes it read). Counted and clamped to 0, not fatal. */
+    uint32_t len_deviations;
+    uint32_t first_dev_len, first_dev_id; /* the first one, for the report */
+    uint16_t detach_cursor;               /* vq_detach_unused scan position */
+    char violation[VQ_MSG_MAX];           /* "" until broken */
 };
 
 /*
@@ -188,11 +192,26 @@ void vq_disable_interrupts(struct virtqueue *vq);
 bool vq_enable_interrupts(struct virtqueue *vq);
 
 /*
- * Legacy devices (QEMU before 7.0 on balloon queues) report used lengths larger than what they
- * wrote. Lenient: such lengths are clamped to the writable size and counted (vq_bad_len_count)
- * instead of breaking the queue; the first one is logged. Default: strict.
+ * Used lengths. A length beyond a buffer's device-writable bytes is a violation (the queue
+ * breaks) when the buffer has writable bytes: the device claims to have written past them. On a
+ * buffer with no writable bytes at all it is a *deviation*: QEMU before 7.0 reported the bytes it
+ * read on the balloon's queues, harmless since nothing is read back. A deviation is counted
+ * (vq_len_deviations), logged once per queue and treated as length 0; with strict set it breaks
+ * the queue like a violation. Default: not strict.
  */
-void vq_set_lenient_len(struct virtqueue *vq, bool lenient);
+void vq_set_strict_len(struct virtqueue *vq, bool strict);
+
+/* "conforms", "deviates" (used-length deviations seen) or "violated" (the queue is broken). */
+const char *vq_len_verdict(const struct virtqueue *vq);
+
+/*
+ * Test only (blimp.balloon.inject=bad_next): the next buffer added as a direct chain gets
+ * VRING_DESC_F_NEXT on its last descriptor with next = the queue size, an index no device may
+ * follow. The driver's own bookkeeping is unchanged (the buffer is in flight as usual), so a
+ * device reset and vq_detach_unused take it back. QEMU answers with virtio_error ("Desc next is
+ * N"): the device is broken and, on the modern interface, sets DEVICE_NEEDS_RESET.
+ */
+void vq_inject_bad_next(struct virtqueue *vq);
 
 /*
  * After the device has been reset (so it no longer touches the ring): take back the buffers
@@ -217,9 +236,9 @@ static inline unsigned vq_num_free(const struct virtqueue *vq)
 {
     return vq->num_free;
 }
-static inline uint32_t vq_bad_len_count(const struct virtqueue *vq)
+static inline uint32_t vq_len_deviations(const struct virtqueue *vq)
 {
-    return vq->bad_len_count;
+    return vq->len_deviations;
 }
 
 /*

@@ -22,6 +22,8 @@ const char *exit_code_name(enum exit_code code)
         return "out-of-memory";
     case EXIT_NO_DEVICE:
         return "no-device";
+    case EXIT_DEVICE_NEEDS_RESET:
+        return "device-needs-reset";
     }
     return "unknown";
 }

@@ -7,14 +7,15 @@
 #define ARCH_X86_EXIT_H
 
 enum exit_code {
-    EXIT_SUCCESS_CODE = 0x10,   /* QEMU status 33: everything asked for held */
-    EXIT_TEST_FAILED = 0x11,    /* 35: at least one report() failed */
-    EXIT_BAD_CMDLINE = 0x12,    /* 37: unknown or malformed kernel command-line option */
-    EXIT_PANIC = 0x13,          /* 39: the kernel found itself in an impossible state */
-    EXIT_CPU_EXCEPTION = 0x14,  /* 41: unexpected CPU exception */
-    EXIT_PROTOCOL_ERROR = 0x15, /* 43: the host's device broke the virtio protocol */
-    EXIT_OUT_OF_MEMORY = 0x16,  /* 45: the guest could not get memory it needed */
-    EXIT_NO_DEVICE = 0x17,      /* 47: no virtio balloon device was found */
+    EXIT_SUCCESS_CODE = 0x10,       /* QEMU status 33: everything asked for held */
+    EXIT_TEST_FAILED = 0x11,        /* 35: at least one report() failed */
+    EXIT_BAD_CMDLINE = 0x12,        /* 37: unknown or malformed kernel command-line option */
+    EXIT_PANIC = 0x13,              /* 39: the kernel found itself in an impossible state */
+    EXIT_CPU_EXCEPTION = 0x14,      /* 41: unexpected CPU exception */
+    EXIT_PROTOCOL_ERROR = 0x15,     /* 43: the host's device broke the virtio protocol */
+    EXIT_OUT_OF_MEMORY = 0x16,      /* 45: the guest could not get memory it needed */
+    EXIT_NO_DEVICE = 0x17,          /* 47: no virtio balloon device was found */
+    EXIT_DEVICE_NEEDS_RESET = 0x18, /* 49: the device needs a reset and on_reset=stop */
 };
 
 /* Prints an exit event, then leaves through isa-debug-exit; halts if that device is absent. */

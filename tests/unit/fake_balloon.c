@@ -433,18 +433,22 @@ unsigned fake_balloon_answer(struct fake_balloon *fb, enum fb_role role, unsigne
 {
     struct fake_vq *d = role_vq(fb, role);
     unsigned done = 0;
-    if (!d || role == FB_STATS || role == FB_HINT)
+    if (!d || role == FB_STATS || role == FB_HINT || fb->broken)
         return 0;
     while (done < max && d->npending) {
         if (fb->misbehave[role] != FB_OK) {
             if (!misbehave(fb, role, d))
                 return done;
         } else {
+            /* The device wrote nothing: QEMU >= 7.0 says 0, older QEMU the bytes it read. */
+            uint32_t len = fb->used_len_bytes_read && role != FB_REPORT
+                               ? (uint32_t)d->pending[0].out_bytes
+                               : 0;
             if (role == FB_REPORT)
                 discard_report(fb, &d->pending[0]);
             else
                 process(fb, role, d, &d->pending[0]);
-            fake_vq_complete(d, 0, 0); /* the device wrote nothing (QEMU: used len 0) */
+            fake_vq_complete(d, 0, len);
         }
         done++;
     }
@@ -515,7 +519,7 @@ bool fake_balloon_stat(const struct fake_balloon *fb, uint16_t tag, uint64_t *va
 bool fake_balloon_request_stats(struct fake_balloon *fb)
 {
     struct fake_vq *d = role_vq(fb, FB_STATS);
-    if (!d || !d->npending)
+    if (!d || !d->npending || fb->broken)
         return false;
     fb->stats_requests++;
     if (fb->misbehave[FB_STATS] != FB_OK) {
@@ -523,7 +527,7 @@ bool fake_balloon_request_stats(struct fake_balloon *fb)
             fb->stats_held = d->npending > 0;
         return true;
     }
-    fake_vq_complete(d, 0, 0);
+    fake_vq_complete(d, 0, fb->used_len_bytes_read ? (uint32_t)d->pending[0].out_bytes : 0);
     fb->stats_held = d->npending > 0;
     return true;
 }
@@ -614,7 +618,7 @@ unsigned fake_balloon_pop(struct fake_balloon *fb, enum fb_role role)
 {
     struct fake_vq *d = role_vq(fb, role);
     unsigned n = 0;
-    if (!d)
+    if (!d || fb->broken)
         return 0;
     int rc;
     while ((rc = fake_vq_pop(d)) == 1) {
@@ -629,15 +633,49 @@ unsigned fake_balloon_pop(struct fake_balloon *fb, enum fb_role role)
             take_snapshot(fb, role, d, c);
         n++;
     }
-    if (rc < 0)
+    if (rc < 0) {
         fb_error(fb, "%s: the ring was malformed (%s)", role_name(role), d->error);
+        fake_balloon_break(fb); /* what QEMU's virtio_error does */
+    }
     return n;
+}
+
+void fake_balloon_break(struct fake_balloon *fb)
+{
+    fb->broken = true;
+    fb->breaks++;
+    if (fake_transport_negotiated(fb->ft, VIRTIO_F_VERSION_1))
+        fake_transport_needs_reset(fb->ft); /* QEMU sets the bit for VERSION_1 devices only */
+}
+
+/* A reset: the device forgets the balloon (QEMU keeps no list of ballooned pages; `actual`
+ * starts again from what the driver writes), every buffer it held, and that it was broken. */
+static void on_reset(struct fake_transport *ft, void *arg)
+{
+    struct fake_balloon *fb = arg;
+    (void)ft;
+    fb->broken = false;
+    fb->resets++;
+    fb->forgotten_pages += fb->balloon_pages;
+    memset(fb->ballooned, 0, fb->ram_pages ? fb->ram_pages : 1);
+    memset(fb->reporting, 0, fb->ram_pages ? fb->ram_pages : 1);
+    fb->balloon_pages = 0;
+    fb->report_pages_held = 0;
+    fb->stats_held = false;
+    for (unsigned r = 0; r < 2; r++)
+        for (unsigned i = 0; i < fb->snap_size[r]; i++) {
+            free(fb->snap[r][i].pfns);
+            free(fb->snap[r][i].raw);
+            memset(&fb->snap[r][i], 0, sizeof(fb->snap[r][i]));
+        }
 }
 
 static void on_notify(struct fake_transport *ft, unsigned index, void *arg)
 {
     struct fake_balloon *fb = arg;
     (void)ft;
+    if (fb->broken)
+        return; /* QEMU: a broken device pops nothing */
     int role = role_of(fb, index);
     if (role < 0) {
         fb_error(fb, "notify on queue %u, which the balloon driver does not use", index);
@@ -724,6 +762,31 @@ void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint6
     ft->hook_arg = fb;
     ft->on_notify = on_notify;
     ft->on_config_write = on_config_write;
+    ft->on_reset = on_reset;
+}
+
+void fake_balloon_number_fixed(struct fake_balloon *fb, bool placeholder)
+{
+    struct fake_transport *ft = fb->ft;
+    uint64_t f = ft->device_features;
+    for (unsigned i = 2; i < FT_MAX_QUEUES; i++)
+        fake_transport_add_queue(ft, i, 0);
+    fb->qidx[FB_STATS] = fb->qidx[FB_HINT] = fb->qidx[FB_REPORT] = FB_NO_QUEUE;
+    uint16_t qsize = ft->q[0].max_size;
+    if (f & (1ULL << VIRTIO_BALLOON_F_STATS_VQ)) {
+        fb->qidx[FB_STATS] = 2;
+        fake_transport_add_queue(ft, 2, qsize);
+    }
+    if (f & (1ULL << VIRTIO_BALLOON_F_FREE_PAGE_HINT)) {
+        fb->qidx[FB_HINT] = 3;
+        fake_transport_add_queue(ft, 3, 1024);
+    } else if (placeholder) {
+        fake_transport_add_queue(ft, 3, 128); /* no role: a notify there is a driver error */
+    }
+    if (f & (1ULL << VIRTIO_BALLOON_F_PAGE_REPORTING)) {
+        fb->qidx[FB_REPORT] = 4;
+        fake_transport_add_queue(ft, 4, 32);
+    }
 }
 
 void fake_balloon_fini(struct fake_balloon *fb)
@@ -745,6 +808,7 @@ void fake_balloon_fini(struct fake_balloon *fb)
     if (fb->ft && fb->ft->hook_arg == fb) {
         fb->ft->on_notify = NULL;
         fb->ft->on_config_write = NULL;
+        fb->ft->on_reset = NULL;
         fb->ft->hook_arg = NULL;
     }
     memset(fb, 0, sizeof(*fb));

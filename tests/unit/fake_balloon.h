@@ -104,6 +104,16 @@ struct fake_balloon {
     bool hold_reports;                     /* keep popped report chains unanswered */
     bool discard_reports;                  /* reported pages read back zero (default true) */
     const struct buddy *mm; /* the driver's allocator: reported blocks must not be free in it */
+    /* QEMU before 7.0: the used length of inflate, deflate and stats buffers is the number of
+     * bytes read (x-used-len-bytes-read on the reference host). */
+    bool used_len_bytes_read;
+
+    /* Broken, as QEMU's virtio_error leaves a device (a malformed ring, or fake_balloon_break):
+     * nothing is popped or answered until the driver resets it; on the modern interface the
+     * device also set DEVICE_NEEDS_RESET and raised a config interrupt. */
+    bool broken;
+    unsigned breaks, resets;  /* times broken; driver resets seen */
+    uint64_t forgotten_pages; /* ballooned pages resets made the device forget */
 
     /* What the device saw. */
     struct fb_buffer *log; /* every processed inflate/deflate buffer, oldest first */
@@ -162,6 +172,13 @@ struct fake_balloon {
  */
 void fake_balloon_init(struct fake_balloon *fb, struct fake_transport *ft, uint64_t ram_base_phys,
                        uint64_t ram_bytes, uint16_t queue_size);
+/* Renumber the queues after deflateq as crosvm did until 2025: statsq 2, free_page_vq 3,
+ * reporting_vq 4, whatever is offered. With placeholder, a queue 3 of size 128 exists even when
+ * hinting is not offered (as on the reference host's x-fixed-queue-index); a buffer there is a
+ * driver error. Call right after fake_balloon_init. */
+void fake_balloon_number_fixed(struct fake_balloon *fb, bool placeholder);
+/* The device breaks as after QEMU's virtio_error: see `broken`. */
+void fake_balloon_break(struct fake_balloon *fb);
 void fake_balloon_fini(struct fake_balloon *fb); /* frees the model's memory (not ft's) */
 
 /* The host sets num_pages (bumps the config generation, raises a config interrupt). */

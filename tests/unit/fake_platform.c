@@ -88,6 +88,20 @@ void fake_clock_skip(uint64_t ns)
     clock_skip_ns += ns;
 }
 
+static char log_watch[FAKE_LOG_LINE];
+static unsigned log_watch_count;
+
+void fake_log_watch(const char *needle)
+{
+    snprintf(log_watch, sizeof(log_watch), "%s", needle);
+    log_watch_count = 0;
+}
+
+unsigned fake_log_watched(void)
+{
+    return log_watch_count;
+}
+
 void platform_log(const char *fmt, ...)
 {
     char *line = log_lines[log_count % FAKE_LOG_KEEP];
@@ -96,6 +110,8 @@ void platform_log(const char *fmt, ...)
     vsnprintf(line, FAKE_LOG_LINE, fmt, ap);
     va_end(ap);
     log_count++;
+    if (log_watch[0] && strstr(line, log_watch))
+        log_watch_count++;
     if (log_echo)
         fprintf(stderr, "[log] %s\n", line);
 }

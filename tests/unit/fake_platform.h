@@ -31,5 +31,8 @@ unsigned fake_log_count(void);              /* lines logged since the last reset
 const char *fake_log_last(void);            /* latest line, or "" */
 bool fake_log_contains(const char *needle); /* does any kept line contain needle */
 void fake_log_echo(bool on);                /* also print lines to stderr (default on) */
+/* Count every line containing needle from now on, kept or not (fake_log_watched). */
+void fake_log_watch(const char *needle);
+unsigned fake_log_watched(void);
 
 #endif

@@ -41,6 +41,8 @@ static void do_reset(struct fake_transport *ft)
     ft->isr = 0;
     disable_queues(ft);
     ft->resets++;
+    if (ft->on_reset)
+        ft->on_reset(ft, ft->hook_arg);
 }
 
 static int ft_reset(struct virtio_transport *t)

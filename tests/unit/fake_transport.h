@@ -61,6 +61,8 @@ struct fake_transport {
     /* Extra device policy at FEATURES_OK (after the subset check): false refuses. */
     bool (*accept_features)(struct fake_transport *ft, uint64_t features, void *arg);
     void (*on_status)(struct fake_transport *ft, uint8_t old, uint8_t new_status, void *arg);
+    /* The driver reset the device (status 0 or reset()), after the queues were dropped. */
+    void (*on_reset)(struct fake_transport *ft, void *arg);
 
     /* Driver protocol errors seen (first message kept). */
     unsigned driver_errors;

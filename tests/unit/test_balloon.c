@@ -1065,10 +1065,12 @@ static void freeze(const struct env *e, struct frozen *f)
  * the queue), free nothing on the device's word (no double free, no page of a broken deflate
  * buffer back in the allocator), and from then on balloon_poll does nothing at all.
  */
-static void violation_case(enum fb_role role, enum fb_misbehave how, const char *qname,
-                           const char *what)
+static void violation_case_cfg(enum fb_role role, enum fb_misbehave how, const char *qname,
+                               const char *what, bool strict)
 {
-    struct env *e = env_up(false, MODERN);
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.strict = strict;
+    assert_int_equal(env_start(e), 0);
     uint64_t free0 = 0, chunks0 = 0;
     if (role == FB_DEFLATE) {
         settle_at(e, 600);
@@ -1119,6 +1121,12 @@ static void violation_case(enum fb_role role, enum fb_misbehave how, const char 
     env_free(e);
 }
 
+static void violation_case(enum fb_role role, enum fb_misbehave how, const char *qname,
+                           const char *what)
+{
+    violation_case_cfg(role, how, qname, what, false);
+}
+
 static void test_violation_inflate_bad_id(void **state)
 {
     (void)state;
@@ -1140,15 +1148,15 @@ static void test_violation_deflate_id_not_in_flight(void **state)
 static void test_violation_inflate_len(void **state)
 {
     (void)state;
-    /* Inflate buffers have no device-writable byte, so any used len > 0 is a violation on a
-     * modern device (strict length checking). */
-    violation_case(FB_INFLATE, FB_LEN_TOO_LARGE, "inflateq", "exceeds the 0 device-writable");
+    /* Inflate buffers have no device-writable byte: a used len > 0 is a deviation, a violation
+     * only in strict mode (blimp.balloon.strict=1). */
+    violation_case_cfg(FB_INFLATE, FB_LEN_TOO_LARGE, "inflateq", "no device-writable bytes", true);
 }
 
 static void test_violation_deflate_len(void **state)
 {
     (void)state;
-    violation_case(FB_DEFLATE, FB_LEN_TOO_LARGE, "deflateq", "exceeds the 0 device-writable");
+    violation_case_cfg(FB_DEFLATE, FB_LEN_TOO_LARGE, "deflateq", "no device-writable bytes", true);
 }
 
 static void test_violation_inflate_idx_jump(void **state)
@@ -1169,23 +1177,389 @@ static void test_violation_stats_idx_jump(void **state)
     violation_case(FB_STATS, FB_IDX_JUMP, "statsq", "jumped");
 }
 
-static void test_legacy_used_len_tolerated(void **state)
+/* QEMU before 7.0 reported the bytes it read as the used length of inflate, deflate and stats
+ * buffers. On either interface that is a deviation: counted per queue, reported once per queue,
+ * and the balloon goes on. */
+static void test_used_len_deviation(void **state)
 {
     (void)state;
-    /* Legacy devices (QEMU < 7.0) report the bytes they read as the used length; a legacy
-     * driver SHOULD ignore it (spec 5.5.6.2.1), so the balloon keeps working. */
-    struct env *e = env_new(true, F(VIRTIO_BALLOON_F_STATS_VQ) | F(VIRTIO_F_EVENT_IDX), QSIZE);
+    for (int legacy = 0; legacy <= 1; legacy++) {
+        struct env *e = env_new(legacy, legacy ? F(VIRTIO_BALLOON_F_STATS_VQ) : MODERN, QSIZE);
+        e->fb.used_len_bytes_read = true;
+        fake_log_watch("\"event\":\"device_deviation\"");
+        assert_int_equal(env_start(e), 0);
+        settle_at(e, 700);
+        assert_true(fake_balloon_request_stats(&e->fb));
+        settle_at(e, 0);
+        assert_true(fake_balloon_request_stats(&e->fb));
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+        assert_int_equal(e->b.state, BALLOON_RUNNING);
+        assert_consistent(e);
+        assert_int_equal(free_pages(e), e->free_after_init);
+        struct balloon_status st;
+        balloon_get_status(&e->b, &st);
+        for (unsigned q = BQ_INFLATE; q <= BQ_STATS; q++) {
+            assert_true(st.queues[q].present);
+            assert_string_equal(st.queues[q].verdict, "deviates");
+        }
+        assert_true(st.queues[BQ_INFLATE].deviations >= 3); /* 700 pages: 3 buffers of 256 */
+        assert_true(st.queues[BQ_DEFLATE].deviations >= 3);
+        assert_int_equal(st.queues[BQ_STATS].deviations, 2);
+        assert_false(st.queues[BQ_HINT].present);
+        assert_int_equal(fake_log_watched(), 3); /* once per queue */
+        env_free(e);
+    }
+    /* A conforming device: every verdict says so, no event. */
+    struct env *e = env_up(false, MODERN);
+    settle_at(e, 300);
+    struct balloon_status st;
+    balloon_get_status(&e->b, &st);
+    for (unsigned q = BQ_INFLATE; q <= BQ_STATS; q++)
+        assert_string_equal(st.queues[q].verdict, "conforms");
+    assert_false(fake_log_contains("device_deviation"));
+    env_free(e);
+    fake_log_watch("");
+}
+
+/* A used length past a writable buffer's bytes stays fatal (a report chain), strict or not. */
+static void test_used_len_past_writable_is_fatal(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN | F(VIRTIO_BALLOON_F_PAGE_REPORTING), QSIZE);
+    e->cfg.report_delay_ms = 0;
     assert_int_equal(env_start(e), 0);
-    e->fb.misbehave[FB_INFLATE] = FB_LEN_TOO_LARGE;
-    settle_at(e, 700);
-    assert_int_equal(e->b.state, BALLOON_RUNNING);
-    assert_true(vq_bad_len_count(&e->b.inflate_vq) >= 1);
+    e->fb.misbehave[FB_REPORT] = FB_LEN_TOO_LARGE;
+    for (unsigned i = 0; i < 50 && e->b.state != BALLOON_BROKEN; i++)
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.state, BALLOON_BROKEN);
+    assert_non_null(strstr(e->b.violation, "reportingq"));
+    assert_non_null(strstr(e->b.violation, "device-writable bytes"));
+    struct balloon_status st;
+    balloon_get_status(&e->b, &st);
+    assert_string_equal(st.queues[BQ_REPORT].verdict, "violated");
+    env_free(e);
+}
+
+/* ---- DEVICE_NEEDS_RESET -----------------------------------------------------------------------
+ */
+
+/* Pages the driver holds: acknowledged, in flight, or waiting to be re-inflated after a reset,
+ * plus those in deflate buffers the device has not used yet (still the balloon's until then). */
+static uint64_t balloon_pages_held(const struct env *e)
+{
+    return e->b.held.pages + e->b.resend.pages + e->b.inflight_deflate;
+}
+
+/*
+ * The device breaks (NEEDS_RESET, nothing answered any more) with buffers of `role` in flight.
+ * The driver must report it, reset the device, take back every buffer in flight exactly once,
+ * tell the fresh device about every page it holds, and reach the target again, with the
+ * allocator's accounting exact and the device's balloon equal to the driver's.
+ */
+static void reset_case(enum fb_role role, bool chunked)
+{
+    uint64_t features = MODERN | (chunked ? F(VIRTIO_BALLOON_F_X_CHUNKS) : 0);
+    struct env *e = env_up(false, features);
+    settle_at(e, 1000);
     assert_consistent(e);
-    e->fb.misbehave[FB_DEFLATE] = FB_LEN_TOO_LARGE;
+    e->fb.hold[role] = true;
+    fake_balloon_set_target(&e->fb, role == FB_INFLATE ? 1700 : 300);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    unsigned held_bufs = fake_balloon_held(&e->fb, role);
+    assert_true(held_bufs >= 1);
+    if (role == FB_INFLATE)
+        assert_int_equal(e->b.inflight_inflate, 700);
+    else
+        assert_int_equal(e->b.inflight_deflate, 700);
+    uint64_t held_before = balloon_pages_held(e);
+    assert_int_equal(held_before, role == FB_INFLATE ? 1700 : 1000);
+
+    fake_log_watch("\"event\":\"device_needs_reset\"");
+    fake_balloon_break(&e->fb);
+    unsigned resets0 = e->ft.resets;
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(fake_log_watched(), 1);
+    assert_true(fake_log_contains("\"detected_by\":\"config\""));
+    assert_true(fake_log_contains("\"event\":\"balloon_reset\""));
+    assert_true(e->ft.resets > resets0);
+    assert_int_equal(e->b.resets, 1);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_false(e->fb.broken);
+    /* Nothing lost, nothing doubled: every page the balloon had is still the balloon's. */
+    assert_int_equal(balloon_pages_held(e), held_before);
+    assert_int_equal(e->b.held.pages + e->b.resend.pages, held_before);
+    assert_int_equal(e->fb.forgotten_pages, 1000);
+
+    e->fb.hold[role] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u); /* re-inflated while the device held them */
+    settle(e);
+    assert_true(fake_log_contains("\"event\":\"balloon_reinflated\""));
+    assert_int_equal(e->b.actual, role == FB_INFLATE ? 1700 : 300);
+    assert_int_equal(e->b.resend.pages, 0);
+    assert_false(e->b.reinflating);
+    /* The fresh device was told about every page (re-inflated), then the driver went on. */
+    assert_true(e->fb.inflated_pages >= 1000 + held_before);
+    assert_consistent(e);
     settle_at(e, 0);
-    assert_true(vq_bad_len_count(&e->b.deflate_vq) >= 1);
     assert_consistent(e);
     assert_int_equal(free_pages(e), e->free_after_init);
+    fake_log_watch("");
+    env_free(e);
+}
+
+static void test_needs_reset_recover_inflate_in_flight(void **state)
+{
+    (void)state;
+    reset_case(FB_INFLATE, false);
+    reset_case(FB_INFLATE, true);
+}
+
+static void test_needs_reset_recover_deflate_in_flight(void **state)
+{
+    (void)state;
+    reset_case(FB_DEFLATE, false);
+    reset_case(FB_DEFLATE, true);
+}
+
+/* The device breaks again while the driver re-inflates after a first reset: the pages still
+ * waiting and those already re-sent all go to the third device session. */
+static void test_needs_reset_during_reinflate(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.buffers = 2; /* 512 pages in flight at most: the re-inflation takes several rounds */
+    assert_int_equal(env_start(e), 0);
+    settle_at(e, 3000);
+    fake_balloon_break(&e->fb);
+    e->fb.hold[FB_INFLATE] = true;
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.resets, 1);
+    assert_true(e->b.reinflating);
+    assert_int_equal(e->b.inflight_inflate, 512);
+    assert_int_equal(e->b.resend.pages, 3000 - 512);
+    fake_balloon_break(&e->fb);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.resets, 2);
+    assert_int_equal(e->b.held.pages + e->b.resend.pages, 3000);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u);
+    settle(e);
+    assert_int_equal(e->b.actual, 3000);
+    assert_consistent(e);
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    env_free(e);
+}
+
+/* With stats, reporting and hinting running too: every kind of buffer in flight comes back. */
+static void test_needs_reset_recover_all_queues(void **state)
+{
+    (void)state;
+    struct env *e = env_new(
+        false, MODERN | F(VIRTIO_BALLOON_F_PAGE_REPORTING) | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+        QSIZE);
+    assert_int_equal(env_start(e), 0);
+    e->b.cfg.report_delay_ms = 0; /* after init: free_after_init counts no report in flight */
+    e->b.cfg.report_threshold_pages = 0;
+    settle_at(e, 2000);
+    e->fb.hold_reports = true;
+    uint64_t pfn = buddy_alloc(&e->mm, 10); /* touched and freed: unreported, a pass follows */
+    assert_true(pfn != BUDDY_NONE);
+    buddy_free(&e->mm, pfn, 10);
+    for (unsigned i = 0; i < 20 && !e->b.inflight_report; i++)
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_true(e->b.inflight_report > 0);
+    fake_balloon_hint_request(&e->fb);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_true(e->b.hinted.pages > 0);
+    uint64_t held_before = balloon_pages_held(e);
+    fake_balloon_break(&e->fb);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.resets, 1);
+    /* Report chains of the old session came back; a new pass may have started since. */
+    assert_int_equal(e->fb.report_pages_held, e->b.inflight_report);
+    assert_int_equal(e->b.hinted.pages, 0);
+    assert_int_equal(balloon_pages_held(e), held_before);
+    e->fb.hold_reports = false;
+    fake_balloon_answer(&e->fb, FB_REPORT, ~0u);
+    settle_at(e, 500);
+    for (unsigned i = 0; i < 5; i++)
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.inflight_report, 0);
+    assert_consistent(e);
+    assert_int_equal(e->fb.stats_buffers >= 2, true); /* a stats buffer again after the reset */
+    settle_at(e, 0);
+    for (unsigned i = 0; i < 5; i++)
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_consistent(e);
+    env_free(e);
+}
+
+/* on_reset=stop: reported, state needs_reset, the device is left alone, polls do nothing. */
+static void test_needs_reset_stop(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.on_reset = BALLOON_ON_RESET_STOP;
+    assert_int_equal(env_start(e), 0);
+    settle_at(e, 400);
+    unsigned resets0 = e->ft.resets;
+    fake_balloon_break(&e->fb);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.state, BALLOON_NEEDS_RESET);
+    struct balloon_status st;
+    balloon_get_status(&e->b, &st);
+    assert_string_equal(st.state_name, "needs_reset");
+    assert_true(fake_log_contains("\"action\":\"stop\""));
+    fake_balloon_set_target(&e->fb, 0);
+    for (unsigned i = 0; i < 10; i++)
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->ft.resets, resets0);
+    assert_int_equal(e->b.resets, 0);
+    assert_int_equal(e->b.actual, 400);
+    assert_int_equal(e->b.held.pages, 400);
+    env_free(e);
+}
+
+/* No config interrupt (or a poller that missed it): a buffer that times out makes the driver
+ * look at the status, and NEEDS_RESET is told apart from a stall. */
+static void test_needs_reset_found_on_timeout(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.ack_timeout_ns = 20 * MS;
+    assert_int_equal(env_start(e), 0);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 500);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    e->ft.status |= VIRTIO_STATUS_NEEDS_RESET; /* the bit only: no interrupt */
+    e->fb.broken = true;
+    uint64_t t0 = platform_now_ns();
+    while (e->b.resets == 0 && platform_now_ns() - t0 < 2000 * MS)
+        balloon_poll(&e->b, 0);
+    assert_int_equal(e->b.resets, 1);
+    assert_true(fake_log_contains("\"detected_by\":\"timeout\""));
+    assert_false(fake_log_contains("balloon_stalled"));
+    e->fb.hold[FB_INFLATE] = false;
+    settle(e);
+    assert_consistent(e);
+    env_free(e);
+}
+
+/* Legacy devices have no NEEDS_RESET (QEMU sets it for VERSION_1 only): a broken legacy device
+ * is a stall. */
+static void test_needs_reset_legacy_is_a_stall(void **state)
+{
+    (void)state;
+    struct env *e = env_new(true, F(VIRTIO_BALLOON_F_STATS_VQ), QSIZE);
+    e->cfg.ack_timeout_ns = 20 * MS;
+    assert_int_equal(env_start(e), 0);
+    fake_balloon_break(&e->fb);
+    assert_false(e->ft.status & VIRTIO_STATUS_NEEDS_RESET);
+    fake_balloon_set_target(&e->fb, 500);
+    uint64_t t0 = platform_now_ns();
+    while (e->b.state == BALLOON_RUNNING && platform_now_ns() - t0 < 2000 * MS)
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.state, BALLOON_STALLED);
+    assert_int_equal(e->b.resets, 0);
+    env_free(e);
+}
+
+/* blimp.balloon.inject=bad_next: the device model finds the malformed chain as QEMU does, breaks
+ * and asks for a reset; the driver recovers and reaches the target. */
+static void test_inject_bad_next_recovers(void **state)
+{
+    (void)state;
+    for (int chunked = 0; chunked <= 1; chunked++) {
+        struct env *e =
+            env_new(false, MODERN | (chunked ? F(VIRTIO_BALLOON_F_X_CHUNKS) : 0), QSIZE);
+        e->cfg.inject = BALLOON_INJECT_BAD_NEXT;
+        assert_int_equal(env_start(e), 0);
+        settle_at(e, 900);
+        assert_true(e->b.injected);
+        if (e->fb.errors != 1 || !strstr(e->fb.error, "out of range"))
+            fail_msg("device saw %u errors, \"%s\"; expected the malformed chain", e->fb.errors,
+                     e->fb.error);
+        e->fb.errors = 0;
+        assert_int_equal(e->fb.breaks, 1);
+        assert_int_equal(e->b.resets, 1);
+        assert_true(fake_log_contains("\"what\":\"bad_next\""));
+        assert_consistent(e);
+        settle_at(e, 0);
+        assert_consistent(e);
+        assert_int_equal(free_pages(e), e->free_after_init);
+        env_free(e);
+    }
+}
+
+/* ---- Queue numbering ------------------------------------------------------------------------ */
+
+static void numbering_case(uint64_t features, bool fixed_host, bool placeholder,
+                           enum balloon_queues mode, const char *seen, int report_index)
+{
+    struct env *e = env_new(false, features, QSIZE);
+    if (fixed_host)
+        fake_balloon_number_fixed(&e->fb, placeholder);
+    e->cfg.queues = mode;
+    int rc = env_start(e);
+    char want[64];
+    snprintf(want, sizeof(want), "\"numbering\":\"%s\"", seen);
+    if (!fake_log_contains(want))
+        fail_msg("expected %s", want);
+    if (report_index < 0) {
+        assert_int_not_equal(rc, 0); /* told the wrong numbering: the queue is missing */
+        env_free(e);
+        return;
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(e->b.report_vq.index, (unsigned)report_index);
+    e->b.cfg.report_delay_ms = 0;
+    e->b.cfg.report_threshold_pages = 0;
+    settle_at(e, 300);
+    for (unsigned i = 0; i < 10; i++)
+        balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_true(e->b.reported_pages > 0);
+    assert_consistent(e);
+    env_free(e);
+}
+
+static void test_queue_numbering(void **state)
+{
+    (void)state;
+    uint64_t rep = MODERN | F(VIRTIO_BALLOON_F_PAGE_REPORTING);
+    uint64_t rep_nostats = F(VIRTIO_F_VERSION_1) | F(VIRTIO_BALLOON_F_PAGE_REPORTING);
+    /* QEMU, Linux: compacted; told apart because queue 4 does not exist. */
+    numbering_case(rep, false, false, BALLOON_QUEUES_AUTO, "negotiated", 3);
+    numbering_case(rep_nostats, false, false, BALLOON_QUEUES_AUTO, "negotiated", 2);
+    /* Old crosvm: reporting at 4, with or without a queue at 3. */
+    numbering_case(rep, true, false, BALLOON_QUEUES_AUTO, "fixed", 4);
+    numbering_case(rep, true, true, BALLOON_QUEUES_AUTO, "fixed", 4);
+    numbering_case(rep_nostats, true, true, BALLOON_QUEUES_AUTO, "fixed", 4);
+    /* Forced: fixed on a fixed host works; negotiated on it finds no queue 3. */
+    numbering_case(rep, true, false, BALLOON_QUEUES_FIXED, "fixed", 4);
+    numbering_case(rep, true, false, BALLOON_QUEUES_NEGOTIATED, "fixed", -1);
+    numbering_case(rep, false, false, BALLOON_QUEUES_FIXED, "negotiated", -1);
+
+    /* Nothing after stats, or hinting and reporting both: the numberings agree. */
+    struct env *e = env_up(false, MODERN);
+    assert_true(fake_log_contains("\"numbering\":\"ambiguous\""));
+    env_free(e);
+    e = env_new(false,
+                MODERN | F(VIRTIO_BALLOON_F_PAGE_REPORTING) | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+                QSIZE);
+    fake_balloon_number_fixed(&e->fb, false);
+    assert_int_equal(env_start(e), 0);
+    assert_true(fake_log_contains("\"numbering\":\"ambiguous\""));
+    assert_int_equal(e->b.report_vq.index, 4);
+    env_free(e);
+    /* Sizes that fit neither (queue 5 beyond everything is ignored; a queue 4 with reporting
+     * at 3 missing is neither): unknown. */
+    e = env_new(false, rep, QSIZE);
+    fake_transport_add_queue(&e->ft, 3, 0);
+    fake_transport_add_queue(&e->ft, 2, 0);
+    assert_int_not_equal(env_start(e), 0);
+    assert_true(fake_log_contains("\"numbering\":\"unknown\""));
     env_free(e);
 }
 
@@ -2405,6 +2779,9 @@ static void test_report_reclaim_waits_for_reports(void **state)
 
 int main(void)
 {
+    /* BLIMP_TEST_FILTER=pattern runs only the matching tests (cmocka's * and ? wildcards). */
+    if (getenv("BLIMP_TEST_FILTER"))
+        cmocka_set_test_filter(getenv("BLIMP_TEST_FILTER"));
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_init_spec_order),
         cmocka_unit_test(test_init_feature_subset),
@@ -2433,7 +2810,17 @@ int main(void)
         cmocka_unit_test(test_violation_deflate_len),
         cmocka_unit_test(test_violation_inflate_idx_jump),
         cmocka_unit_test(test_violation_stats_idx_jump),
-        cmocka_unit_test(test_legacy_used_len_tolerated),
+        cmocka_unit_test(test_used_len_deviation),
+        cmocka_unit_test(test_used_len_past_writable_is_fatal),
+        cmocka_unit_test(test_needs_reset_recover_inflate_in_flight),
+        cmocka_unit_test(test_needs_reset_recover_deflate_in_flight),
+        cmocka_unit_test(test_needs_reset_recover_all_queues),
+        cmocka_unit_test(test_needs_reset_during_reinflate),
+        cmocka_unit_test(test_needs_reset_stop),
+        cmocka_unit_test(test_needs_reset_found_on_timeout),
+        cmocka_unit_test(test_needs_reset_legacy_is_a_stall),
+        cmocka_unit_test(test_inject_bad_next_recovers),
+        cmocka_unit_test(test_queue_numbering),
         cmocka_unit_test(test_config_generation_unstable),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_no_stats_queue),

@@ -11,7 +11,7 @@
 
 (with tools/ on PYTHONPATH; ./blimp does that).  `run` streams the guest's serial
 console (COM1) to stdout and exits with: 0 guest success (0x10); the guest code
-17..23 (0x11..0x17) for the other guest codes; 3 triple fault/reset; 124 timeout;
+17..24 (0x11..0x18) for the other guest codes; 3 triple fault/reset; 124 timeout;
 125 QEMU error; 128+N QEMU killed by signal N.  See blimp/exitcodes.py.
 
 New subcommands: a module with ``add_parser(sub)`` that registers its parser (with

@@ -24,6 +24,7 @@ CPU_EXCEPTION = 0x14
 HOST_PROTOCOL_VIOLATION = 0x15
 OUT_OF_MEMORY = 0x16
 NO_BALLOON_DEVICE = 0x17
+DEVICE_NEEDS_RESET = 0x18
 
 #: code -> (short name, description)
 GUEST_CODES = {
@@ -35,6 +36,8 @@ GUEST_CODES = {
     HOST_PROTOCOL_VIOLATION: ("host-protocol-violation", "host violated the balloon protocol"),
     OUT_OF_MEMORY: ("out-of-memory", "guest out of memory"),
     NO_BALLOON_DEVICE: ("no-balloon-device", "no virtio balloon device found"),
+    DEVICE_NEEDS_RESET: ("device-needs-reset",
+                         "the balloon device needs a reset (blimp.balloon.on_reset=stop)"),
 }
 
 # Outcome kinds.
@@ -106,7 +109,7 @@ class Outcome:
     def cli_status(self) -> int:
         """Exit status for the `python3 -m blimp` command line.
 
-        0 for guest success; the guest code (0x11..0x17 = 17..23) for other guest
+        0 for guest success; the guest code (0x11..0x18 = 17..24) for other guest
         codes; 3 triple fault; 124 timeout; 125 QEMU error; 128+N signal N.
         """
         if self.kind == GUEST:

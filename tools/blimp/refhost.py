@@ -1,5 +1,6 @@
-"""The reference host: QEMU 7.2 with blimp's balloon patch (chunked inflate and
-MUST_TELL_HOST behind device properties), built and cached by
+"""The reference host: QEMU 7.2 with blimp's balloon patches (chunked inflate,
+MUST_TELL_HOST, old hosts' used lengths and queue numbering, all behind device
+properties), built and cached by
 tools/reference-host/build.sh.  See tools/reference-host/README.md."""
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ ENV_VAR = "BLIMP_REFERENCE_QEMU"
 #: device properties the patch adds to virtio-balloon-*
 CHUNKS = "x-chunks=on"
 MUST_TELL_HOST = "must-tell-host=on"
+#: hosts as they were: QEMU < 7.0's used lengths (bytes read) and crosvm's fixed queue
+#: indices before 2025 (stats 2, hint 3, reporting 4); qemu-7.2-balloon-quirks.patch
+USED_LEN_BYTES_READ = "x-used-len-bytes-read=on"
+FIXED_QUEUE_INDEX = "x-fixed-queue-index=on"
 #: feature bits (virtio 5.5.3; docs/chunked-inflate.md)
 F_MUST_TELL_HOST = 1 << 0
 F_X_CHUNKS = 1 << 23

@@ -32,7 +32,7 @@ from .qmp import QMPConnectionError, QMPError, QMPTimeout
 from .units import GiB, PAGE, mib, page_round
 
 #: events that mean the host or the device misbehaved
-PROBLEM_EVENTS = ("violation", "balloon_stalled")
+PROBLEM_EVENTS = ("violation", "balloon_stalled", "device_needs_reset")
 #: how long after query-balloon shows a target the guest may take to log reaching it
 REACHED_EVENT_TIMEOUT_S = 10.0
 #: migrate()'s default max-bandwidth: QEMU's own default (32 MiB/s) would make moving a few

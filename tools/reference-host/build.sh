@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Build blimp's reference host: Debian's QEMU 7.2 with qemu-7.2-balloon-chunks.patch applied
-# (the chunked inflate extension and MUST_TELL_HOST behind device properties), as a minimal
-# qemu-system-x86_64. Prints the binary's path as its last line.
+# Build blimp's reference host: Debian's QEMU 7.2 with qemu-7.2-balloon-chunks.patch (the chunked
+# inflate extension and MUST_TELL_HOST behind device properties) and qemu-7.2-balloon-quirks.patch
+# (hosts as they were: QEMU < 7.0 used lengths, crosvm's fixed queue indices, also behind
+# properties) applied, as a minimal qemu-system-x86_64. Prints the binary's path as its last line.
 #
 #   tools/reference-host/build.sh            build if the cache has no binary for this patch
 #   tools/reference-host/build.sh --path     print the cached binary's path, or fail
 #
 # The binary is cached in $BLIMP_CACHE_DIR (default /var/cache/blimp), keyed by the hash of the
-# patch, this script and the Debian source version, so a fresh clone on the same machine finds
+# patches, this script and the Debian source version, so a fresh clone on the same machine finds
 # it again and only a change to one of them rebuilds. A build takes about 5 minutes on two idle
 # cores (15 under load). The machine's apt sources are never edited: the deb-src entry is given
 # to apt only for this command, through -o options and a private state directory.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 patch_file=$here/qemu-7.2-balloon-chunks.patch
+quirks_file=$here/qemu-7.2-balloon-quirks.patch
 cache_root=${BLIMP_CACHE_DIR:-/var/cache/blimp}
 log() { echo "reference-host: $*" >&2; }
 
@@ -21,7 +23,7 @@ log() { echo "reference-host: $*" >&2; }
 # behaviour as the stock binary the rest of the suite uses), else whatever 7.2 apt offers.
 source_version=$(dpkg-query -W -f='${source:Version}' qemu-system-x86 2>/dev/null || true)
 case "$source_version" in 1:7.2*) ;; *) source_version="" ;; esac
-key=$(cat "$patch_file" "$0" <(echo "$source_version") | sha256sum | cut -c1-16)
+key=$(cat "$patch_file" "$quirks_file" "$0" <(echo "$source_version") | sha256sum | cut -c1-16)
 dest=$cache_root/qemu-7.2-ref-$key
 binary=$dest/qemu-system-x86_64
 
@@ -80,6 +82,7 @@ src=$(find "$work" -maxdepth 1 -type d -name 'qemu-7.2*' | head -1)
 
 log "patching $src"
 (cd "$src" && patch -p1 --forward <"$patch_file" >>"$buildlog")
+(cd "$src" && patch -p1 --forward <"$quirks_file" >>"$buildlog")
 # Debian's source carries no edk2 blobs; do not try to unpack them.
 sed -i 's/    unpack_edk2_blobs = bzip2.found()/    unpack_edk2_blobs = false/' "$src/meson.build"
 
@@ -94,7 +97,7 @@ ninja -C "$work/build" -j "$(nproc)" qemu-system-x86_64 >>"$buildlog" 2>&1 ||
 
 mkdir -p "$dest.tmp"
 cp "$work/build/qemu-system-x86_64" "$dest.tmp/"
-cp "$patch_file" "$dest.tmp/"
+cp "$patch_file" "$quirks_file" "$dest.tmp/"
 echo "$source_version" >"$dest.tmp/source-version"
 rm -rf "$dest"
 mv "$dest.tmp" "$dest"
