@@ -9,7 +9,8 @@
  *
  * What must hold: no crash, hang or sanitizer report; the allocator never sees an invalid free;
  * a broken driver names its violation; and no page is ever both free in the allocator and held
- * by the balloon (in the balloon, hinted, or in a report the device holds).
+ * by the balloon (in the balloon, waiting to be re-sent after a reset, hinted, or in a report
+ * the device holds).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +67,7 @@ static void check_ownership(struct balloon *b, struct buddy *mm)
 {
     owner_mm = mm;
     blocklist_for_each(&b->held, not_free, NULL);
+    blocklist_for_each(&b->resend, not_free, NULL); /* held, waiting to be re-sent after a reset */
     blocklist_for_each(&b->hinted, not_free, NULL);
     for (unsigned i = 0; i < BALLOON_REPORT_CHAINS; i++)
         if (b->reports[i].busy)
