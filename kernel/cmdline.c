@@ -29,6 +29,7 @@ struct option_def {
 _Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
                    sizeof(enum fault_inject) == sizeof(int) &&
                    sizeof(enum virtio_pci_choice) == sizeof(int) &&
+                   sizeof(enum irq_choice) == sizeof(int) &&
                    sizeof(enum balloon_inject) == sizeof(int),
                "OPT_ENUM stores enums as int");
 
@@ -43,6 +44,11 @@ static const char *const virtio_names[] = {
     [VIRTIO_PCI_AUTO] = "auto",
     [VIRTIO_PCI_MODERN] = "modern",
     [VIRTIO_PCI_LEGACY] = "legacy",
+    NULL,
+};
+static const char *const irq_names[] = {
+    [IRQ_AUTO] = "auto",
+    [IRQ_POLL] = "poll",
     NULL,
 };
 static const char *const balloon_inject_names[] = {
@@ -77,6 +83,10 @@ static const struct option_def option_defs[] = {
      inject_names},
     {"blimp.virtio", OPT_ENUM, OPT(virtio), "auto",
      "auto (modern if the device has it) | modern | legacy", 0, 0, virtio_names},
+    {"blimp.irq", OPT_ENUM, OPT(irq), "auto",
+     "auto: sleep until a device interrupt, the agent or a deadline (polling when the device has "
+     "no usable line) | poll: poll the device every ms",
+     0, 0, irq_names},
     {"blimp.balloon.pfns", OPT_U32, OPT(balloon.pfns_per_buffer), NULL,
      "PFNs per inflate/deflate buffer, 1..65536", 1, 65536, NULL},
     {"blimp.balloon.buffers", OPT_U32, OPT(balloon.buffers), NULL,

@@ -28,6 +28,12 @@ enum fault_inject {
     INJECT_POISON, /* selftest with blimp.poison=1: overwrite one word of a poisoned free page */
 };
 
+/* How balloon mode waits for the device (blimp.irq). */
+enum irq_choice {
+    IRQ_AUTO, /* interrupts when the transport has a usable line, else polling */
+    IRQ_POLL, /* poll the device every millisecond and never sleep */
+};
+
 #define MAX_VIRTIO_MMIO 4
 
 struct options {
@@ -36,6 +42,7 @@ struct options {
     uint64_t poison_pattern; /* the 64-bit pattern */
     enum fault_inject inject;
     enum virtio_pci_choice virtio; /* which face of a transitional virtio-pci device to use */
+    enum irq_choice irq;
     struct balloon_config balloon; /* the driver's own settings, filled by blimp.balloon.* */
     char virtio_mmio[MAX_VIRTIO_MMIO][64]; /* virtio_mmio.device=<size>@<base>:<irq> */
     unsigned n_virtio_mmio;

@@ -51,6 +51,8 @@ enum virtio_irq_kind {
 struct virtio_irq {
     enum virtio_irq_kind kind;
     unsigned gsi;    /* VIRTIO_IRQ_GSI: the IOAPIC input (global system interrupt) */
+    bool isa;        /* gsi is an 8259 IRQ number (a PCI interrupt line): the kernel maps it
+                        through the ACPI interrupt source overrides first */
     bool level;      /* level-triggered (PCI INTx; virtio-mmio on QEMU) */
     bool active_low; /* polarity */
 };

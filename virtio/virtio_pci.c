@@ -99,11 +99,13 @@ static void region_write(const struct bus_region *r, uint64_t off, unsigned widt
 
 static uint8_t m_get_status(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read8(&vp_of(t)->common, CC_STATUS);
 }
 
 static void m_set_status(struct virtio_transport *t, uint8_t s)
 {
+    t->exits.status++;
     bus_write8(&vp_of(t)->common, CC_STATUS, s);
 }
 
@@ -122,6 +124,7 @@ static int m_reset(struct virtio_transport *t)
 static uint64_t m_get_features(struct virtio_transport *t)
 {
     const struct bus_region *c = &vp_of(t)->common;
+    t->exits.status += 4;
     bus_write32(c, CC_DFSELECT, 0);
     uint64_t lo = bus_read32(c, CC_DF);
     bus_write32(c, CC_DFSELECT, 1);
@@ -132,6 +135,7 @@ static uint64_t m_get_features(struct virtio_transport *t)
 static void m_set_features(struct virtio_transport *t, uint64_t f)
 {
     const struct bus_region *c = &vp_of(t)->common;
+    t->exits.status += 4;
     bus_write32(c, CC_GFSELECT, 0);
     bus_write32(c, CC_GF, (uint32_t)f);
     bus_write32(c, CC_GFSELECT, 1);
@@ -142,6 +146,7 @@ static bool m_config_read(struct virtio_transport *t, unsigned off, unsigned wid
 {
     if (!cfg_in_range(t, off, width))
         return false;
+    t->exits.config_reads++;
     *v = region_read(&vp_of(t)->device_cfg, off, width);
     return true;
 }
@@ -150,20 +155,24 @@ static bool m_config_write(struct virtio_transport *t, unsigned off, unsigned wi
 {
     if (!cfg_in_range(t, off, width))
         return false;
+    t->exits.config_writes++;
     region_write(&vp_of(t)->device_cfg, off, width, v);
     return true;
 }
 
 static uint32_t m_config_generation(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read8(&vp_of(t)->common, CC_CFGGEN);
 }
 
 static uint16_t m_queue_max_size(struct virtio_transport *t, unsigned index)
 {
     const struct bus_region *c = &vp_of(t)->common;
+    t->exits.status++;
     if (index >= bus_read16(c, CC_NUMQ))
         return 0;
+    t->exits.status += 2;
     bus_write16(c, CC_Q_SELECT, (uint16_t)index);
     return bus_read16(c, CC_Q_SIZE);
 }
@@ -181,6 +190,7 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
     const struct bus_region *c = &vp->common;
     if (index >= VIRTIO_PCI_MAX_QUEUES)
         return -1;
+    t->exits.status += 10;
     bus_write16(c, CC_Q_SELECT, (uint16_t)index);
     bus_write16(c, CC_Q_SIZE, size);
     bus_write16(c, CC_Q_MSIX, 0xffff); /* no vector: we poll the used rings and the ISR */
@@ -200,6 +210,7 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
         return -1;
     }
     vp->notify_off[index] = noff;
+    t->exits.status++;
     bus_write16(c, CC_Q_ENABLE, 1);
     return 0;
 }
@@ -207,6 +218,7 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
 static void m_notify(struct virtio_transport *t, unsigned index)
 {
     struct virtio_pci *vp = vp_of(t);
+    t->exits.notifies++;
     if (index < VIRTIO_PCI_MAX_QUEUES)
         bus_write16(&vp->notify, (uint64_t)vp->notify_off[index] * vp->notify_mult,
                     (uint16_t)index);
@@ -214,6 +226,7 @@ static void m_notify(struct virtio_transport *t, unsigned index)
 
 static uint8_t m_read_isr(struct virtio_transport *t)
 {
+    t->exits.isr_reads++;
     return bus_read8(&vp_of(t)->isr, 0);
 }
 
@@ -242,11 +255,13 @@ static const struct bus_region *io_of(struct virtio_transport *t)
 
 static uint8_t l_get_status(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read8(io_of(t), L_STATUS);
 }
 
 static void l_set_status(struct virtio_transport *t, uint8_t s)
 {
+    t->exits.status++;
     bus_write8(io_of(t), L_STATUS, s);
 }
 
@@ -258,11 +273,13 @@ static int l_reset(struct virtio_transport *t)
 
 static uint64_t l_get_features(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read32(io_of(t), L_HOST_FEATURES);
 }
 
 static void l_set_features(struct virtio_transport *t, uint64_t f)
 {
+    t->exits.status++;
     bus_write32(io_of(t), L_GUEST_FEATURES, (uint32_t)f);
 }
 
@@ -270,6 +287,7 @@ static bool l_config_read(struct virtio_transport *t, unsigned off, unsigned wid
 {
     if (!cfg_in_range(t, off, width))
         return false;
+    t->exits.config_reads++;
     *v = region_read(io_of(t), L_CONFIG + off, width);
     return true;
 }
@@ -278,6 +296,7 @@ static bool l_config_write(struct virtio_transport *t, unsigned off, unsigned wi
 {
     if (!cfg_in_range(t, off, width))
         return false;
+    t->exits.config_writes++;
     region_write(io_of(t), L_CONFIG + off, width, v);
     return true;
 }
@@ -290,6 +309,7 @@ static uint32_t l_config_generation(struct virtio_transport *t)
 
 static uint16_t l_queue_max_size(struct virtio_transport *t, unsigned index)
 {
+    t->exits.status += 2;
     bus_write16(io_of(t), L_QUEUE_SEL, (uint16_t)index);
     return bus_read16(io_of(t), L_QUEUE_NUM);
 }
@@ -303,6 +323,7 @@ static bool l_needs_legacy_layout(struct virtio_transport *t)
 static int l_queue_enable(struct virtio_transport *t, unsigned index, uint16_t size,
                           const struct vq_addrs *a)
 {
+    t->exits.status += 3;
     bus_write16(io_of(t), L_QUEUE_SEL, (uint16_t)index);
     /* Legacy queues have the device's fixed size and one contiguous 4 KiB-aligned area. */
     if (bus_read16(io_of(t), L_QUEUE_NUM) != size || (a->desc & 0xfff) ||
@@ -314,11 +335,13 @@ static int l_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
 
 static void l_notify(struct virtio_transport *t, unsigned index)
 {
+    t->exits.notifies++;
     bus_write16(io_of(t), L_QUEUE_NOTIFY, (uint16_t)index);
 }
 
 static uint8_t l_read_isr(struct virtio_transport *t)
 {
+    t->exits.isr_reads++;
     return bus_read8(io_of(t), L_ISR);
 }
 
@@ -438,6 +461,27 @@ static int setup_legacy(struct virtio_pci *vp, struct virtio_transport *t)
     return 0;
 }
 
+/* INTx (spec 4.1.5.3): the pin the device uses and the line the firmware routed it to, in the
+ * standard header. The line is an 8259 IRQ number (what SeaBIOS/OVMF wrote), so the kernel maps it
+ * through the ACPI overrides; PCI's own default is level-triggered, active low. */
+static void find_intx(struct virtio_pci *vp, struct virtio_transport *t)
+{
+    const struct pci_func *f = &vp->pci;
+    uint8_t pin = pci_cfg_read8(f, PCI_CFG_INT_PIN), line = pci_cfg_read8(f, PCI_CFG_INT_LINE);
+    t->irq = (struct virtio_irq){.kind = VIRTIO_IRQ_NONE};
+    if (pin < 1 || pin > 4 || line == 0 || line >= 0xf0) {
+        platform_log("virtio-pci: no INTx line (pin %u, line %u): polling", pin, line);
+        return;
+    }
+    /* Interrupts on: clear INTx Disable in case firmware set it. */
+    uint16_t cmd = pci_cfg_read16(f, PCI_CFG_COMMAND);
+    if (cmd & PCI_CMD_INTX_OFF)
+        pci_cfg_write16(f, PCI_CFG_COMMAND, (uint16_t)(cmd & ~PCI_CMD_INTX_OFF));
+    t->irq = (struct virtio_irq){
+        .kind = VIRTIO_IRQ_GSI, .gsi = line, .isa = true, .level = true, .active_low = true};
+    platform_log("virtio-pci: INTx pin %c, line %u", 'A' + pin - 1, line);
+}
+
 int virtio_pci_find(uint16_t device_id, enum virtio_pci_choice choice, struct virtio_pci *vp,
                     struct virtio_transport *t)
 {
@@ -456,6 +500,8 @@ int virtio_pci_find(uint16_t device_id, enum virtio_pci_choice choice, struct vi
         rc = setup_modern(vp, t);
     if (rc != 0 && choice != VIRTIO_PCI_MODERN)
         rc = setup_legacy(vp, t);
+    if (rc == 0)
+        find_intx(vp, t);
     if (rc != 0)
         platform_log("virtio-pci: the device has no usable %s interface",
                      choice == VIRTIO_PCI_MODERN   ? "modern"
