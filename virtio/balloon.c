@@ -1180,11 +1180,11 @@ uint64_t balloon_next_deadline_ns(const struct balloon *b)
     }
     /* Hinting: more blocks to hint (hint_step stops after 64 a poll), descriptors the device
      * frees without telling us, or a STOP still owed. */
-    if (b->has_hint_vq && (b->hint_active || b->hint_stop_owed))
-        next = earliest(next, b->hint_active && vq_num_free(&b->hint_vq) > 1 &&
-                                      b->mm->free_pages > b->cfg.reserve_pages + 1
-                                  ? now
-                                  : now + HINT_POLL_NS);
+    if (b->has_hint_vq && (b->hint_active || b->hint_stop_owed)) {
+        bool more = b->hint_active && vq_num_free(&b->hint_vq) > 1 &&
+                    b->mm->free_pages > b->cfg.reserve_pages + 1;
+        next = earliest(next, more ? now : now + HINT_POLL_NS);
+    }
     if (b->has_reporting && b->state == BALLOON_RUNNING && !inflate_wanted(b)) {
         /* pass_due notices allocator activity only when it looks: let it look now. */
         if (b->mm->allocs + b->mm->frees != b->mm_activity)
