@@ -374,7 +374,7 @@ static void cmd_spurious(char **argv, unsigned argc)
     }
     unsigned sent = balloon_mode_inject_spurious((unsigned)n);
     if (n && !sent) {
-        reply_error("spurious", "the balloon has no interrupt vector (polling)");
+        reply_error("spurious", "the balloon has no INTx vector (polling, or MSI-X)");
         return;
     }
     struct json j;

@@ -45,6 +45,21 @@ static void device_irq(void *ctx)
     pending |= isr;
 }
 
+/* MSI-X: each message says what happened; nothing to read or acknowledge. */
+static void msix_config_irq(void *ctx)
+{
+    (void)ctx;
+    ws.device_irqs++;
+    pending |= VIRTIO_ISR_CONFIG;
+}
+
+static void msix_queue_irq(void *ctx)
+{
+    (void)ctx;
+    ws.device_irqs++;
+    pending |= VIRTIO_ISR_QUEUE;
+}
+
 /* COM2 received data (edge): the loop drains the UART, which drops the line for the next edge. */
 static void agent_irq(void *ctx)
 {
@@ -74,7 +89,7 @@ unsigned balloon_mode_inject_spurious(unsigned n)
     return n;
 }
 
-static void emit_wait_event(const char *reason)
+static void emit_wait_event(const char *reason, bool irqs_on)
 {
     kprintf("balloon: waiting by %s%s%s\n", ws.mode, reason ? ": " : "", reason ? reason : "");
     struct json j;
@@ -82,11 +97,13 @@ static void emit_wait_event(const char *reason)
     json_str(&j, "mode", ws.mode);
     if (reason)
         json_str(&j, "reason", reason);
-    if (device_vector >= 0) {
-        json_u64(&j, "gsi", ws.gsi);
-        json_u64(&j, "vector", (uint64_t)device_vector);
-        json_bool(&j, "level", ws.level);
-        json_bool(&j, "active_low", ws.active_low);
+    if (irqs_on) {
+        if (device_vector >= 0) {
+            json_u64(&j, "gsi", ws.gsi);
+            json_u64(&j, "vector", (uint64_t)device_vector);
+            json_bool(&j, "level", ws.level);
+            json_bool(&j, "active_low", ws.active_low);
+        }
         json_bool(&j, "agent_irq", agent_irq_routed);
         struct irq_stats is;
         irq_get_stats(&is);
@@ -97,16 +114,51 @@ static void emit_wait_event(const char *reason)
     event_emit(&j);
 }
 
-/* Route the device's line and the agent's; false (with the reason) keeps polling. */
+/* Before the driver resets the device: MSI-X when the transport has it (the transport keeps
+ * the vectors through resets and falls back to INTx if the device refuses one). */
+static void try_msix(void)
+{
+    if (!transport.ops->msix_setup)
+        return;
+    int cv = irq_alloc_vector(msix_config_irq, NULL);
+    int qv = irq_alloc_vector(msix_queue_irq, NULL);
+    if (cv < 0 || qv < 0)
+        return;
+    struct virtio_msix_msg msgs[2];
+    irq_msi_message((unsigned)cv, &msgs[VIRTIO_MSIX_CONFIG].addr, &msgs[VIRTIO_MSIX_CONFIG].data);
+    irq_msi_message((unsigned)qv, &msgs[VIRTIO_MSIX_QUEUES].addr, &msgs[VIRTIO_MSIX_QUEUES].data);
+    transport.ops->msix_setup(&transport, msgs);
+}
+
+static void route_agent(void)
+{
+    /* COM2's IRQ 3, edge, active high unless the MADT says otherwise. */
+    unsigned agsi;
+    bool alevel = false, alow = false;
+    irq_isa_to_gsi(COM2_ISA_IRQ, &agsi, &alevel, &alow);
+    int av = irq_alloc_vector(agent_irq, NULL);
+    if (av >= 0 && irq_route_gsi(agsi, alevel, alow, (unsigned)av) == 0) {
+        serial_enable_rx_irq(COM2);
+        agent_irq_routed = true;
+    }
+}
+
+/* After balloon_init: MSI-X if it stayed on, else route the INTx line; and the agent's line.
+ * False (with the reason) keeps polling. */
 static bool setup_interrupts(const char **reason)
 {
     struct virtio_irq *irq = &transport.irq;
-    if (irq->kind != VIRTIO_IRQ_GSI) {
-        *reason = "the transport has no interrupt line";
-        return false;
-    }
     if (!irq_ready()) {
         *reason = "no usable local APIC / IOAPIC";
+        return false;
+    }
+    if (irq->kind == VIRTIO_IRQ_MSIX) {
+        ws.mode = "msix";
+        route_agent();
+        return true;
+    }
+    if (irq->kind != VIRTIO_IRQ_GSI) {
+        *reason = "the transport has no interrupt line";
         return false;
     }
     unsigned gsi = irq->gsi;
@@ -123,15 +175,7 @@ static bool setup_interrupts(const char **reason)
     ws.gsi = gsi;
     ws.level = level;
     ws.active_low = low;
-    /* The agent: COM2's IRQ 3, edge, active high unless the MADT says otherwise. */
-    unsigned agsi;
-    bool alevel = false, alow = false;
-    irq_isa_to_gsi(COM2_ISA_IRQ, &agsi, &alevel, &alow);
-    int av = irq_alloc_vector(agent_irq, NULL);
-    if (av >= 0 && irq_route_gsi(agsi, alevel, alow, (unsigned)av) == 0) {
-        serial_enable_rx_irq(COM2);
-        agent_irq_routed = true;
-    }
+    route_agent();
     return true;
 }
 
@@ -152,6 +196,9 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
         kprintf("balloon: poison pattern 0x%lx does not repeat a 32-bit value: PAGE_POISON "
                 "declined\n",
                 opts->poison_pattern);
+    bool irq_hw = opts->irq == IRQ_AUTO && irq_init(rsdp_phys);
+    if (irq_hw)
+        try_msix();
     struct balloon_status st;
     if (balloon_init(&balloon, &transport, &kernel_buddy, &cfg) != 0) {
         balloon_get_status(&balloon, &st);
@@ -162,12 +209,9 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
     bool agent = agent_init(&balloon);
     const char *reason = "blimp.irq=poll";
     bool irqs = false;
-    if (opts->irq == IRQ_AUTO) {
-        irqs = irq_init(rsdp_phys) && setup_interrupts(&reason);
-        if (!irqs && !irq_ready())
-            reason = "no usable local APIC / IOAPIC";
-    }
-    emit_wait_event(irqs ? NULL : reason);
+    if (opts->irq == IRQ_AUTO)
+        irqs = setup_interrupts(&reason);
+    emit_wait_event(irqs ? NULL : reason, irqs);
     /* Whatever the device raised before its line was routed: look once at everything. */
     pending = BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
     uint64_t last_poll = 0, last_agent = 0;

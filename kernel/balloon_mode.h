@@ -9,7 +9,7 @@ __attribute__((noreturn)) void balloon_mode_run(const struct options *opts, uint
 
 /* How the loop waits and what it cost, for the agent's `state` (docs/agent.md). */
 struct wait_stats {
-    const char *mode; /* "intx" or "poll" */
+    const char *mode; /* "intx", "msix" or "poll" */
     unsigned gsi;     /* intx: the IOAPIC input */
     bool level, active_low;
     uint64_t device_irqs; /* device interrupts with ISR bits set */
