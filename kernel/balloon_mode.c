@@ -181,6 +181,8 @@ static bool setup_interrupts(const char **reason)
 
 void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
 {
+    /* First, so that the interrupt hardware is reported even when there is no device. */
+    bool irq_hw = opts->irq == IRQ_AUTO && irq_init(rsdp_phys);
     if (virtio_pci_find(VIRTIO_ID_BALLOON, opts->virtio, &vpci, &transport) != 0) {
         kprintf("blimp: error: no usable virtio balloon device found "
                 "(QEMU: -device virtio-balloon-pci)\n");
@@ -196,7 +198,6 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
         kprintf("balloon: poison pattern 0x%lx does not repeat a 32-bit value: PAGE_POISON "
                 "declined\n",
                 opts->poison_pattern);
-    bool irq_hw = opts->irq == IRQ_AUTO && irq_init(rsdp_phys);
     if (irq_hw)
         try_msix();
     struct balloon_status st;

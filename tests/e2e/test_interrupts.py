@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from blimp.qemu import QEMU_BINARY
+from blimp.qemu import QEMU_BINARY, Qemu
 from guest import MiB, PAGE
 
 MODERN = ("modern", ["disable-legacy=on"], "virtio-pci-modern")
@@ -222,3 +222,32 @@ def test_qemu_72_balloon_has_no_msix_vectors():
     out = subprocess.run([QEMU_BINARY, "-device", "virtio-balloon-pci,help"],
                          capture_output=True, text=True, timeout=30).stdout
     assert "vectors=" not in out, "this QEMU has virtio-balloon-pci,vectors: add MSI-X runs"
+
+
+# (image, machine, machine options, IOAPICs as "GSI first-last", from the MADT?, overrides)
+HARDWARE = [
+    ("pvh", "microvm", [], ["0-23", "24-47"], True, 0),      # microvm's second IOAPIC
+    ("pvh", "microvm", ["acpi=off"], ["0-23"], False, 0),    # no ACPI: 0xfec00000
+    ("mb1", "pc", [], ["0-23"], True, 5),                    # RSDP found by the BIOS scan
+    ("pvh", "q35", [], ["0-23"], True, 5),
+]
+
+
+@pytest.mark.parametrize("image,machine,mopts,ranges,madt,overrides", HARDWARE,
+                         ids=["-".join([h[0], h[1]] + h[2]) for h in HARDWARE])
+def test_interrupt_hardware_found(images, image, machine, mopts, ranges, madt, overrides):
+    """Balloon mode brings the interrupt hardware up before it looks for the device, so
+    even without one the log shows every IOAPIC with its GSI range, where they came from
+    and the MADT's interrupt source overrides (QEMU 7.2: IRQ 0, 5, 9, 10, 11 on pc/q35)."""
+    q = Qemu(images[image], machine=machine, memory="128M", machine_opts=mopts, qmp=False,
+             timeout=30)
+    q.start()
+    status = q.wait(30)
+    q.close()
+    assert status == 47, q.describe()            # 0x17: no balloon device
+    found = [l.split("GSI ")[1] for l in q.lines if l.startswith("irq: IOAPIC id")]
+    assert found == ranges, q.serial
+    summary = [l for l in q.lines if l.startswith("irq: local APIC")]
+    assert len(summary) == 1, q.serial
+    assert ("(ACPI MADT)" if madt else "(fallback)") in summary[0], summary
+    assert " %d overrides" % overrides in summary[0], summary
