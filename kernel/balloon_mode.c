@@ -215,18 +215,34 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
     emit_wait_event(irqs ? NULL : reason, irqs);
     /* Whatever the device raised before its line was routed: look once at everything. */
     pending = BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
+    balloon_get_status(&balloon, &st);
     uint64_t last_poll = 0, last_agent = 0;
+    bool line_masked = false;
     for (;;) {
         uint64_t now = platform_now_ns();
         unsigned events = 0;
+        /* Free page hinting: QEMU 7.2 uses the hints in an iothread, and a device interrupt
+         * delivered from there (without its big lock) aborts QEMU under TCG. While hinted
+         * blocks are out, the INTx line stays masked at the IOAPIC and the device is polled
+         * as without interrupts (docs/design.md, "Interrupts"). */
+        bool hint_poll = irqs && device_vector >= 0 && (st.hinting || st.hinted_pages);
+        if (hint_poll != line_masked) {
+            if (hint_poll)
+                irq_mask_gsi(ws.gsi);
+            else
+                irq_route_gsi(ws.gsi, ws.level, ws.active_low, (unsigned)device_vector);
+            line_masked = hint_poll;
+            pending |= BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
+        }
         if (irqs) {
             events = pending; /* interrupts are off: no handler runs until the next sleep */
             pending = 0;
-        } else if (now - last_poll >= DEVICE_POLL_NS) {
+        }
+        if ((!irqs || line_masked) && now - last_poll >= DEVICE_POLL_NS) {
             /* Polling: read (and so acknowledge) the ISR, and re-read the configuration every
              * time whatever it says. */
             last_poll = now;
-            events = transport.ops->read_isr(&transport) | BALLOON_EV_CONFIG;
+            events |= transport.ops->read_isr(&transport) | BALLOON_EV_CONFIG;
         }
         balloon_poll(&balloon, events);
         balloon_get_status(&balloon, &st);
@@ -236,6 +252,8 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
         if (!irqs || busy || pending)
             continue; /* an agent command may have freed memory the balloon wants: poll again */
         uint64_t deadline = balloon_next_deadline_ns(&balloon);
+        if (line_masked && last_poll + DEVICE_POLL_NS < deadline)
+            deadline = last_poll + DEVICE_POLL_NS;
         if (agent && !agent_irq_routed) {
             if (now - last_agent >= AGENT_POLL_NS)
                 last_agent = now;

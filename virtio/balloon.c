@@ -101,6 +101,7 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .oom_deflated_pages = b->oom_deflated_pages,
         .hinted_pages = b->hinted.pages,
         .hint_rounds = b->hint_rounds,
+        .hinting = b->hint_active || b->hint_stop_owed,
         .hint_released_pages = b->hint_released_pages,
         .inflight_report = b->inflight_report,
         .reported_pages = b->reported_pages,

@@ -120,6 +120,7 @@ struct balloon_status {
     uint32_t inflight_inflate, inflight_deflate;
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
     uint64_t hinted_pages, hint_rounds, hint_released_pages;
+    bool hinting;                           /* a hinting round runs (or its STOP is still owed) */
     uint64_t inflight_report;               /* pages held out of the allocator for reports */
     uint64_t reported_pages, report_chains; /* acknowledged by the device, all passes */
     uint64_t report_passes;
