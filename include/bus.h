@@ -54,7 +54,10 @@ int bus_map_mmio(uint64_t phys, uint64_t size, struct bus_region *out);
 #define PCI_CFG_BAR0        0x10
 #define PCI_CFG_SUBSYS      0x2c
 #define PCI_CFG_CAP_PTR     0x34
-#define PCI_CFG_SIZE        256 /* the part reachable through every config mechanism */
+#define PCI_CFG_INT_LINE    0x3c  /* the 8259 IRQ the firmware routed INTx to (0xff: none) */
+#define PCI_CFG_INT_PIN     0x3d  /* 1..4 = INTA#..INTD#, 0 = no INTx */
+#define PCI_CMD_INTX_OFF    0x400 /* command register: INTx Disable */
+#define PCI_CFG_SIZE        256   /* the part reachable through every config mechanism */
 #define PCI_STATUS_CAP_LIST 0x10
 #define PCI_CAP_ID_VENDOR   0x09
 #define PCI_CAP_FIRST       0x40 /* capabilities live after the standard header */

@@ -1,6 +1,7 @@
 #include "kernel/agent.h"
 #include "arch/x86/exit.h"
 #include "arch/x86/serial.h"
+#include "kernel/balloon_mode.h"
 #include "kernel/mem.h"
 #include "lib/json.h"
 #include "lib/printf.h"
@@ -357,6 +358,44 @@ static void cmd_state(void)
         json_str(&j, "state", "absent");
     }
     json_close(&j);
+    struct wait_stats w;
+    balloon_mode_wait_stats(&w);
+    json_open_object(&j, "irq");
+    json_str(&j, "mode", w.mode);
+    json_u64(&j, "uptime_ns", w.uptime_ns);
+    json_u64(&j, "device", w.device_irqs);
+    json_u64(&j, "spurious", w.spurious);
+    json_u64(&j, "agent", w.agent_irqs);
+    json_u64(&j, "timer", w.timer_irqs);
+    json_u64(&j, "lapic_spurious", w.lapic_spurious);
+    json_u64(&j, "sleeps", w.sleeps);
+    json_close(&j);
+    json_open_object(&j, "exits");
+    json_u64(&j, "config_reads", w.exits.config_reads);
+    json_u64(&j, "config_writes", w.exits.config_writes);
+    json_u64(&j, "status", w.exits.status);
+    json_u64(&j, "notifies", w.exits.notifies);
+    json_u64(&j, "isr_reads", w.exits.isr_reads);
+    json_close(&j);
+    send_line(&j);
+}
+
+/* spurious [n]: n interrupts on the balloon's vector that the device did not raise. */
+static void cmd_spurious(char **argv, unsigned argc)
+{
+    uint64_t n = 1;
+    if (argc > 1 && (!parse_u64(argv[1], &n) || n > 1000)) {
+        reply_error("spurious", "usage: spurious [n], n <= 1000");
+        return;
+    }
+    unsigned sent = balloon_mode_inject_spurious((unsigned)n);
+    if (n && !sent) {
+        reply_error("spurious", "the balloon has no INTx vector (polling, or MSI-X)");
+        return;
+    }
+    struct json j;
+    reply_begin(&j, "spurious", true);
+    json_u64(&j, "sent", sent);
     send_line(&j);
 }
 
@@ -405,6 +444,8 @@ static void execute(char *cmd)
         cmd_corrupt(argv, argc);
     } else if (!strcmp(argv[0], "state")) {
         cmd_state();
+    } else if (!strcmp(argv[0], "spurious")) {
+        cmd_spurious(argv, argc);
     } else if (!strcmp(argv[0], "quit")) {
         cmd_quit(argv, argc);
     } else {
@@ -427,12 +468,14 @@ bool agent_init(const struct balloon *b)
     return enabled;
 }
 
-void agent_poll(void)
+bool agent_poll(void)
 {
     if (!enabled)
-        return;
+        return false;
     int c;
+    bool got = false;
     while ((c = serial_getc(COM2)) >= 0) {
+        got = true;
         if (c == '\r')
             continue;
         if (c == '\n') {
@@ -449,4 +492,5 @@ void agent_poll(void)
             line_overflow = true;
         }
     }
+    return got;
 }

@@ -11,7 +11,8 @@
 
 /* Returns false when there is no second UART (the agent is then off). */
 bool agent_init(const struct balloon *b);
-/* Handles any complete command lines waiting on COM2; never blocks. */
-void agent_poll(void);
+/* Handles any bytes and complete command lines waiting on COM2; never blocks. Returns whether
+ * it read anything (a command may have changed memory the balloon cares about). */
+bool agent_poll(void);
 
 #endif

@@ -1,18 +1,187 @@
+/*
+ * Balloon mode's event loop. With interrupts (blimp.irq=auto and a usable line) the CPU sleeps
+ * in `sti; hlt` until the device interrupts (its handler reads the ISR, which acknowledges it and
+ * drops a level line, and keeps the bits), the agent's UART receives a byte, or the LAPIC timer
+ * reaches the balloon's next deadline; everything else runs with interrupts off, so handlers
+ * never race the loop. Polling (blimp.irq=poll, or no line) re-reads the ISR and the config
+ * every millisecond and never sleeps. docs/design.md, "Interrupts".
+ */
 #include "kernel/balloon_mode.h"
 #include "arch/x86/exit.h"
+#include "arch/x86/io.h"
+#include "arch/x86/irq.h"
+#include "arch/x86/serial.h"
 #include "kernel/agent.h"
 #include "kernel/devices.h"
 #include "kernel/mem.h"
+#include "lib/json.h"
 #include "lib/printf.h"
 #include "virtio/balloon.h"
 
-#define DEVICE_POLL_NS (1000ull * 1000) /* re-read the ISR and num_pages every millisecond */
+#define DEVICE_POLL_NS (1000ull * 1000)      /* polling: re-read the ISR and num_pages every ms */
+#define AGENT_POLL_NS  (10ull * 1000 * 1000) /* the agent without its interrupt */
+#define COM2_ISA_IRQ   3
 
 static struct virtio_transport transport;
 static struct balloon balloon;
 
-void balloon_mode_run(const struct options *opts)
+static volatile unsigned pending; /* VIRTIO_ISR_* bits the handlers saw, taken by the loop */
+static struct wait_stats ws = {.mode = "poll"};
+static int device_vector = -1;
+static bool agent_irq_routed;
+
+/* INTx: read (and so acknowledge) the ISR. 0 means the interrupt was not this device's: a
+ * shared line, or a stray delivery. */
+static void device_irq(void *ctx)
 {
+    (void)ctx;
+    uint8_t isr = transport.ops->read_isr(&transport);
+    if (isr == 0) {
+        ws.spurious++;
+        return;
+    }
+    ws.device_irqs++;
+    pending |= isr;
+}
+
+/* MSI-X: each message says what happened; nothing to read or acknowledge. */
+static void msix_config_irq(void *ctx)
+{
+    (void)ctx;
+    ws.device_irqs++;
+    pending |= VIRTIO_ISR_CONFIG;
+}
+
+static void msix_queue_irq(void *ctx)
+{
+    (void)ctx;
+    ws.device_irqs++;
+    pending |= VIRTIO_ISR_QUEUE;
+}
+
+/* COM2 received data (edge): the loop drains the UART, which drops the line for the next edge. */
+static void agent_irq(void *ctx)
+{
+    (void)ctx;
+    ws.agent_irqs++;
+}
+
+void balloon_mode_wait_stats(struct wait_stats *out)
+{
+    *out = ws;
+    out->exits = transport.exits;
+    struct irq_stats is;
+    irq_get_stats(&is);
+    out->timer_irqs = is.timer;
+    out->lapic_spurious = is.lapic_spurious;
+    out->uptime_ns = platform_now_ns();
+}
+
+unsigned balloon_mode_inject_spurious(unsigned n)
+{
+    if (device_vector < 0)
+        return 0;
+    for (unsigned i = 0; i < n; i++) {
+        irq_self_ipi((unsigned)device_vector);
+        cpu_sti_hlt_cli(); /* the IPI is pending: taken at once */
+    }
+    return n;
+}
+
+static void emit_wait_event(const char *reason, bool irqs_on)
+{
+    kprintf("balloon: waiting by %s%s%s\n", ws.mode, reason ? ": " : "", reason ? reason : "");
+    struct json j;
+    event_begin(&j, "irq");
+    json_str(&j, "mode", ws.mode);
+    if (reason)
+        json_str(&j, "reason", reason);
+    if (irqs_on) {
+        if (device_vector >= 0) {
+            json_u64(&j, "gsi", ws.gsi);
+            json_u64(&j, "vector", (uint64_t)device_vector);
+            json_bool(&j, "level", ws.level);
+            json_bool(&j, "active_low", ws.active_low);
+        }
+        json_bool(&j, "agent_irq", agent_irq_routed);
+        struct irq_stats is;
+        irq_get_stats(&is);
+        json_u64(&j, "ioapics", is.n_ioapics);
+        json_bool(&j, "madt", is.madt);
+        json_u64(&j, "timer_khz", is.timer_khz);
+    }
+    event_emit(&j);
+}
+
+/* Before the driver resets the device: MSI-X when the transport has it (the transport keeps
+ * the vectors through resets and falls back to INTx if the device refuses one). */
+static void try_msix(void)
+{
+    if (!transport.ops->msix_setup)
+        return;
+    int cv = irq_alloc_vector(msix_config_irq, NULL);
+    int qv = irq_alloc_vector(msix_queue_irq, NULL);
+    if (cv < 0 || qv < 0)
+        return;
+    struct virtio_msix_msg msgs[2];
+    irq_msi_message((unsigned)cv, &msgs[VIRTIO_MSIX_CONFIG].addr, &msgs[VIRTIO_MSIX_CONFIG].data);
+    irq_msi_message((unsigned)qv, &msgs[VIRTIO_MSIX_QUEUES].addr, &msgs[VIRTIO_MSIX_QUEUES].data);
+    transport.ops->msix_setup(&transport, msgs);
+}
+
+static void route_agent(void)
+{
+    /* COM2's IRQ 3, edge, active high unless the MADT says otherwise. */
+    unsigned agsi;
+    bool alevel = false, alow = false;
+    irq_isa_to_gsi(COM2_ISA_IRQ, &agsi, &alevel, &alow);
+    int av = irq_alloc_vector(agent_irq, NULL);
+    if (av >= 0 && irq_route_gsi(agsi, alevel, alow, (unsigned)av) == 0) {
+        serial_enable_rx_irq(COM2);
+        agent_irq_routed = true;
+    }
+}
+
+/* After balloon_init: MSI-X if it stayed on, else route the INTx line; and the agent's line.
+ * False (with the reason) keeps polling. */
+static bool setup_interrupts(const char **reason)
+{
+    struct virtio_irq *irq = &transport.irq;
+    if (!irq_ready()) {
+        *reason = "no usable local APIC / IOAPIC";
+        return false;
+    }
+    if (irq->kind == VIRTIO_IRQ_MSIX) {
+        ws.mode = "msix";
+        route_agent();
+        return true;
+    }
+    if (irq->kind != VIRTIO_IRQ_GSI) {
+        *reason = "the transport has no interrupt line";
+        return false;
+    }
+    unsigned gsi = irq->gsi;
+    bool level = irq->level, low = irq->active_low;
+    if (irq->isa)
+        irq_isa_to_gsi(irq->gsi, &gsi, &level, &low);
+    int v = irq_alloc_vector(device_irq, NULL);
+    if (v < 0 || irq_route_gsi(gsi, level, low, (unsigned)v) != 0) {
+        *reason = "no IOAPIC input for the device's GSI";
+        return false;
+    }
+    device_vector = v;
+    ws.mode = "intx";
+    ws.gsi = gsi;
+    ws.level = level;
+    ws.active_low = low;
+    route_agent();
+    return true;
+}
+
+void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
+{
+    /* First, so that the interrupt hardware is reported even when there is no device. */
+    bool irq_hw = opts->irq == IRQ_AUTO && irq_init(rsdp_phys);
     if (find_balloon(opts, &transport) != 0) {
         kprintf("blimp: error: no usable virtio balloon device found "
                 "(QEMU: -device virtio-balloon-pci, or virtio-balloon-device on microvm)\n");
@@ -28,6 +197,8 @@ void balloon_mode_run(const struct options *opts)
         kprintf("balloon: poison pattern 0x%lx does not repeat a 32-bit value: PAGE_POISON "
                 "declined\n",
                 opts->poison_pattern);
+    if (irq_hw)
+        try_msix();
     struct balloon_status st;
     if (balloon_init(&balloon, &transport, &kernel_buddy, &cfg) != 0) {
         balloon_get_status(&balloon, &st);
@@ -35,24 +206,65 @@ void balloon_mode_run(const struct options *opts)
             machine_exit(EXIT_PROTOCOL_ERROR, st.violation);
         machine_exit(EXIT_NO_DEVICE, "balloon device could not be brought up");
     }
-    agent_init(&balloon);
-    uint64_t last_poll = 0;
+    bool agent = agent_init(&balloon);
+    const char *reason = "blimp.irq=poll";
+    bool irqs = false;
+    if (opts->irq == IRQ_AUTO)
+        irqs = setup_interrupts(&reason);
+    emit_wait_event(irqs ? NULL : reason, irqs);
+    /* Whatever the device raised before its line was routed: look once at everything. */
+    pending = BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
+    balloon_get_status(&balloon, &st);
+    uint64_t last_poll = 0, last_agent = 0;
+    bool line_masked = false;
     for (;;) {
         uint64_t now = platform_now_ns();
-        bool poll_device = now - last_poll >= DEVICE_POLL_NS;
-        if (poll_device)
-            last_poll = now;
-        /* Polling: read (and so acknowledge) the ISR, and re-read the configuration every time
-         * whatever it says. */
         unsigned events = 0;
-        if (poll_device)
-            events = transport.ops->read_isr(&transport) | BALLOON_EV_CONFIG;
+        /* Free page hinting: QEMU 7.2 uses the hints in an iothread, and a device interrupt
+         * delivered from there (without its big lock) aborts QEMU under TCG. While hinted
+         * blocks are out, the INTx line stays masked at the IOAPIC and the device is polled
+         * as without interrupts (docs/design.md, "Interrupts"). */
+        bool hint_poll = irqs && device_vector >= 0 && (st.hinting || st.hinted_pages);
+        if (hint_poll != line_masked) {
+            if (hint_poll)
+                irq_mask_gsi(ws.gsi);
+            else
+                irq_route_gsi(ws.gsi, ws.level, ws.active_low, (unsigned)device_vector);
+            line_masked = hint_poll;
+            pending |= BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
+        }
+        if (irqs) {
+            events = pending; /* interrupts are off: no handler runs until the next sleep */
+            pending = 0;
+        }
+        if ((!irqs || line_masked) && now - last_poll >= DEVICE_POLL_NS) {
+            /* Polling: read (and so acknowledge) the ISR, and re-read the configuration every
+             * time whatever it says. */
+            last_poll = now;
+            events |= transport.ops->read_isr(&transport) | BALLOON_EV_CONFIG;
+        }
         balloon_poll(&balloon, events);
         balloon_get_status(&balloon, &st);
         if (st.state == BALLOON_BROKEN)
             machine_exit(EXIT_PROTOCOL_ERROR, st.violation);
         if (st.state == BALLOON_NEEDS_RESET) /* blimp.balloon.on_reset=stop */
             machine_exit(EXIT_DEVICE_NEEDS_RESET, "the balloon device needs a reset");
-        agent_poll();
+        bool busy = agent_poll();
+        if (!irqs || busy || pending)
+            continue; /* an agent command may have freed memory the balloon wants: poll again */
+        uint64_t deadline = balloon_next_deadline_ns(&balloon);
+        if (line_masked && last_poll + DEVICE_POLL_NS < deadline)
+            deadline = last_poll + DEVICE_POLL_NS;
+        if (agent && !agent_irq_routed) {
+            if (now - last_agent >= AGENT_POLL_NS)
+                last_agent = now;
+            if (last_agent + AGENT_POLL_NS < deadline)
+                deadline = last_agent + AGENT_POLL_NS;
+        }
+        if (deadline <= platform_now_ns())
+            continue;
+        irq_timer_arm(deadline);
+        ws.sleeps++;
+        cpu_sti_hlt_cli();
     }
 }

@@ -3,7 +3,27 @@
 
 #include "kernel/cmdline.h"
 
-/* The default mode: find the balloon, bring it up, follow the host's target forever. */
-__attribute__((noreturn)) void balloon_mode_run(const struct options *opts);
+/* The default mode: find the balloon, bring it up, follow the host's target forever
+ * (rsdp_phys: the loader's ACPI RSDP, 0 when none; the interrupt code needs the MADT). */
+__attribute__((noreturn)) void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys);
+
+/* How the loop waits and what it cost, for the agent's `state` (docs/agent.md). */
+struct wait_stats {
+    const char *mode; /* "intx", "msix" or "poll" */
+    unsigned gsi;     /* intx: the IOAPIC input */
+    bool level, active_low;
+    uint64_t device_irqs; /* device interrupts with ISR bits set */
+    uint64_t spurious;    /* device-vector interrupts that found the ISR 0 (shared/stray) */
+    uint64_t agent_irqs;  /* COM2 receive interrupts */
+    uint64_t timer_irqs, lapic_spurious;
+    uint64_t sleeps;    /* times the loop halted */
+    uint64_t uptime_ns; /* when these were taken */
+    struct virtio_exit_counts exits;
+};
+void balloon_mode_wait_stats(struct wait_stats *out);
+/* Send n interrupts on the device's vector that the device did not raise (the agent's
+ * `spurious` command): each must be counted as spurious and change nothing else. Returns how
+ * many were sent (0 when the device has no vector). */
+unsigned balloon_mode_inject_spurious(unsigned n);
 
 #endif

@@ -29,6 +29,7 @@ struct option_def {
 _Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
                    sizeof(enum fault_inject) == sizeof(int) &&
                    sizeof(enum virtio_choice) == sizeof(int) &&
+                   sizeof(enum irq_choice) == sizeof(int) &&
                    sizeof(enum balloon_inject) == sizeof(int) &&
                    sizeof(enum balloon_on_reset) == sizeof(int) &&
                    sizeof(enum balloon_queues) == sizeof(int),
@@ -46,6 +47,11 @@ static const char *const virtio_names[] = {
     [VIRTIO_MODERN] = "modern",
     [VIRTIO_LEGACY] = "legacy",
     [VIRTIO_MMIO_ONLY] = "mmio",
+    NULL,
+};
+static const char *const irq_names[] = {
+    [IRQ_AUTO] = "auto",
+    [IRQ_POLL] = "poll",
     NULL,
 };
 static const char *const balloon_inject_names[] = {
@@ -93,6 +99,10 @@ static const struct option_def option_defs[] = {
     {"blimp.virtio", OPT_ENUM, OPT(virtio), "auto",
      "auto (modern if the device has it) | modern | legacy | mmio (virtio-mmio only)", 0, 0,
      virtio_names},
+    {"blimp.irq", OPT_ENUM, OPT(irq), "auto",
+     "auto: sleep until a device interrupt, the agent or a deadline (polling when the device has "
+     "no usable line) | poll: poll the device every ms",
+     0, 0, irq_names},
     {"blimp.balloon.pfns", OPT_U32, OPT(balloon.pfns_per_buffer), NULL,
      "PFNs per inflate/deflate buffer, 1..65536", 1, 65536, NULL},
     {"blimp.balloon.buffers", OPT_U32, OPT(balloon.buffers), NULL,

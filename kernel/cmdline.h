@@ -32,6 +32,13 @@ enum fault_inject {
  * transitional virtio-pci device and the virtio-mmio version (2 or 1); mmio skips PCI. */
 enum virtio_choice { VIRTIO_AUTO, VIRTIO_MODERN, VIRTIO_LEGACY, VIRTIO_MMIO_ONLY };
 
+/* Firecracker passes one entry per device */
+/* How balloon mode waits for the device (blimp.irq). */
+enum irq_choice {
+    IRQ_AUTO, /* interrupts when the transport has a usable line, else polling */
+    IRQ_POLL, /* poll the device every millisecond and never sleep */
+};
+
 #define MAX_VIRTIO_MMIO 16 /* Firecracker passes one entry per device */
 
 struct options {
@@ -40,6 +47,7 @@ struct options {
     uint64_t poison_pattern; /* the 64-bit pattern */
     enum fault_inject inject;
     enum virtio_choice virtio;
+    enum irq_choice irq;
     struct balloon_config balloon; /* the driver's own settings, filled by blimp.balloon.* */
     /* virtio_mmio.device=<size>@<base>:<irq>[:<id>], in command-line order, no two overlapping */
     struct virtio_mmio_device virtio_mmio[MAX_VIRTIO_MMIO];

@@ -126,5 +126,5 @@ void kmain(uint32_t magic, uint32_t info_phys)
     case MODE_BALLOON:
         break;
     }
-    balloon_mode_run(&options);
+    balloon_mode_run(&options, boot_info.rsdp_phys);
 }

@@ -115,6 +115,7 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .oom_deflated_pages = b->oom_deflated_pages,
         .hinted_pages = b->hinted.pages,
         .hint_rounds = b->hint_rounds,
+        .hinting = b->hint_active || b->hint_stop_owed,
         .hint_released_pages = b->hint_released_pages,
         .inflight_report = b->inflight_report,
         .reported_pages = b->reported_pages,
@@ -1601,6 +1602,51 @@ static void poll_once(struct balloon *b, unsigned events)
         event_emit(&j);
         b->reached_logged = true;
     }
+}
+
+/* How often a running hinting round is looked at: its queue has interrupts off (see init). */
+#define HINT_POLL_NS (1000ull * 1000)
+
+static uint64_t earliest(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+uint64_t balloon_next_deadline_ns(const struct balloon *b)
+{
+    if (b->state == BALLOON_BROKEN)
+        return UINT64_MAX;
+    uint64_t now = platform_now_ns(), next = UINT64_MAX;
+    /* check_stall: the oldest buffer or report in flight times out (only a running device can
+     * stall; a stalled one recovers when it uses a buffer, which is an interrupt). */
+    if (b->state == BALLOON_RUNNING) {
+        for (unsigned i = 0; i < b->cfg.buffers; i++)
+            if (b->bufs[i].busy)
+                next = earliest(next, b->bufs[i].sent_ns + b->cfg.ack_timeout_ns + 1);
+        for (unsigned i = 0; i < BALLOON_REPORT_CHAINS; i++)
+            if (b->reports[i].busy)
+                next = earliest(next, b->reports[i].sent_ns + b->cfg.ack_timeout_ns + 1);
+    }
+    /* Hinting: more blocks to hint (hint_step stops after 64 a poll), descriptors the device
+     * frees without telling us, or a STOP still owed. */
+    if (b->has_hint_vq && (b->hint_active || b->hint_stop_owed)) {
+        bool more = b->hint_active && vq_num_free(&b->hint_vq) > 1 &&
+                    b->mm->free_pages > b->cfg.reserve_pages + 1;
+        next = earliest(next, more ? now : now + HINT_POLL_NS);
+    }
+    if (b->has_reporting && b->state == BALLOON_RUNNING && !inflate_wanted(b)) {
+        /* pass_due notices allocator activity only when it looks: let it look now. */
+        if (b->mm->allocs + b->mm->frees != b->mm_activity)
+            next = now;
+        else if (b->unsettled && !b->pass_active) {
+            uint64_t delay = (uint64_t)b->cfg.report_delay_ms * 1000000;
+            next = earliest(next, earliest(b->mm_changed_ns + delay,
+                                           b->unsettled_since_ns + REPORT_MAX_DEFER * delay));
+        }
+        /* A pass that is waiting only for its last chains ends when they come back (an
+         * interrupt); one cut short by budget starts again after the delay (unsettled). */
+    }
+    return next;
 }
 
 uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t timeout_ns)

@@ -153,6 +153,7 @@ struct balloon_status {
     uint32_t inflight_inflate, inflight_deflate;
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
     uint64_t hinted_pages, hint_rounds, hint_released_pages;
+    bool hinting;                           /* a hinting round runs (or its STOP is still owed) */
     uint64_t inflight_report;               /* pages held out of the allocator for reports */
     uint64_t reported_pages, report_chains; /* acknowledged by the device, all passes */
     uint64_t report_passes;
@@ -240,6 +241,12 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
 #define BALLOON_EV_CONFIG VIRTIO_ISR_CONFIG
 /* One non-blocking round: collect acknowledgements, follow the target, answer stats requests. */
 void balloon_poll(struct balloon *b, unsigned events);
+/* When balloon_poll must run next even if the device says nothing (platform_now_ns time):
+ * the earliest ack deadline of a buffer or report in flight (stall detection), the end of
+ * the reporting delay, free page hinting in progress (its queue raises no interrupts), or
+ * "now" when work is waiting for the next poll. UINT64_MAX: only a device event (or a change
+ * the caller makes, such as freeing memory) gives it something to do. */
+uint64_t balloon_next_deadline_ns(const struct balloon *b);
 /* Deflate-on-OOM: give back at least `pages` to the guest (telling the host first) when
  * DEFLATE_ON_OOM was negotiated. Returns the pages released (0 without the feature). When the
  * feature is negotiated, balloon_init registers this with the allocator as its reclaim hook

@@ -51,6 +51,8 @@ enum virtio_irq_kind {
 struct virtio_irq {
     enum virtio_irq_kind kind;
     unsigned gsi;    /* VIRTIO_IRQ_GSI: the IOAPIC input (global system interrupt) */
+    bool isa;        /* gsi is an 8259 IRQ number (a PCI interrupt line): the kernel maps it
+                        through the ACPI interrupt source overrides first */
     bool level;      /* level-triggered (PCI INTx; virtio-mmio on QEMU) */
     bool active_low; /* polarity */
 };
@@ -66,6 +68,16 @@ struct virtio_exit_counts {
     uint64_t notifies;                    /* queue notifications */
     uint64_t isr_reads;                   /* interrupt status reads (and acks) */
 };
+
+/* One MSI/MSI-X message: where the device writes, and what (the kernel's irq_msi_message). */
+struct virtio_msix_msg {
+    uint64_t addr;
+    uint32_t data;
+};
+
+#define VIRTIO_MSI_NO_VECTOR 0xffff /* spec 4.1.4.10.2: no vector, or the device refused one */
+#define VIRTIO_MSIX_CONFIG   0      /* the message configuration changes use */
+#define VIRTIO_MSIX_QUEUES   1      /* the message every queue's used buffers use */
 
 struct virtio_transport;
 
@@ -93,6 +105,14 @@ struct virtio_transport_ops {
     void (*notify)(struct virtio_transport *t, unsigned index);
     /* Read (and so acknowledge) the interrupt status: VIRTIO_ISR_* bits. */
     uint8_t (*read_isr)(struct virtio_transport *t);
+    /* Optional (NULL: the transport has no MSI-X, e.g. virtio-mmio). Deliver configuration
+     * changes with msgs[VIRTIO_MSIX_CONFIG] and every queue's used buffers with
+     * msgs[VIRTIO_MSIX_QUEUES], instead of the INTx line. Call it before the driver resets the
+     * device: the transport assigns its vectors again after every reset and as each queue is
+     * enabled, reads each back, and when the device refuses one (VIRTIO_MSI_NO_VECTOR) turns
+     * MSI-X off and goes back to t->irq's INTx line. t->irq.kind says which is in effect.
+     * Returns 0, or -1 when the device has no usable MSI-X (INTx stays). */
+    int (*msix_setup)(struct virtio_transport *t, const struct virtio_msix_msg msgs[2]);
 };
 
 struct virtio_transport {

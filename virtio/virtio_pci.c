@@ -11,6 +11,13 @@
 #include "include/platform.h"
 
 #define VIRTIO_VENDOR    0x1af4
+#define PCI_CAP_ID_MSIX  0x11
+#define MSIX_CTRL        2 /* capability offsets: message control, table offset/BIR */
+#define MSIX_TABLE       4
+#define MSIX_CAP_SIZE    12
+#define MSIX_ENABLE      0x8000
+#define MSIX_FUNC_MASK   0x4000
+#define MSIX_ENTRY       16 /* table entry: addr lo, addr hi, data, vector control */
 #define RESET_TIMEOUT_NS (1000ull * 1000 * 1000)
 
 /* Device ids (spec 4.1.2): modern-only 0x1040 + type; transitional 0x1000..0x103f, with the
@@ -66,13 +73,20 @@ enum {
     L_QUEUE_NOTIFY = 16,
     L_STATUS = 18,
     L_ISR = 19,
-    L_CONFIG = 20,
+    L_CONFIG = 20,      /* device config without MSI-X */
+    L_MSIX_CONFIG = 20, /* with MSI-X on: the config vector, */
+    L_MSIX_QUEUE = 22,  /* the selected queue's vector, */
+    L_CONFIG_MSIX = 24, /* and the device config after them */
 };
 
 static struct virtio_pci *vp_of(struct virtio_transport *t)
 {
     return t->priv;
 }
+
+static void msix_assign_config(struct virtio_transport *t);
+static void msix_assign_queue(struct virtio_transport *t);
+static int msix_setup(struct virtio_transport *t, const struct virtio_msix_msg msgs[2]);
 
 static bool cfg_in_range(struct virtio_transport *t, unsigned off, unsigned width)
 {
@@ -99,11 +113,13 @@ static void region_write(const struct bus_region *r, uint64_t off, unsigned widt
 
 static uint8_t m_get_status(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read8(&vp_of(t)->common, CC_STATUS);
 }
 
 static void m_set_status(struct virtio_transport *t, uint8_t s)
 {
+    t->exits.status++;
     bus_write8(&vp_of(t)->common, CC_STATUS, s);
 }
 
@@ -116,12 +132,14 @@ static int m_reset(struct virtio_transport *t)
     while (m_get_status(t) != 0)
         if (platform_now_ns() > deadline)
             return -1;
+    msix_assign_config(t); /* a reset drops the device's vectors (QEMU: to NO_VECTOR) */
     return 0;
 }
 
 static uint64_t m_get_features(struct virtio_transport *t)
 {
     const struct bus_region *c = &vp_of(t)->common;
+    t->exits.status += 4;
     bus_write32(c, CC_DFSELECT, 0);
     uint64_t lo = bus_read32(c, CC_DF);
     bus_write32(c, CC_DFSELECT, 1);
@@ -132,6 +150,7 @@ static uint64_t m_get_features(struct virtio_transport *t)
 static void m_set_features(struct virtio_transport *t, uint64_t f)
 {
     const struct bus_region *c = &vp_of(t)->common;
+    t->exits.status += 4;
     bus_write32(c, CC_GFSELECT, 0);
     bus_write32(c, CC_GF, (uint32_t)f);
     bus_write32(c, CC_GFSELECT, 1);
@@ -142,6 +161,7 @@ static bool m_config_read(struct virtio_transport *t, unsigned off, unsigned wid
 {
     if (!cfg_in_range(t, off, width))
         return false;
+    t->exits.config_reads++;
     *v = region_read(&vp_of(t)->device_cfg, off, width);
     return true;
 }
@@ -150,20 +170,24 @@ static bool m_config_write(struct virtio_transport *t, unsigned off, unsigned wi
 {
     if (!cfg_in_range(t, off, width))
         return false;
+    t->exits.config_writes++;
     region_write(&vp_of(t)->device_cfg, off, width, v);
     return true;
 }
 
 static uint32_t m_config_generation(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read8(&vp_of(t)->common, CC_CFGGEN);
 }
 
 static uint16_t m_queue_max_size(struct virtio_transport *t, unsigned index)
 {
     const struct bus_region *c = &vp_of(t)->common;
+    t->exits.status++;
     if (index >= bus_read16(c, CC_NUMQ))
         return 0;
+    t->exits.status += 2;
     bus_write16(c, CC_Q_SELECT, (uint16_t)index);
     return bus_read16(c, CC_Q_SIZE);
 }
@@ -181,9 +205,11 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
     const struct bus_region *c = &vp->common;
     if (index >= VIRTIO_PCI_MAX_QUEUES)
         return -1;
+    t->exits.status += 10;
     bus_write16(c, CC_Q_SELECT, (uint16_t)index);
     bus_write16(c, CC_Q_SIZE, size);
-    bus_write16(c, CC_Q_MSIX, 0xffff); /* no vector: we poll the used rings and the ISR */
+    bus_write16(c, CC_Q_MSIX, VIRTIO_MSI_NO_VECTOR);
+    msix_assign_queue(t); /* with MSI-X on: the queues' vector, read back */
     bus_write32(c, CC_Q_DESCLO, (uint32_t)a->desc);
     bus_write32(c, CC_Q_DESCHI, (uint32_t)(a->desc >> 32));
     bus_write32(c, CC_Q_AVAILLO, (uint32_t)a->avail);
@@ -200,6 +226,7 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
         return -1;
     }
     vp->notify_off[index] = noff;
+    t->exits.status++;
     bus_write16(c, CC_Q_ENABLE, 1);
     return 0;
 }
@@ -207,6 +234,7 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
 static void m_notify(struct virtio_transport *t, unsigned index)
 {
     struct virtio_pci *vp = vp_of(t);
+    t->exits.notifies++;
     if (index < VIRTIO_PCI_MAX_QUEUES)
         bus_write16(&vp->notify, (uint64_t)vp->notify_off[index] * vp->notify_mult,
                     (uint16_t)index);
@@ -214,6 +242,7 @@ static void m_notify(struct virtio_transport *t, unsigned index)
 
 static uint8_t m_read_isr(struct virtio_transport *t)
 {
+    t->exits.isr_reads++;
     return bus_read8(&vp_of(t)->isr, 0);
 }
 
@@ -231,6 +260,7 @@ static const struct virtio_transport_ops modern_ops = {
     .queue_enable = m_queue_enable,
     .notify = m_notify,
     .read_isr = m_read_isr,
+    .msix_setup = msix_setup,
 };
 
 /* ---- legacy ---- */
@@ -242,27 +272,34 @@ static const struct bus_region *io_of(struct virtio_transport *t)
 
 static uint8_t l_get_status(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read8(io_of(t), L_STATUS);
 }
 
 static void l_set_status(struct virtio_transport *t, uint8_t s)
 {
+    t->exits.status++;
     bus_write8(io_of(t), L_STATUS, s);
 }
 
 static int l_reset(struct virtio_transport *t)
 {
     l_set_status(t, 0);
-    return l_get_status(t) == 0 ? 0 : -1; /* legacy reset completes on the write */
+    if (l_get_status(t) != 0) /* legacy reset completes on the write */
+        return -1;
+    msix_assign_config(t);
+    return 0;
 }
 
 static uint64_t l_get_features(struct virtio_transport *t)
 {
+    t->exits.status++;
     return bus_read32(io_of(t), L_HOST_FEATURES);
 }
 
 static void l_set_features(struct virtio_transport *t, uint64_t f)
 {
+    t->exits.status++;
     bus_write32(io_of(t), L_GUEST_FEATURES, (uint32_t)f);
 }
 
@@ -270,7 +307,8 @@ static bool l_config_read(struct virtio_transport *t, unsigned off, unsigned wid
 {
     if (!cfg_in_range(t, off, width))
         return false;
-    *v = region_read(io_of(t), L_CONFIG + off, width);
+    t->exits.config_reads++;
+    *v = region_read(io_of(t), vp_of(t)->legacy_cfg + off, width);
     return true;
 }
 
@@ -278,7 +316,8 @@ static bool l_config_write(struct virtio_transport *t, unsigned off, unsigned wi
 {
     if (!cfg_in_range(t, off, width))
         return false;
-    region_write(io_of(t), L_CONFIG + off, width, v);
+    t->exits.config_writes++;
+    region_write(io_of(t), vp_of(t)->legacy_cfg + off, width, v);
     return true;
 }
 
@@ -290,6 +329,7 @@ static uint32_t l_config_generation(struct virtio_transport *t)
 
 static uint16_t l_queue_max_size(struct virtio_transport *t, unsigned index)
 {
+    t->exits.status += 2;
     bus_write16(io_of(t), L_QUEUE_SEL, (uint16_t)index);
     return bus_read16(io_of(t), L_QUEUE_NUM);
 }
@@ -303,22 +343,26 @@ static bool l_needs_legacy_layout(struct virtio_transport *t)
 static int l_queue_enable(struct virtio_transport *t, unsigned index, uint16_t size,
                           const struct vq_addrs *a)
 {
+    t->exits.status += 3;
     bus_write16(io_of(t), L_QUEUE_SEL, (uint16_t)index);
     /* Legacy queues have the device's fixed size and one contiguous 4 KiB-aligned area. */
     if (bus_read16(io_of(t), L_QUEUE_NUM) != size || (a->desc & 0xfff) ||
         (a->desc >> 12) > 0xffffffffu)
         return -1;
     bus_write32(io_of(t), L_QUEUE_PFN, (uint32_t)(a->desc >> 12));
+    msix_assign_queue(t); /* the queue is still selected */
     return 0;
 }
 
 static void l_notify(struct virtio_transport *t, unsigned index)
 {
+    t->exits.notifies++;
     bus_write16(io_of(t), L_QUEUE_NOTIFY, (uint16_t)index);
 }
 
 static uint8_t l_read_isr(struct virtio_transport *t)
 {
+    t->exits.isr_reads++;
     return bus_read8(io_of(t), L_ISR);
 }
 
@@ -336,7 +380,121 @@ static const struct virtio_transport_ops legacy_ops = {
     .queue_enable = l_queue_enable,
     .notify = l_notify,
     .read_isr = l_read_isr,
+    .msix_setup = msix_setup,
 };
+
+/* ---- MSI-X ---- */
+
+static unsigned msix_entry(const struct virtio_pci *vp, unsigned which)
+{
+    return vp->msix_size > which ? which : 0; /* a one-entry table serves both */
+}
+
+/* The device refused a vector, or MSI-X cannot be had: INTx again (and, on legacy, the device
+ * config back at 20). */
+static void msix_off(struct virtio_transport *t, const char *why)
+{
+    struct virtio_pci *vp = vp_of(t);
+    const struct pci_func *f = &vp->pci;
+    uint16_t ctrl = pci_cfg_read16(f, vp->msix_cap + MSIX_CTRL);
+    pci_cfg_write16(f, vp->msix_cap + MSIX_CTRL, (uint16_t)(ctrl & ~MSIX_ENABLE));
+    uint16_t cmd = pci_cfg_read16(f, PCI_CFG_COMMAND);
+    pci_cfg_write16(f, PCI_CFG_COMMAND, (uint16_t)(cmd & ~PCI_CMD_INTX_OFF));
+    vp->msix_on = false;
+    if (t->legacy) {
+        vp->legacy_cfg = L_CONFIG;
+        t->config_size = (unsigned)(vp->legacy.size - L_CONFIG);
+    }
+    t->irq = vp->intx;
+    platform_log("virtio-pci: MSI-X off (%s): back to %s", why,
+                 t->irq.kind == VIRTIO_IRQ_GSI ? "INTx" : "polling");
+}
+
+/* Write a vector register and read it back: VIRTIO_MSI_NO_VECTOR back means refused. */
+static bool msix_set(struct virtio_transport *t, unsigned which)
+{
+    struct virtio_pci *vp = vp_of(t);
+    uint16_t want = (uint16_t)msix_entry(vp, which), got;
+    t->exits.status += 2;
+    if (t->legacy) {
+        unsigned reg = which == VIRTIO_MSIX_CONFIG ? L_MSIX_CONFIG : L_MSIX_QUEUE;
+        bus_write16(&vp->legacy, reg, want);
+        got = bus_read16(&vp->legacy, reg);
+    } else {
+        unsigned reg = which == VIRTIO_MSIX_CONFIG ? CC_MSIX : CC_Q_MSIX;
+        bus_write16(&vp->common, reg, want);
+        got = bus_read16(&vp->common, reg);
+    }
+    return got == want;
+}
+
+static void msix_assign_config(struct virtio_transport *t)
+{
+    if (vp_of(t)->msix_on && !msix_set(t, VIRTIO_MSIX_CONFIG))
+        msix_off(t, "the device refused the config vector");
+}
+
+static void msix_assign_queue(struct virtio_transport *t)
+{
+    if (vp_of(t)->msix_on && !msix_set(t, VIRTIO_MSIX_QUEUES))
+        msix_off(t, "the device refused a queue vector");
+}
+
+/* The MSI-X capability, if the device has one, and its table (checked against its BAR). */
+static void find_msix(struct virtio_pci *vp)
+{
+    const struct pci_func *f = &vp->pci;
+    unsigned cap = pci_find_cap(f, PCI_CAP_ID_MSIX);
+    if (!cap || cap + MSIX_CAP_SIZE > PCI_CFG_SIZE)
+        return;
+    unsigned size = (pci_cfg_read16(f, cap + MSIX_CTRL) & 0x7ff) + 1;
+    uint32_t where = pci_cfg_read32(f, cap + MSIX_TABLE);
+    unsigned bir = where & 7;
+    uint64_t off = where & ~7u, len = (uint64_t)size * MSIX_ENTRY;
+    if (bir >= PCI_BARS || f->bar[bir].io || off + len > f->bar[bir].size ||
+        pci_map_bar(f, bir, off, len, &vp->msix_table) != 0) {
+        platform_log("virtio-pci: MSI-X table (BAR %u, 0x%lx, %u entries) is unusable", bir,
+                     (unsigned long)off, size);
+        return;
+    }
+    vp->msix_cap = cap;
+    vp->msix_size = size;
+}
+
+static int msix_setup(struct virtio_transport *t, const struct virtio_msix_msg msgs[2])
+{
+    struct virtio_pci *vp = vp_of(t);
+    const struct pci_func *f = &vp->pci;
+    if (!vp->msix_cap)
+        return -1;
+    uint16_t ctrl = pci_cfg_read16(f, vp->msix_cap + MSIX_CTRL);
+    /* Program the table with the function masked, then unmask (PCI 6.8.2.9). */
+    pci_cfg_write16(f, vp->msix_cap + MSIX_CTRL, (uint16_t)(ctrl | MSIX_ENABLE | MSIX_FUNC_MASK));
+    for (unsigned i = 0; i < 2 && i < vp->msix_size; i++) {
+        uint64_t e = (uint64_t)i * MSIX_ENTRY;
+        bus_write32(&vp->msix_table, e, (uint32_t)msgs[i].addr);
+        bus_write32(&vp->msix_table, e + 4, (uint32_t)(msgs[i].addr >> 32));
+        bus_write32(&vp->msix_table, e + 8, msgs[i].data);
+        bus_write32(&vp->msix_table, e + 12, 0); /* unmasked */
+    }
+    pci_cfg_write16(f, vp->msix_cap + MSIX_CTRL,
+                    (uint16_t)((ctrl | MSIX_ENABLE) & ~MSIX_FUNC_MASK));
+    uint16_t cmd = pci_cfg_read16(f, PCI_CFG_COMMAND);
+    pci_cfg_write16(f, PCI_CFG_COMMAND, (uint16_t)(cmd | PCI_CMD_INTX_OFF));
+    vp->msix_on = true;
+    if (t->legacy) {
+        vp->legacy_cfg = L_CONFIG_MSIX;
+        t->config_size = (unsigned)(vp->legacy.size - L_CONFIG_MSIX);
+    }
+    t->irq = (struct virtio_irq){.kind = VIRTIO_IRQ_MSIX};
+    msix_assign_config(t);
+    if (!vp->msix_on)
+        return -1;
+    platform_log("virtio-pci: MSI-X on: %u table entries, config vector %u, queue vector %u",
+                 vp->msix_size, msix_entry(vp, VIRTIO_MSIX_CONFIG),
+                 msix_entry(vp, VIRTIO_MSIX_QUEUES));
+    return 0;
+}
 
 /* ---- discovery ---- */
 
@@ -430,14 +588,40 @@ static int setup_legacy(struct virtio_pci *vp, struct virtio_transport *t)
 {
     const struct pci_bar *b = &vp->pci.bar[0];
     /* Modern-only devices (0x1040+) have no legacy face, whatever BAR0 looks like. */
-    if (vp->pci.device >= VIRTIO_PCI_MODERN_BASE || !b->io || !b->base || b->size <= L_CONFIG ||
+    /* Room for the MSI-X registers too when the device has MSI-X (its config then starts at
+     * 24). */
+    unsigned need = vp->msix_cap ? L_CONFIG_MSIX : L_CONFIG;
+    if (vp->pci.device >= VIRTIO_PCI_MODERN_BASE || !b->io || !b->base || b->size <= need ||
         pci_map_bar(&vp->pci, 0, 0, b->size, &vp->legacy) != 0)
         return -1;
     t->ops = &legacy_ops;
     t->name = "virtio-pci-legacy";
     t->legacy = true;
+    vp->legacy_cfg = L_CONFIG;
     t->config_size = (unsigned)(vp->legacy.size - L_CONFIG);
     return 0;
+}
+
+/* INTx (spec 4.1.5.3): the pin the device uses and the line the firmware routed it to, in the
+ * standard header. The line is an 8259 IRQ number (what SeaBIOS/OVMF wrote), so the kernel maps it
+ * through the ACPI overrides; PCI's own default is level-triggered, active low. */
+static void find_intx(struct virtio_pci *vp, struct virtio_transport *t)
+{
+    const struct pci_func *f = &vp->pci;
+    uint8_t pin = pci_cfg_read8(f, PCI_CFG_INT_PIN), line = pci_cfg_read8(f, PCI_CFG_INT_LINE);
+    t->irq = (struct virtio_irq){.kind = VIRTIO_IRQ_NONE};
+    if (pin < 1 || pin > 4 || line == 0 || line >= 0xf0) {
+        platform_log("virtio-pci: no INTx line (pin %u, line %u): polling", pin, line);
+        return;
+    }
+    /* Interrupts on: clear INTx Disable in case firmware set it. */
+    uint16_t cmd = pci_cfg_read16(f, PCI_CFG_COMMAND);
+    if (cmd & PCI_CMD_INTX_OFF)
+        pci_cfg_write16(f, PCI_CFG_COMMAND, (uint16_t)(cmd & ~PCI_CMD_INTX_OFF));
+    t->irq = (struct virtio_irq){
+        .kind = VIRTIO_IRQ_GSI, .gsi = line, .isa = true, .level = true, .active_low = true};
+    vp->intx = t->irq;
+    platform_log("virtio-pci: INTx pin %c, line %u", 'A' + pin - 1, line);
 }
 
 int virtio_pci_find(uint16_t device_id, enum virtio_pci_choice choice, struct virtio_pci *vp,
@@ -451,6 +635,7 @@ int virtio_pci_find(uint16_t device_id, enum virtio_pci_choice choice, struct vi
     platform_log("virtio-pci: %02x:%02x.%u %04x:%04x rev %u (virtio type %u)", f->bus, f->dev,
                  f->fn, f->vendor, f->device, f->revision, device_id);
     pci_enable(f);
+    find_msix(vp);
     t->priv = vp;
     t->device_id = device_id;
     int rc = -1;
@@ -458,6 +643,8 @@ int virtio_pci_find(uint16_t device_id, enum virtio_pci_choice choice, struct vi
         rc = setup_modern(vp, t);
     if (rc != 0 && choice != VIRTIO_PCI_MODERN)
         rc = setup_legacy(vp, t);
+    if (rc == 0)
+        find_intx(vp, t);
     if (rc != 0)
         platform_log("virtio-pci: the device has no usable %s interface",
                      choice == VIRTIO_PCI_MODERN   ? "modern"

@@ -22,6 +22,14 @@ struct virtio_pci {
     uint16_t notify_off[VIRTIO_PCI_MAX_QUEUES];
     /* legacy: the register header and device config in I/O BAR0 */
     struct bus_region legacy;
+    unsigned legacy_cfg; /* where the device config starts: 20, or 24 with MSI-X on */
+    /* MSI-X (PCI 3.0 6.8.2; virtio 4.1.4.10.2): the capability, its table, and whether the
+     * device's vectors are in use; intx is the line to go back to. */
+    unsigned msix_cap;  /* config offset, 0: none */
+    unsigned msix_size; /* table entries */
+    struct bus_region msix_table;
+    bool msix_on;
+    struct virtio_irq intx;
 };
 
 /* Finds the first virtio-pci device of virtio type device_id and binds t to the chosen face

@@ -11,7 +11,7 @@ struct trap_frame {
 };
 
 /* Installs the IDT: every exception prints the vector, error code and registers, then exits
- * with EXIT_CPU_EXCEPTION. */
+ * with EXIT_CPU_EXCEPTION; vectors 32..255 go to irq_dispatch (arch/x86/irq.h) and return. */
 void traps_init(void);
 
 static inline uint64_t read_cr2(void)

@@ -46,6 +46,28 @@ static inline void cpuid(uint32_t leaf, uint32_t sub, uint32_t *a, uint32_t *b, 
 {
     __asm__ __volatile__("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
 }
+static inline uint64_t rdmsr(uint32_t msr)
+{
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void wrmsr(uint32_t msr, uint64_t v)
+{
+    __asm__ __volatile__("wrmsr" ::"c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)));
+}
+static inline void cpu_cli(void)
+{
+    __asm__ __volatile__("cli" ::: "memory");
+}
+/* Enable interrupts and halt until one has been handled, then disable them again. `sti` takes
+ * effect only after the next instruction, so an interrupt pending when sti runs is taken after
+ * hlt has started and wakes it: no wake-up is lost between the caller's last check and the hlt.
+ */
+static inline void cpu_sti_hlt_cli(void)
+{
+    __asm__ __volatile__("sti; hlt; cli" ::: "memory");
+}
 static inline void cpu_pause(void)
 {
     __asm__ __volatile__("pause" ::: "memory");

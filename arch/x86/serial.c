@@ -1,4 +1,5 @@
-/* 16550 UART by polling: the console (COM1) and the agent's command channel (COM2). */
+/* 16550 UART: the console (COM1, polled) and the agent's command channel (COM2, polled or woken
+ * by its receive interrupt). */
 #include "arch/x86/serial.h"
 #include "arch/x86/io.h"
 #include "lib/console.h"
@@ -30,6 +31,12 @@ void serial_write(uint16_t port, const char *s, size_t n)
             cpu_pause();
         outb(port + THR, (uint8_t)s[i]);
     }
+}
+
+void serial_enable_rx_irq(uint16_t port)
+{
+    outb(port + IER, 0x01);                   /* received data available */
+    outb(port + MCR, inb(port + MCR) | 0x08); /* OUT2: gates the IRQ line on PCs */
 }
 
 int serial_getc(uint16_t port)

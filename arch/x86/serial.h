@@ -13,6 +13,8 @@ bool serial_init(uint16_t port);
 void serial_write(uint16_t port, const char *s, size_t n);
 /* Non-blocking read: returns -1 when no byte is waiting. */
 int serial_getc(uint16_t port);
+/* Raise the UART's IRQ while received data waits (the line drops once it is all read). */
+void serial_enable_rx_irq(uint16_t port);
 /* COM1 becomes the console (lib/console.h). */
 void serial_console_init(void);
 

@@ -1,5 +1,6 @@
-/* Exception entry points: give every vector the same frame (a dummy error code where the CPU
- * pushes none), save the general registers and call trap_handler(struct trap_frame *). */
+/* Entry points of all 256 vectors: give every vector the same frame (a dummy error code where the
+ * CPU pushes none), save the general registers and call trap_handler(struct trap_frame *).
+ * Exceptions (0-31) never come back from it; external interrupts (32-255) return with iretq. */
     .text
     .code64
 
@@ -63,11 +64,40 @@ trap_common:
     push %r14
     push %r15
     mov %rsp, %rdi
+    mov %rsp, %rbp            /* callee-saved: the frame pointer survives the call */
     and $-16, %rsp
     call trap_handler
-1:  cli
-    hlt
-    jmp 1b
+    mov %rbp, %rsp
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    add $16, %rsp             /* vector and error code */
+    iretq
+
+/* External vectors 32..255: 16 bytes apart from irq_entries (traps.c computes the addresses). */
+    .balign 16
+    .global irq_entries
+irq_entries:
+    .set irq_vec, 32
+    .rept 224
+    .balign 16
+    pushq $0
+    pushq $irq_vec
+    jmp trap_common
+    .set irq_vec, irq_vec + 1
+    .endr
 
     .section .rodata
     .balign 8

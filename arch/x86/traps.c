@@ -1,5 +1,6 @@
 #include "arch/x86/cpu.h"
 #include "arch/x86/exit.h"
+#include "arch/x86/irq.h"
 #include "lib/json.h"
 #include "lib/printf.h"
 
@@ -13,8 +14,9 @@ struct idt_entry {
     uint32_t zero;
 } __attribute__((packed));
 
-static struct idt_entry idt[32] __attribute__((aligned(16)));
+static struct idt_entry idt[256] __attribute__((aligned(16)));
 extern const uint64_t trap_entries[32];
+extern const char irq_entries[]; /* vectors 32..255, 16 bytes each (trap_entry.S) */
 
 static const char *const vector_names[32] = {
     "#DE divide error",
@@ -53,8 +55,8 @@ static const char *const vector_names[32] = {
 
 void traps_init(void)
 {
-    for (int v = 0; v < 32; v++) {
-        uint64_t a = trap_entries[v];
+    for (int v = 0; v < 256; v++) {
+        uint64_t a = v < 32 ? trap_entries[v] : (uint64_t)(uintptr_t)&irq_entries[(v - 32) * 16];
         idt[v] = (struct idt_entry){
             .offset_lo = (uint16_t)a,
             .selector = 0x08,
@@ -73,6 +75,10 @@ void traps_init(void)
 void trap_handler(struct trap_frame *f);
 void trap_handler(struct trap_frame *f)
 {
+    if (f->vector >= 32) {
+        irq_dispatch((unsigned)f->vector);
+        return;
+    }
     const char *name = f->vector < 32 ? vector_names[f->vector] : "unknown";
     kprintf("\nblimp: CPU exception %lu (%s) error_code=0x%lx\n", f->vector, name, f->error_code);
     kprintf("  rip=%016lx cs=%04lx rflags=%016lx rsp=%016lx ss=%04lx cr2=%016lx\n", f->rip, f->cs,

@@ -2624,6 +2624,66 @@ static void test_report_budget_and_delay(void **state)
     env_free(e);
 }
 
+/* balloon_next_deadline_ns: what an interrupt-driven loop sleeps until. Nothing to do: never;
+ * buffers in flight: their ack timeout (the stall is declared right after it); allocator
+ * activity not yet seen: now; a reporting delay running: its end. */
+static void test_next_deadline(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.ack_timeout_ns = 20 * MS;
+    assert_int_equal(env_start(e), 0);
+    assert_int_equal(balloon_next_deadline_ns(&e->b), UINT64_MAX);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 500);
+    uint64_t t0 = platform_now_ns();
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    uint64_t t1 = platform_now_ns();
+    uint64_t d = balloon_next_deadline_ns(&e->b);
+    assert_true(d >= t0 + 20 * MS && d <= t1 + 20 * MS + 1);
+    /* Polls before it change nothing; one after it declares the stall. */
+    balloon_poll(&e->b, 0);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    fake_clock_skip(d - platform_now_ns());
+    balloon_poll(&e->b, 0);
+    assert_int_equal(e->b.state, BALLOON_STALLED);
+    /* Stalled: only the device using a buffer (an interrupt) changes that. */
+    assert_int_equal(balloon_next_deadline_ns(&e->b), UINT64_MAX);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u);
+    balloon_poll(&e->b, BALLOON_EV_QUEUE);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_int_equal(e->b.actual, 500);
+    assert_int_equal(balloon_next_deadline_ns(&e->b), UINT64_MAX);
+    env_free(e);
+
+    /* Reporting with a 1 s delay. */
+    struct frag f;
+    e = env_fragmented(&f);
+    report_settle(e);
+    e->b.cfg.report_delay_ms = 1000;
+    assert_int_equal(balloon_next_deadline_ns(&e->b), UINT64_MAX);
+    free_kept(e, f.kept, 0, 4);
+    assert_true(balloon_next_deadline_ns(&e->b) <= platform_now_ns()); /* activity: look now */
+    balloon_poll(&e->b, 0);
+    uint64_t seen = platform_now_ns();
+    d = balloon_next_deadline_ns(&e->b);
+    assert_true(d > seen && d <= seen + 1000 * MS);
+    uint64_t reported = e->fb.reported_pages;
+    fake_clock_skip(d - platform_now_ns());
+    balloon_poll(&e->b, 0);
+    balloon_poll(&e->b, 0);
+    assert_true(e->fb.reported_pages > reported); /* the pass came at the deadline */
+    fake_clock_skip(1000 * MS);
+    report_settle(e);
+    assert_int_equal(balloon_next_deadline_ns(&e->b), UINT64_MAX);
+    free_kept(e, f.kept, 4, f.nkept);
+    e->b.cfg.report_delay_ms = 0;
+    report_settle(e);
+    assert_clean(e);
+    env_free(e);
+}
+
 static void test_report_and_inflate(void **state)
 {
     (void)state;
@@ -2800,6 +2860,7 @@ int main(void)
         cmocka_unit_test(test_queue_smaller_than_buffers),
         cmocka_unit_test(test_target_lowered_mid_inflate),
         cmocka_unit_test(test_stall_and_recovery),
+        cmocka_unit_test(test_next_deadline),
         cmocka_unit_test(test_must_tell_host_before_reuse),
         cmocka_unit_test(test_legacy_round_trip),
         cmocka_unit_test(test_violation_inflate_bad_id),

@@ -59,6 +59,8 @@ struct modern_model {
     uint32_t dfselect, gfselect;
     uint8_t status, generation;
     uint16_t num_queues, select;
+    uint16_t msix_config;
+    bool refuse_config_vector, refuse_queue_vector; /* store VIRTIO_MSI_NO_VECTOR instead */
     struct modern_queue q[VIRTIO_PCI_MAX_QUEUES];
     bool never_resets;    /* status writes of 0 are ignored */
     unsigned reset_delay; /* status reads that still show the old status after a reset */
@@ -90,6 +92,7 @@ static void modern_reset(struct modern_model *m)
     m->driver_features = 0;
     m->dfselect = m->gfselect = 0;
     m->select = 0;
+    m->msix_config = VIRTIO_MSI_NO_VECTOR;
     for (unsigned i = 0; i < VIRTIO_PCI_MAX_QUEUES; i++) {
         struct modern_queue *q = &m->q[i];
         q->size = i < m->num_queues ? QUEUE_MAX : 0;
@@ -137,7 +140,7 @@ static uint32_t common_read(void *arg, uint64_t off, unsigned width)
     case 0x0c:
         return half(m->driver_features, m->gfselect);
     case 0x10:
-        return 0xffff;
+        return m->msix_config;
     case 0x12:
         return m->num_queues;
     case 0x14:
@@ -215,6 +218,9 @@ static void common_write(void *arg, uint64_t off, unsigned width, uint32_t v)
         } else
             modern_reset(m);
         break;
+    case 0x10:
+        m->msix_config = m->refuse_config_vector ? VIRTIO_MSI_NO_VECTOR : (uint16_t)v;
+        break;
     case 0x16:
         m->select = (uint16_t)v;
         break;
@@ -222,7 +228,7 @@ static void common_write(void *arg, uint64_t off, unsigned width, uint32_t v)
         q->size = (uint16_t)v;
         break;
     case 0x1a:
-        q->msix = (uint16_t)v;
+        q->msix = m->refuse_queue_vector ? VIRTIO_MSI_NO_VECTOR : (uint16_t)v;
         break;
     case 0x1c:
         q->enable = (uint16_t)v;
@@ -260,7 +266,18 @@ struct legacy_model {
     uint8_t status, isr;
     uint8_t config[IO_SIZE - 20];
     unsigned bad_accesses;
+    /* MSI-X: the function's config space and capability, to see whether it is enabled (the
+     * vectors at 20 and 22 then push the device config to 24). */
+    const uint8_t *pci_config;
+    unsigned msix_cap;
+    uint16_t msix_config, msix_queue[VIRTIO_PCI_MAX_QUEUES];
+    bool refuse_vectors; /* store VIRTIO_MSI_NO_VECTOR instead */
 };
+
+static bool legacy_msix_on(const struct legacy_model *l)
+{
+    return l->pci_config && l->msix_cap && (l->pci_config[l->msix_cap + 3] & 0x80);
+}
 
 static unsigned legacy_width(uint64_t off)
 {
@@ -272,9 +289,12 @@ static unsigned legacy_width(uint64_t off)
 static uint32_t legacy_read(void *arg, uint64_t off, unsigned width)
 {
     struct legacy_model *l = arg;
-    if (off >= 20) {
+    unsigned base = legacy_msix_on(l) ? 24 : 20;
+    if (base == 24 && (off == 20 || off == 22) && width == 2)
+        return off == 20 ? l->msix_config : l->msix_queue[l->select % VIRTIO_PCI_MAX_QUEUES];
+    if (off >= base) {
         uint32_t v = 0;
-        memcpy(&v, &l->config[off - 20], width);
+        memcpy(&v, &l->config[off - base], width);
         return v;
     }
     if (legacy_width(off) != width) {
@@ -308,8 +328,17 @@ static uint32_t legacy_read(void *arg, uint64_t off, unsigned width)
 static void legacy_write(void *arg, uint64_t off, unsigned width, uint32_t v)
 {
     struct legacy_model *l = arg;
-    if (off >= 20) {
-        memcpy(&l->config[off - 20], &v, width);
+    unsigned base = legacy_msix_on(l) ? 24 : 20;
+    if (base == 24 && (off == 20 || off == 22) && width == 2) {
+        uint16_t vec = l->refuse_vectors ? VIRTIO_MSI_NO_VECTOR : (uint16_t)v;
+        if (off == 20)
+            l->msix_config = vec;
+        else
+            l->msix_queue[l->select % VIRTIO_PCI_MAX_QUEUES] = vec;
+        return;
+    }
+    if (off >= base) {
+        memcpy(&l->config[off - base], &v, width);
         return;
     }
     if (legacy_width(off) != width) {
@@ -1017,6 +1046,156 @@ static void test_device_id_matching(void)
     assert_int_equal(virtio_pci_find(0x1100 - 0x1040, VIRTIO_PCI_AUTO, &E.vp, &E.t), -1);
 }
 
+/* ---- MSI-X and INTx -------------------------------------------------------------------------- */
+
+#define MSIX_BAR     1
+#define MSIX_BASE    0xfebf1000ULL
+#define MSIX_ENTRIES 3
+static const struct virtio_msix_msg MSGS[2] = {{0xfee00000, 0x31}, {0xfee01000, 0x32}};
+
+/* QEMU's layout: the table at BAR1 + 0, the PBA after it; INTx pin A on line 11. */
+static unsigned add_msix(struct fake_pci_func *f, uint32_t table_off)
+{
+    fake_pci_set_bar(f, MSIX_BAR, FAKE_BAR_MEM32, MSIX_BASE, 0x1000);
+    uint8_t body[10] = {MSIX_ENTRIES - 1, 0};
+    uint32_t table = table_off | MSIX_BAR, pba = 0x800 | MSIX_BAR;
+    memcpy(&body[2], &table, 4);
+    memcpy(&body[6], &pba, 4);
+    fake_pci_cfg_put8(f, PCI_CFG_INT_PIN, 1);
+    fake_pci_cfg_put8(f, PCI_CFG_INT_LINE, 11);
+    return fake_pci_add_cap(f, 0x11, body, sizeof(body));
+}
+
+static uint32_t rd32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static bool msix_enabled(const struct fake_pci_func *f, unsigned cap)
+{
+    return f->config[cap + 3] & 0x80;
+}
+
+static void test_intx_line_from_the_header(void)
+{
+    struct fake_pci_func *f = modern_only(true, 4);
+    fake_pci_cfg_put8(f, PCI_CFG_INT_PIN, 1);
+    fake_pci_cfg_put8(f, PCI_CFG_INT_LINE, 10);
+    fake_pci_cfg_put16(f, PCI_CFG_COMMAND, PCI_CMD_INTX_OFF);
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_GSI);
+    assert_int_equal(E.t.irq.gsi, 10);
+    assert_true(E.t.irq.isa && E.t.irq.level && E.t.irq.active_low);
+    assert_int_equal(f->config[PCI_CFG_COMMAND + 1] & 0x4, 0); /* INTx Disable cleared */
+    /* No pin, or a line the firmware left unassigned: no interrupt, the kernel polls. */
+    fake_pci_cfg_put8(f, PCI_CFG_INT_LINE, 0xff);
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_NONE);
+    fake_pci_cfg_put8(f, PCI_CFG_INT_LINE, 10);
+    fake_pci_cfg_put8(f, PCI_CFG_INT_PIN, 0);
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_NONE);
+    assert_non_null(ops()->msix_setup); /* the op exists; this device has no capability */
+    assert_int_equal(ops()->msix_setup(&E.t, MSGS), -1);
+}
+
+static void test_msix_modern_programs_table_and_vectors(void)
+{
+    struct fake_pci_func *f = modern_only(true, 4);
+    unsigned cap = add_msix(f, 0);
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_GSI); /* INTx until the kernel asks */
+    assert_int_equal(ops()->msix_setup(&E.t, MSGS), 0);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_MSIX);
+    const uint8_t *tab = fake_pci_bar_mem(f, MSIX_BAR);
+    for (unsigned i = 0; i < 2; i++) {
+        assert_int_equal(rd32(tab + 16 * i), (uint32_t)MSGS[i].addr);
+        assert_int_equal(rd32(tab + 16 * i + 4), 0);
+        assert_int_equal(rd32(tab + 16 * i + 8), MSGS[i].data);
+        assert_int_equal(rd32(tab + 16 * i + 12), 0); /* unmasked */
+    }
+    assert_true(msix_enabled(f, cap));
+    assert_int_equal(f->config[cap + 3] & 0x40, 0);    /* function mask off again */
+    assert_true(f->config[PCI_CFG_COMMAND + 1] & 0x4); /* INTx Disable */
+    assert_int_equal(E.m.msix_config, VIRTIO_MSIX_CONFIG);
+    /* A reset drops the vectors; the transport assigns the config vector again. */
+    assert_int_equal(ops()->reset(&E.t), 0);
+    assert_int_equal(E.m.msix_config, VIRTIO_MSIX_CONFIG);
+    assert_int_equal(ops()->queue_enable(&E.t, 1, QUEUE_MAX, &HIGH_ADDRS), 0);
+    assert_int_equal(E.m.q[1].msix, VIRTIO_MSIX_QUEUES);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_MSIX);
+}
+
+static void test_msix_config_vector_refused_falls_back_to_intx(void)
+{
+    struct fake_pci_func *f = modern_only(true, 4);
+    unsigned cap = add_msix(f, 0);
+    E.m.refuse_config_vector = true;
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(ops()->msix_setup(&E.t, MSGS), -1);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_GSI);
+    assert_int_equal(E.t.irq.gsi, 11);
+    assert_false(msix_enabled(f, cap));
+    assert_int_equal(f->config[PCI_CFG_COMMAND + 1] & 0x4, 0);
+}
+
+static void test_msix_queue_vector_refused_falls_back_to_intx(void)
+{
+    struct fake_pci_func *f = modern_only(true, 4);
+    unsigned cap = add_msix(f, 0);
+    E.m.refuse_queue_vector = true;
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(ops()->msix_setup(&E.t, MSGS), 0);
+    assert_int_equal(ops()->queue_enable(&E.t, 0, QUEUE_MAX, &HIGH_ADDRS), 0);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_GSI);
+    assert_false(msix_enabled(f, cap));
+    /* Later queues are set up without vectors. */
+    assert_int_equal(ops()->queue_enable(&E.t, 1, QUEUE_MAX, &HIGH_ADDRS), 0);
+    assert_int_equal(E.m.q[1].msix, VIRTIO_MSI_NO_VECTOR);
+}
+
+static void test_msix_table_outside_its_bar_is_ignored(void)
+{
+    struct fake_pci_func *f = modern_only(true, 4);
+    add_msix(f, 0xff8); /* 3 entries from 0xff8 run past the 4 KiB BAR */
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(ops()->msix_setup(&E.t, MSGS), -1);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_GSI);
+}
+
+static void test_msix_legacy_config_moves_to_24(void)
+{
+    struct fake_pci_func *f = transitional(false, 0);
+    E.l.msix_cap = add_msix(f, 0);
+    E.l.pci_config = f->config;
+    for (unsigned i = 0; i < sizeof(E.l.config); i++)
+        E.l.config[i] = (uint8_t)(0xa0 + i);
+    assert_int_equal(find(VIRTIO_PCI_LEGACY), 0);
+    assert_int_equal(E.t.config_size, IO_SIZE - 20);
+    assert_int_equal(ops()->msix_setup(&E.t, MSGS), 0);
+    assert_int_equal(E.t.config_size, IO_SIZE - 24);
+    assert_int_equal(E.l.msix_config, VIRTIO_MSIX_CONFIG);
+    uint32_t v = 0;
+    assert_true(ops()->config_read(&E.t, 0, 4, &v));
+    assert_int_equal(v, 0xa3a2a1a0); /* read at 24 now */
+    assert_false(ops()->config_read(&E.t, 8, 4, &v));
+    const struct vq_addrs a = {.desc = 0x12345000};
+    assert_int_equal(ops()->queue_enable(&E.t, 2, QUEUE_MAX, &a), 0);
+    assert_int_equal(E.l.msix_queue[2], VIRTIO_MSIX_QUEUES);
+    assert_int_equal(ops()->reset(&E.t), 0);
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_MSIX);
+    /* Refused (read back NO_VECTOR): MSI-X off, the config back at 20. */
+    E.l.refuse_vectors = true;
+    assert_int_equal(ops()->reset(&E.t), 0);
+    assert_false(msix_enabled(f, E.l.msix_cap));
+    assert_int_equal(E.t.irq.kind, VIRTIO_IRQ_GSI);
+    assert_int_equal(E.t.config_size, IO_SIZE - 20);
+    assert_true(ops()->config_read(&E.t, 0, 4, &v));
+    assert_int_equal(v, 0xa3a2a1a0); /* at 20 again */
+}
+
 int main(void)
 {
 #define T(fn)                                                                                      \
@@ -1055,6 +1234,12 @@ int main(void)
         T(test_legacy_config_at_20),
         T(test_legacy_queue_pfn),
         T(test_legacy_notify_status_isr),
+        T(test_intx_line_from_the_header),
+        T(test_msix_modern_programs_table_and_vectors),
+        T(test_msix_config_vector_refused_falls_back_to_intx),
+        T(test_msix_queue_vector_refused_falls_back_to_intx),
+        T(test_msix_table_outside_its_bar_is_ignored),
+        T(test_msix_legacy_config_moves_to_24),
         T(test_legacy_bar0_must_be_io_and_big_enough),
         T(test_device_id_matching),
     };
