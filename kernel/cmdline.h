@@ -32,7 +32,6 @@ enum fault_inject {
  * transitional virtio-pci device and the virtio-mmio version (2 or 1); mmio skips PCI. */
 enum virtio_choice { VIRTIO_AUTO, VIRTIO_MODERN, VIRTIO_LEGACY, VIRTIO_MMIO_ONLY };
 
-/* Firecracker passes one entry per device */
 /* How balloon mode waits for the device (blimp.irq). */
 enum irq_choice {
     IRQ_AUTO, /* interrupts when the transport has a usable line, else polling */
