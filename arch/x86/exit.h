@@ -1,7 +1,8 @@
 /*
  * Leaving the guest with a status a test runner can gate on: QEMU's isa-debug-exit
  * (-device isa-debug-exit,iobase=0xf4,iosize=0x04) ends QEMU with status (code << 1) | 1, so no
- * code can be confused with a triple fault (status 0). docs/exit-codes.md holds the same table.
+ * code can be confused with a triple fault (status 0). The README ("Output and exit codes")
+ * and tools/blimp/exitcodes.py hold the same table.
  */
 #ifndef ARCH_X86_EXIT_H
 #define ARCH_X86_EXIT_H
