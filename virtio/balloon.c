@@ -1578,10 +1578,14 @@ static void poll_once(struct balloon *b, unsigned events)
         hint_poll(b, config);
     if (b->reinflating)
         reinflate_step(b); /* every held page goes to the fresh device before anything else */
-    else if (b->inflight_deflate == 0 && b->actual + b->inflight_inflate < b->target)
-        inflate_step(b);
-    else if (b->inflight_inflate == 0 && b->actual > b->target + b->inflight_deflate)
-        deflate_step(b);
+    /* Not `else`: the round that finishes the re-inflation goes on to the target at once (with
+     * interrupts nothing else would wake the driver for it). */
+    if (!b->reinflating) {
+        if (b->inflight_deflate == 0 && b->actual + b->inflight_inflate < b->target)
+            inflate_step(b);
+        else if (b->inflight_inflate == 0 && b->actual > b->target + b->inflight_deflate)
+            deflate_step(b);
+    }
     if (b->has_reporting)
         report_step(b);
     check_queues(b);
@@ -1606,6 +1610,8 @@ static void poll_once(struct balloon *b, unsigned events)
 
 /* How often a running hinting round is looked at: its queue has interrupts off (see init). */
 #define HINT_POLL_NS (1000ull * 1000)
+/* Retry time for work towards the target that nothing in flight will wake (below). */
+#define IDLE_RETRY_NS (10ull * 1000 * 1000)
 
 static uint64_t earliest(uint64_t a, uint64_t b)
 {
@@ -1634,6 +1640,11 @@ uint64_t balloon_next_deadline_ns(const struct balloon *b)
                     b->mm->free_pages > b->cfg.reserve_pages + 1;
         next = earliest(next, more ? now : now + HINT_POLL_NS);
     }
+    /* Work towards the target with nothing in flight to wake us (the allocator was short, or a
+     * step stopped early): look again soon rather than never. */
+    if (b->state == BALLOON_RUNNING && !b->inflight_inflate && !b->inflight_deflate &&
+        (b->reinflating || b->actual != b->target))
+        next = earliest(next, now + IDLE_RETRY_NS);
     if (b->has_reporting && b->state == BALLOON_RUNNING && !inflate_wanted(b)) {
         /* pass_due notices allocator activity only when it looks: let it look now. */
         if (b->mm->allocs + b->mm->frees != b->mm_activity)

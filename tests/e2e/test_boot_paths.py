@@ -1,8 +1,10 @@
 """Every way blimp boots, each through to a working balloon (QEMU 7.2, TCG).
 
 One matrix: boot path x machine x command-line variant. Each run boots in balloon mode with
-a virtio-balloon-pci device and the agent, checks the boot event (protocol, the command line
-intact), the memory map and the allocator, then inflates and deflates the balloon over QMP.
+a virtio balloon (virtio-balloon-pci; virtio-balloon-device on microvm, over virtio-mmio
+version 1 or 2) and the agent, checks the boot event (protocol, the command line intact), the
+memory map and the allocator, how the guest waits for the device (interrupts, or polling with
+blimp.irq=poll), then inflates and deflates the balloon over QMP.
 
     -kernel PVH (blimp.elf) and multiboot1 (blimp-mb1.elf): QEMU's own loaders
     GRUB ISO (blimp.images.iso) on SeaBIOS and on OVMF: multiboot2
@@ -21,13 +23,21 @@ from blimp.qemu import Qemu
 from guest import MiB, PAGE
 
 PATHS = images.BOOT_PATHS
-MATRIX = [("pvh", "pc"), ("pvh", "q35"), ("mb1", "pc"), ("mb1", "q35"),
-          ("grub-bios", "pc"), ("grub-bios", "q35"), ("grub-ovmf", "q35"),
-          ("efi", "q35"), ("efi", "pc")]
+# (path, machine, extra QEMU arguments): microvm's transport is virtio-mmio, version 1 unless
+# force-legacy is off (QEMU 7.2).
+MMIO_V2 = ["-global", "virtio-mmio.force-legacy=false"]
+MATRIX = [("pvh", "pc", []), ("pvh", "q35", []), ("mb1", "pc", []), ("mb1", "q35", []),
+          ("grub-bios", "pc", []), ("grub-bios", "q35", []), ("grub-ovmf", "q35", []),
+          ("efi", "q35", []), ("efi", "pc", []),
+          ("pvh", "microvm", []), ("pvh", "microvm", MMIO_V2), ("mb1", "microvm", []),
+          ("mb1", "microvm", MMIO_V2)]
 # Command-line variants each path runs with: every word must reach the kernel unchanged.
-# A new kernel option that must work on every boot path is one more entry here.
+# A new kernel option that must work on every boot path is one more entry here. The value:
+# (command line, how the guest must wait for the device: the `irq` event's modes).
+TUNED = "blimp.balloon.pfns=512 blimp.balloon.buffers=8"
 CMDLINES = {
-    "tuned": "blimp.balloon.pfns=512 blimp.balloon.buffers=8",
+    "irq": (TUNED, ("intx", "msix")),
+    "poll": (TUNED + " blimp.irq=poll", ("poll",)),
 }
 MEMORY = "1G"
 # RAM firmware keeps out of the map: SeaBIOS 513 KiB (guest.RAM_SLACK); OVMF about 6 MiB on
@@ -36,15 +46,22 @@ OVMF_RAM_SLACK = 16 * MiB
 BALLOON = 256 * MiB
 
 
-CASES = [(p, m, c) for p, m in MATRIX for c in CMDLINES]
+CASES = [(p, m, x, c) for p, m, x in MATRIX for c in CMDLINES]
 
 
-@pytest.mark.parametrize("path,machine,variant", CASES, ids=["-".join(c) for c in CASES])
-def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, machine,
+def _case_id(case):
+    path, machine, extra, variant = case
+    if machine == "microvm":
+        machine += "-mmio2" if extra == MMIO_V2 else "-mmio1"
+    return "-".join((path, machine, variant))
+
+
+@pytest.mark.parametrize("path,machine,extra,variant", CASES, ids=[_case_id(c) for c in CASES])
+def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, machine, extra,
                                      variant):
-    cmdline = CMDLINES[variant]
+    cmdline, waits = CMDLINES[variant]
     protocol, ovmf, _ = PATHS[path]
-    with balloon_vm(machine=machine, memory=MEMORY, timeout=180.0,
+    with balloon_vm(machine=machine, memory=MEMORY, timeout=180.0, extra_args=list(extra),
                     **images.boot_media(path, cmdline, build_dir)) as vm:
         boot = vm.events("boot")
         assert len(boot) == 1, vm.context()
@@ -74,6 +91,20 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
         vm.check("free all")
         assert vm.state()["mm"]["free_pages"] == free0, "pages lost over the round trip"
         vm.check_no_violation()
+        # The guest waited the way the variant asks, and with interrupts the device's
+        # interrupts did the work (no device register was polled while idle is
+        # tests/e2e/test_interrupts.py's subject).
+        irq = vm.events("irq")
+        assert len(irq) == 1 and irq[0]["mode"] in waits, (irq, vm.context())
+        if machine == "microvm":
+            dev = vm.events("virtio_device")
+            want = "virtio-mmio-modern" if extra == MMIO_V2 else "virtio-mmio-legacy"
+            assert dev and dev[0]["transport"] == want, dev
+        counts = vm.state()["irq"]
+        if "poll" in waits:
+            assert counts["device"] == 0, counts
+        else:
+            assert counts["device"] > 0, counts
         vm.quit()
 
 

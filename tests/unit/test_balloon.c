@@ -1321,6 +1321,46 @@ static void test_needs_reset_recover_deflate_in_flight(void **state)
     reset_case(FB_DEFLATE, true);
 }
 
+/*
+ * Interrupt-driven, the driver is polled only when the device uses a buffer or its next deadline
+ * comes. After a reset, the round that finishes the re-inflation must go on to a target beyond
+ * what was held (or ask to be woken): found end to end, where the guest stopped at the
+ * re-inflated 16 MiB of a 256 MiB target.
+ */
+static void test_reset_then_target_without_config_events(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.buffers = 2;
+    assert_int_equal(env_start(e), 0);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 5000);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.inflight_inflate, 512);
+    fake_balloon_break(&e->fb);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.resets, 1);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u);
+    for (unsigned round = 0; round < 5000; round++) {
+        balloon_poll(&e->b, BALLOON_EV_QUEUE);
+        if (e->b.actual == 5000 && !e->b.inflight_inflate)
+            break;
+        if (e->b.inflight_inflate || e->b.inflight_deflate)
+            continue; /* the device answered on the kick: its interrupt wakes the driver */
+        uint64_t due = balloon_next_deadline_ns(&e->b), now = platform_now_ns();
+        if (due == UINT64_MAX)
+            fail_msg("the driver would sleep for good at %u of %u pages (resend %lu)", e->b.actual,
+                     e->b.target, (unsigned long)e->b.resend.pages);
+        if (due > now)
+            fake_clock_skip(due - now);
+    }
+    assert_int_equal(e->b.actual, 5000);
+    assert_false(e->b.reinflating);
+    assert_consistent(e);
+    env_free(e);
+}
+
 /* The device breaks again while the driver re-inflates after a first reset: the pages still
  * waiting and those already re-sent all go to the third device session. */
 static void test_needs_reset_during_reinflate(void **state)
@@ -2877,6 +2917,7 @@ int main(void)
         cmocka_unit_test(test_needs_reset_recover_deflate_in_flight),
         cmocka_unit_test(test_needs_reset_recover_all_queues),
         cmocka_unit_test(test_needs_reset_during_reinflate),
+        cmocka_unit_test(test_reset_then_target_without_config_events),
         cmocka_unit_test(test_needs_reset_stop),
         cmocka_unit_test(test_needs_reset_found_on_timeout),
         cmocka_unit_test(test_needs_reset_legacy_is_a_stall),
