@@ -5,6 +5,7 @@
 #include "kernel/mem.h"
 #include "lib/json.h"
 #include "lib/printf.h"
+#include "lib/parse.h"
 #include "lib/string.h"
 
 #define MAX_HELD 64

@@ -1,6 +1,7 @@
 #include "kernel/cmdline.h"
 #include "lib/json.h"
 #include "lib/printf.h"
+#include "lib/parse.h"
 #include "lib/string.h"
 
 #include <stddef.h>

@@ -15,8 +15,5 @@ int strcmp(const char *a, const char *b);
 int strncmp(const char *a, const char *b, size_t n);
 char *strchr(const char *s, int c);
 size_t strlcpy(char *dst, const char *src, size_t size);
-/* Decimal or 0x-hex with an optional K/M/G suffix, the whole string, no overflow: the
- * numbers of the command line and of the agent's commands. */
-bool parse_u64(const char *s, uint64_t *out);
 
 #endif

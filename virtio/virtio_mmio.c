@@ -9,6 +9,7 @@
 #include "virtio/virtio_mmio.h"
 #include "include/bus.h"
 #include "include/platform.h"
+#include "lib/parse.h"
 #include "lib/string.h" /* memcpy */
 
 #define RESET_TIMEOUT_NS (1000ull * 1000 * 1000)
@@ -385,52 +386,6 @@ static const char *field(const char *s, char stop, char *buf, unsigned size, boo
     return s + n;
 }
 
-/* A whole-string number: decimal, or 0x hex when hex_ok, with a K/M/G suffix when suffix_ok;
- * false on anything else or on overflow past max. (lib/string's parse_u64 is the kernel's; this
- * file is also built into host tests, which link no lib/string.c.) */
-static bool number(const char *s, bool hex_ok, bool suffix_ok, uint64_t max, uint64_t *out)
-{
-    uint64_t v = 0, base = 10;
-    if (hex_ok && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-        base = 16;
-        s += 2;
-    }
-    const char *start = s;
-    for (;; s++) {
-        uint64_t d;
-        if (*s >= '0' && *s <= '9')
-            d = (uint64_t)(*s - '0');
-        else if (base == 16 && *s >= 'a' && *s <= 'f')
-            d = (uint64_t)(*s - 'a' + 10);
-        else if (base == 16 && *s >= 'A' && *s <= 'F')
-            d = (uint64_t)(*s - 'A' + 10);
-        else
-            break;
-        if (v > (max - d) / base)
-            return false;
-        v = v * base + d;
-    }
-    if (s == start)
-        return false;
-    unsigned shift = 0;
-    if (suffix_ok && (*s == 'K' || *s == 'k'))
-        shift = 10;
-    else if (suffix_ok && (*s == 'M' || *s == 'm'))
-        shift = 20;
-    else if (suffix_ok && (*s == 'G' || *s == 'g'))
-        shift = 30;
-    if (shift) {
-        if (v > (max >> shift))
-            return false;
-        v <<= shift;
-        s++;
-    }
-    if (*s)
-        return false;
-    *out = v;
-    return true;
-}
-
 bool virtio_mmio_parse_device(const char *s, struct virtio_mmio_device *out, const char **why)
 {
     char size_s[24], base_s[24], irq_s[12], id_s[12];
@@ -452,20 +407,20 @@ bool virtio_mmio_parse_device(const char *s, struct virtio_mmio_device *out, con
         if (!ok)
             return false;
     }
-    if (!number(size_s, true, true, UINT64_MAX, &size)) {
+    if (!parse_number(size_s, PARSE_HEX | PARSE_SUFFIX, UINT64_MAX, &size)) {
         *why = "the size is not a number (decimal or 0x hex, optional K/M/G)";
         return false;
     }
     /* The base takes no suffix: Linux reads it with %lli. */
-    if (!number(base_s, true, false, UINT64_MAX, &base)) {
+    if (!parse_number(base_s, PARSE_HEX, UINT64_MAX, &base)) {
         *why = "the base is not a number (decimal or 0x hex)";
         return false;
     }
-    if (!number(irq_s, false, false, UINT32_MAX, &irq)) {
+    if (!parse_number(irq_s, 0, UINT32_MAX, &irq)) {
         *why = "the irq is not a decimal number";
         return false;
     }
-    if (has_id && !number(id_s, false, false, INT32_MAX, &id)) {
+    if (has_id && !parse_number(id_s, 0, INT32_MAX, &id)) {
         *why = "the id is not a decimal number";
         return false;
     }
