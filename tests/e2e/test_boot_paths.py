@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 import guest
-from blimp import images
+from blimp import images, qemu
 from blimp.qemu import Qemu
 from guest import MiB, PAGE
 
@@ -112,14 +112,8 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
 
 
 def _run(pytestconfig, timeout=60.0, memory="256M", **kw):
-    q = Qemu(None, machine="q35", memory=memory, accel="tcg", qmp=False, ovmf=True,
-             timeout=timeout * pytestconfig.getoption("timeout_scale"), **kw)
-    try:
-        q.start()
-        q.wait()
-    finally:
-        q.close()
-    return q
+    return qemu.run(None, machine="q35", memory=memory, accel="tcg", qmp=False, ovmf=True,
+                    timeout=timeout * pytestconfig.getoption("timeout_scale"), **kw)
 
 
 def test_efi_load_options_win_over_the_file(pytestconfig, build_dir):

@@ -16,7 +16,7 @@ import re
 import pytest
 
 from blimp import exitcodes
-from blimp.qemu import Qemu
+from blimp import qemu
 from guest import MiB, PAGE
 
 V2 = ["-global", "virtio-mmio.force-legacy=false"]
@@ -119,16 +119,10 @@ def test_mmio_entry_given_twice_is_one_device(balloon_vm):
 
 def _boot(images, pytestconfig, append, machine="microvm", mopts=(), extra=(), balloon=True,
           image="pvh"):
-    q = Qemu(images[image], machine=machine, memory="128M",
-             accel=pytestconfig.getoption("accel"), append=append, machine_opts=list(mopts),
-             extra_args=list(extra), balloon=balloon, qmp=False,
-             timeout=30 * pytestconfig.getoption("timeout_scale"))
-    try:
-        q.start()
-        q.wait()
-    finally:
-        q.close()
-    return q
+    return qemu.run(images[image], machine=machine, memory="128M",
+                    accel=pytestconfig.getoption("accel"), append=append,
+                    machine_opts=list(mopts), extra_args=list(extra), balloon=balloon, qmp=False,
+                    timeout=30 * pytestconfig.getoption("timeout_scale"))
 
 
 def _expect_exit(q, code):
