@@ -50,6 +50,7 @@ static void check(bool ok, const char *what)
 }
 
 static struct buddy *owner_mm;
+static bool trace;
 
 static int not_free(void *ctx, uint64_t pfn, unsigned order)
 {
@@ -83,7 +84,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static void *meta;
     static size_t meta_bytes;
     if (!meta) {
-        fake_log_echo(false);
+        /* FUZZ_TRACE=1 when replaying one input: the driver's log and every step. */
+        trace = getenv("FUZZ_TRACE") != NULL;
+        fake_log_echo(trace);
         fake_ram_init(RAM_BASE, RAM_BYTES);
         meta_bytes = (buddy_meta_bytes(RAM_PAGES) + 7) & ~(size_t)7;
         meta = aligned_alloc(8, meta_bytes);
@@ -137,7 +140,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (unsigned step = 0; step < 2048 && fz_more(&f); step++) {
             unsigned q = fz_below(&f, FT_MAX_QUEUES);
             struct fake_vq *dvq = fake_transport_vq(&ft, q);
-            switch (fz_below(&f, 16)) {
+            unsigned op = fz_below(&f, 16);
+            if (trace)
+                fprintf(stderr, "step %u: op %u (queue %u), actual %u target %u, free %lu\n", step,
+                        op, q, b.actual, b.target, (unsigned long)mm.free_pages);
+            switch (op) {
             case 0:
                 fake_balloon_set_target(&fb, fz_len(&f, (uint32_t)RAM_PAGES / 2));
                 break;
@@ -202,12 +209,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 if (n_guest < MAX_GUEST && fz_bool(&f)) {
                     unsigned order = fz_below(&f, 6);
                     uint64_t pfn = buddy_alloc(&mm, order);
-                    if (pfn) {
+                    if (trace)
+                        fprintf(stderr, "guest allocates order %u: 0x%lx\n", order,
+                                (unsigned long)pfn);
+                    if (pfn != BUDDY_NONE) {
                         guest[n_guest] = pfn;
                         guest_order[n_guest++] = order;
                     }
                 } else if (n_guest) {
                     unsigned i = fz_below(&f, n_guest);
+                    if (trace)
+                        fprintf(stderr, "guest frees 0x%lx order %u\n", (unsigned long)guest[i],
+                                guest_order[i]);
                     check(buddy_free(&mm, guest[i], guest_order[i]) == 0, "guest free refused");
                     guest[i] = guest[--n_guest];
                     guest_order[i] = guest_order[n_guest];
