@@ -219,7 +219,9 @@ static uint64_t step(void *ctx, const struct balloon_status *st)
         for (;;) {
             if (run.s.ops >= max_ops || now >= run.end_ns) {
                 finish_ops(now);
-                break;
+                /* Settle from the next turn on: this turn's allocations may have made the
+                 * balloon deflate (on OOM) since `st` was taken. */
+                return 0;
             }
             if (!stress_op(&run.s))
                 fail_verify();
