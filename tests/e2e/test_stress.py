@@ -22,9 +22,10 @@ from blimp import exitcodes, guestlog
 from guest import MiB, PAGE, Spec
 
 STORM_SEED = 11
-STORM_OPS = 20000
-# (progress ops after which the host sets it, balloon size): inflate, grow, shrink, empty
-STORM_TARGETS = [(2000, 96 * MiB), (6000, 192 * MiB), (10000, 64 * MiB), (14000, 0)]
+STORM_OPS = 40000
+# balloon sizes the host asks for, one after the other, while the storm runs: inflate, grow,
+# shrink, empty (the last one 0, so free pages after == before literally)
+STORM_TARGETS = [96 * MiB, 192 * MiB, 64 * MiB, 256 * MiB, 128 * MiB, 0]
 
 
 def _stress_spec(append: str, tag: str, timeout: float = 120.0) -> Spec:
@@ -75,8 +76,7 @@ def test_storm_under_changing_targets(balloon_vm, runner):
     append = "blimp.mode=stress blimp.seed=%d blimp.stress.ops=%d" % (STORM_SEED, STORM_OPS)
     with balloon_vm(machine="q35", memory="512M", append=append, timeout=240) as vm:
         vm.wait_event("stress_start", timeout=30)
-        for at_ops, size in STORM_TARGETS:
-            vm.wait_event("stress_progress", lambda e, n=at_ops: e["ops"] >= n, timeout=120)
+        for size in STORM_TARGETS:
             since = vm.mark()
             vm.balloon.set_size(size)
             vm.wait_event("balloon_reached", lambda e, p=size // PAGE: e["actual_pages"] == p,
@@ -95,10 +95,13 @@ def test_storm_under_changing_targets(balloon_vm, runner):
     _check_done(done, STORM_OPS, context)
     assert done["alloc_failures"] == 0, done
     # the balloon really moved while the storm ran: every target reached before the end
-    reached = _indexed(lines, "balloon_reached")
-    for _, size in STORM_TARGETS:
-        hits = [i for i, e in reached if e["actual_pages"] == size // PAGE and i < done_line]
-        assert hits, "balloon of %d MiB not reached during the run\n%s" % (size >> 20, context)
+    start_line = _indexed(lines, "stress_start")[0][0]
+    during = [e["actual_pages"] for i, e in _indexed(lines, "balloon_reached")
+              if start_line < i < done_line]
+    want = iter(during)
+    assert all(size // PAGE in want for size in STORM_TARGETS), (
+        "targets %r (pages) not all reached, in order, while the storm ran: %r\n%s"
+        % ([t // PAGE for t in STORM_TARGETS], during, context))
     progress = [e["ops"] for e in guestlog.events(lines, "stress_progress")]
     assert len(progress) >= STORM_OPS // 1000 and progress == sorted(progress), progress
     print("\nstress: %d ops in %d ms, %d ops/s, %d pages verified (%d MiB), %d full verifies"
@@ -111,6 +114,69 @@ def test_storm_under_changing_targets(balloon_vm, runner):
     _check_done(q, STORM_OPS, quiet.context())
     assert (q["sequence"], q["outcomes"]) == (done["sequence"], done["outcomes"]), (q, done)
     assert q["pages_verified"] == done["pages_verified"], (q, done)
+
+
+def _run_session(vm, sizes, wait_reached=True):
+    """Ask for each balloon size in turn while the storm runs, then wait for the end;
+    (outcome, serial lines, context)."""
+    vm.wait_event("stress_start", timeout=30)
+    for size in sizes:
+        since = vm.mark()
+        vm.balloon.set_size(size)
+        if wait_reached:
+            vm.wait_event("balloon_reached", lambda e, p=size // PAGE: e["actual_pages"] == p,
+                          timeout=60, since=since)
+    vm.qemu.wait(timeout=120)
+    return vm.qemu.outcome, vm.lines, vm.context(40)
+
+
+def test_storm_polling_ends_with_the_balloon_full(balloon_vm):
+    """blimp.irq=poll, and the host leaves a 128 MiB balloon: the leak check counts the
+    balloon's pages (held plus its record pages), so free + balloon is what free was."""
+    append = "blimp.mode=stress blimp.seed=3 blimp.stress.ops=40000 blimp.irq=poll"
+    with balloon_vm(machine="q35", memory="512M", append=append, timeout=240) as vm:
+        outcome, lines, context = _run_session(vm, [200 * MiB, 50 * MiB, 128 * MiB])
+        vm.check_no_violation()
+    assert outcome.kind == exitcodes.GUEST and outcome.code == exitcodes.SUCCESS, (
+        outcome.describe() + "\n" + context)
+    done = guestlog.events(lines, "stress_done")[0]
+    held = 128 * MiB // PAGE
+    assert done["balloon_actual"] == held and done["settled"] is True, done
+    assert held < done["balloon_pages_after"] <= held + 4, done   # + its record pages
+    assert done["free_pages_after"] + done["balloon_pages_after"] == done["free_pages_before"]
+    assert done["alloc_failures"] == 0 and done["ops"] == 40000, done
+
+
+PRESSURE_APPEND = "blimp.seed=4 blimp.stress.ops=40000 blimp.stress.max_order=7"
+PRESSURE_QUIET = Spec("pvh", "q35", "128M", "blimp.mode=stress " + PRESSURE_APPEND,
+                      timeout=120.0, tag="pressure-quiet", balloon=True)
+
+
+def test_storm_under_memory_pressure(balloon_vm, runner):
+    """A 128 MiB guest with a 100 MiB balloon target and DEFLATE_ON_OOM: the storm's
+    allocations run the guest out of memory, the balloon gives pages back and takes them
+    again; nothing is corrupted or lost, and the operations drawn are still the seed's
+    (the same sequence as with nobody ballooning; only the outcomes differ)."""
+    with balloon_vm(machine="q35", memory="128M", balloon_opts=["deflate-on-oom=on"],
+                    append="blimp.mode=stress " + PRESSURE_APPEND, timeout=240) as vm:
+        outcome, lines, context = _run_session(vm, [100 * MiB], wait_reached=False)
+    assert outcome.kind == exitcodes.GUEST and outcome.code == exitcodes.SUCCESS, (
+        outcome.describe() + "\n" + context)
+    assert not guestlog.events(lines, "stress_failure"), context
+    done = guestlog.events(lines, "stress_done")[0]
+    assert done["ops"] == 40000 and done["full_verifies"] == 41, done
+    assert done["free_pages_after"] + done["balloon_pages_after"] == done["free_pages_before"]
+    pressure = done["alloc_failures"] + len(guestlog.events(lines, "balloon_oom_deflate"))
+    assert pressure > 0, "the storm never ran short of memory: %r\n%s" % (done, context)
+    quiet = runner.get(PRESSURE_QUIET)
+    guest.check_exit(quiet, exitcodes.SUCCESS)
+    q = quiet.event("stress_done")
+    assert q["alloc_failures"] == 0 and q["sequence"] == done["sequence"], (q, done)
+    if done["alloc_failures"]:
+        assert q["outcomes"] != done["outcomes"], (q, done)
+    print("\nstress under pressure: %d ops/s, %d allocation failures, %d OOM deflates"
+          % (done["ops_per_s"], done["alloc_failures"],
+             len(guestlog.events(lines, "balloon_oom_deflate"))))
 
 
 def test_same_seed_replays_another_does_not(runner):
