@@ -456,6 +456,15 @@ static void execute(char *cmd)
     }
 }
 
+uint64_t agent_owned_pages(void)
+{
+    uint64_t pages = 0;
+    for (unsigned i = 0; i < MAX_HELD; i++)
+        if (held[i].used)
+            pages += held[i].blocks.pages + held[i].blocks.chunks;
+    return pages;
+}
+
 bool agent_init(const struct balloon *b)
 {
     balloon = b;

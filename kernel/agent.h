@@ -14,5 +14,7 @@ bool agent_init(const struct balloon *b);
 /* Handles any bytes and complete command lines waiting on COM2; never blocks. Returns whether
  * it read anything (a command may have changed memory the balloon cares about). */
 bool agent_poll(void);
+/* Pages the agent's allocations take from the allocator: held memory and its record pages. */
+uint64_t agent_owned_pages(void);
 
 #endif

@@ -178,7 +178,8 @@ static bool setup_interrupts(const char **reason)
     return true;
 }
 
-void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
+void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
+                      const struct balloon_mode_hook *hook)
 {
     /* First, so that the interrupt hardware is reported even when there is no device. */
     bool irq_hw = opts->irq == IRQ_AUTO && irq_init(rsdp_phys);
@@ -249,10 +250,18 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys)
             machine_exit(EXIT_PROTOCOL_ERROR, st.violation);
         if (st.state == BALLOON_NEEDS_RESET) /* blimp.balloon.on_reset=stop */
             machine_exit(EXIT_DEVICE_NEEDS_RESET, "the balloon device needs a reset");
+        /* The hook sees the status just taken: nothing has allocated or freed since. */
+        uint64_t hook_at = hook ? hook->step(hook->ctx, &st) : UINT64_MAX;
         bool busy = agent_poll();
+        if (irqs && hook_at <= platform_now_ns()) {
+            cpu_irq_window(); /* the hook keeps us awake: let the device's interrupts in */
+            continue;
+        }
         if (!irqs || busy || pending)
             continue; /* an agent command may have freed memory the balloon wants: poll again */
         uint64_t deadline = balloon_next_deadline_ns(&balloon);
+        if (hook_at < deadline)
+            deadline = hook_at;
         if (line_masked && last_poll + DEVICE_POLL_NS < deadline)
             deadline = last_poll + DEVICE_POLL_NS;
         if (agent && !agent_irq_routed) {

@@ -3,9 +3,23 @@
 
 #include "kernel/cmdline.h"
 
+/*
+ * Work another mode does inside balloon mode's loop (stress mode's operations). `step` runs
+ * after every balloon_poll, with interrupts off, given the driver's status; it does a bounded
+ * amount of work (the device is served only between steps) and returns when it wants to run
+ * again: a platform_now_ns time (now or earlier: at once, without sleeping) or UINT64_MAX (only
+ * after the next device or agent event). It may end the run with machine_exit.
+ */
+struct balloon_mode_hook {
+    uint64_t (*step)(void *ctx, const struct balloon_status *st);
+    void *ctx;
+};
+
 /* The default mode: find the balloon, bring it up, follow the host's target forever
- * (rsdp_phys: the loader's ACPI RSDP, 0 when none; the interrupt code needs the MADT). */
-__attribute__((noreturn)) void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys);
+ * (rsdp_phys: the loader's ACPI RSDP, 0 when none; the interrupt code needs the MADT), running
+ * hook's step between device events (NULL: none). */
+__attribute__((noreturn)) void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
+                                                const struct balloon_mode_hook *hook);
 
 /* How the loop waits and what it cost, for the agent's `state` (docs/agent.md). */
 struct wait_stats {

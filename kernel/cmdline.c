@@ -1,4 +1,5 @@
 #include "kernel/cmdline.h"
+#include "kernel/stress_engine.h"
 #include "lib/json.h"
 #include "lib/printf.h"
 #include "lib/parse.h"
@@ -37,11 +38,8 @@ _Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
                "OPT_ENUM stores enums as int");
 
 static const char *const mode_names[] = {
-    [MODE_BALLOON] = "balloon",
-    [MODE_BOOT] = "boot",
-    [MODE_SELFTEST] = "selftest",
-    [MODE_FAULT] = "fault",
-    NULL,
+    [MODE_BALLOON] = "balloon", [MODE_BOOT] = "boot",     [MODE_SELFTEST] = "selftest",
+    [MODE_FAULT] = "fault",     [MODE_STRESS] = "stress", NULL,
 };
 static const char *const virtio_names[] = {
     [VIRTIO_AUTO] = "auto",
@@ -79,6 +77,7 @@ static const char *const inject_names[] = {
     [INJECT_NONE] = "none",
     [INJECT_STAMP] = "stamp",
     [INJECT_POISON] = "poison",
+    [INJECT_STRESS_CORRUPT] = "stress_corrupt",
     NULL,
 };
 
@@ -86,8 +85,9 @@ static const char *const inject_names[] = {
 
 static const struct option_def option_defs[] = {
     {"blimp.mode", OPT_ENUM, OPT(mode), "balloon",
-     "balloon: follow the host's target | boot: report and exit | selftest | fault", 0, 0,
-     mode_names},
+     "balloon: follow the host's target | boot: report and exit | selftest | fault | stress: "
+     "balloon plus a seeded storm on guest memory, verified page by page",
+     0, 0, mode_names},
     {"blimp.poison", OPT_BOOL, OPT(poison), "0",
      "1: fill free pages with a pattern, check it on "
      "allocation",
@@ -95,8 +95,26 @@ static const struct option_def option_defs[] = {
     {"blimp.poison_pattern", OPT_U64, OPT(poison_pattern), "0xaaaaaaaaaaaaaaaa",
      "the 64-bit poison pattern", 0, UINT64_MAX, NULL},
     {"blimp.inject", OPT_ENUM, OPT(inject), "none",
-     "damage done on purpose to prove a detector fires: none | stamp | poison (selftest)", 0, 0,
-     inject_names},
+     "damage done on purpose to prove a detector fires: none | stamp | poison (selftest) | "
+     "stress_corrupt (stress: one word of one held page)",
+     0, 0, inject_names},
+    {"blimp.seed", OPT_U64, OPT(stress.seed), "1",
+     "stress: the seed of the operation sequence (the same seed replays it)", 0, UINT64_MAX, NULL},
+    {"blimp.stress.ops", OPT_U64, OPT(stress.ops), "10000",
+     "stress: operations to run (0: no bound)", 0, UINT64_MAX, NULL},
+    {"blimp.stress.ms", OPT_MS_NS, OPT(stress.time_ns), "0",
+     "stress: ms to run (0: no bound; the first bound reached ends the run)", 0, 86400000, NULL},
+    {"blimp.stress.slots", OPT_U32, OPT(stress.slots), "256",
+     "stress: blocks held at most, 1..1024", 1, STRESS_MAX_SLOTS, NULL},
+    {"blimp.stress.max_order", OPT_U32, OPT(stress.max_order), "6",
+     "stress: largest block as a buddy order, 0..10 (6: 256 KiB)", 0, STRESS_MAX_ORDER, NULL},
+    {"blimp.stress.verify_every", OPT_U32, OPT(stress.verify_every), "1000",
+     "stress: ops between verifies of everything held (0: only at the end)", 0, UINT32_MAX, NULL},
+    {"blimp.stress.progress", OPT_U32, OPT(stress.progress), "1000",
+     "stress: ops between progress lines, at least one a second (0: one a second)", 0, UINT32_MAX,
+     NULL},
+    {"blimp.stress.settle_ms", OPT_MS_NS, OPT(stress.settle_ns), "2000",
+     "stress: at the end, ms to wait at most for the balloon to be at rest", 0, 600000, NULL},
     {"blimp.virtio", OPT_ENUM, OPT(virtio), "auto",
      "auto (modern if the device has it) | modern | legacy | mmio (virtio-mmio only)", 0, 0,
      virtio_names},

@@ -19,6 +19,7 @@ enum kernel_mode {
     MODE_BOOT,     /* print the boot report and exit: boot benchmarks, smoke tests */
     MODE_SELFTEST, /* allocator checks over all RAM, TAP output, exit */
     MODE_FAULT,    /* take a page fault on purpose: proves the exception path and its exit code */
+    MODE_STRESS, /* balloon mode plus a seeded storm on the guest's own memory (kernel/stress.c) */
 };
 
 /* Damage done on purpose so a test can prove that a detector fires (blimp.inject). */
@@ -26,6 +27,7 @@ enum fault_inject {
     INJECT_NONE,
     INJECT_STAMP,  /* selftest: overwrite one page's stamp after stamping, before the check */
     INJECT_POISON, /* selftest with blimp.poison=1: overwrite one word of a poisoned free page */
+    INJECT_STRESS_CORRUPT, /* stress: overwrite one word of one held page halfway through */
 };
 
 /* blimp.virtio: which interface of which transport. modern and legacy pick the face of a
@@ -38,6 +40,18 @@ enum irq_choice {
     IRQ_POLL, /* poll the device every millisecond and never sleep */
 };
 
+/* blimp.seed and blimp.stress.* (stress mode; README "Stress mode"). */
+struct stress_options {
+    uint64_t seed;
+    uint64_t ops;          /* operations to run, 0: no bound */
+    uint64_t time_ns;      /* time to run, 0: no bound */
+    uint32_t slots;        /* blocks held at most */
+    uint32_t max_order;    /* largest block, as a buddy order */
+    uint32_t verify_every; /* ops between verifies of everything held, 0: only at the end */
+    uint32_t progress;     /* ops between progress lines (and at least one a second), 0: seconds */
+    uint64_t settle_ns;    /* at the end, wait this long at most for the balloon to be at rest */
+};
+
 #define MAX_VIRTIO_MMIO 16 /* Firecracker passes one entry per device */
 
 struct options {
@@ -48,6 +62,7 @@ struct options {
     enum virtio_choice virtio;
     enum irq_choice irq;
     struct balloon_config balloon; /* the driver's own settings, filled by blimp.balloon.* */
+    struct stress_options stress;
     /* virtio_mmio.device=<size>@<base>:<irq>[:<id>], in command-line order, no two overlapping */
     struct virtio_mmio_device virtio_mmio[MAX_VIRTIO_MMIO];
     unsigned n_virtio_mmio;

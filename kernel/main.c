@@ -11,6 +11,7 @@
 #include "lib/json.h"
 #include "lib/printf.h"
 #include "kernel/selftest.h"
+#include "kernel/stress.h"
 #include "arch/x86/cpu.h"
 #include "arch/x86/exit.h"
 #include "arch/x86/tsc.h"
@@ -123,8 +124,10 @@ void kmain(uint32_t magic, uint32_t info_phys)
         /* Canonical but far above any mapping: a #PF with cr2 = that address. */
         *(volatile uint64_t *)0x7fff00000000ull = 1;
         panic("the deliberate page fault did not fault");
+    case MODE_STRESS:
+        stress_mode_run(&options, boot_info.rsdp_phys);
     case MODE_BALLOON:
         break;
     }
-    balloon_mode_run(&options, boot_info.rsdp_phys);
+    balloon_mode_run(&options, boot_info.rsdp_phys, NULL);
 }

@@ -123,6 +123,7 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .report_passes = b->report_passes,
         .resets = b->resets,
         .reinflate_pending = b->resend.pages,
+        .record_pages = b->held.chunks + b->resend.chunks + b->hinted.chunks,
         .numbering = b->numbering ? b->numbering : "",
         .numbering_used = b->numbering_used ? b->numbering_used : "",
     };

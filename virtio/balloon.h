@@ -159,6 +159,7 @@ struct balloon_status {
     uint64_t report_passes;
     uint64_t resets;            /* DEVICE_NEEDS_RESET recoveries */
     uint64_t reinflate_pending; /* held pages not yet told to the device since the last reset */
+    uint64_t record_pages;      /* pages holding the driver's block records (mm/blocklist.h) */
     const char *numbering;      /* the host's, per the probe: negotiated|fixed|ambiguous|unknown */
     const char *numbering_used; /* negotiated | fixed */
     struct balloon_queue_status queues[BQ_COUNT];

@@ -68,6 +68,13 @@ static inline void cpu_sti_hlt_cli(void)
 {
     __asm__ __volatile__("sti; hlt; cli" ::: "memory");
 }
+/* Let interrupts that are pending be taken, then disable them again: `sti` takes effect after
+ * the next instruction, so they arrive after the nop. For loops that keep working instead of
+ * sleeping. */
+static inline void cpu_irq_window(void)
+{
+    __asm__ __volatile__("sti; nop; cli" ::: "memory");
+}
 static inline void cpu_pause(void)
 {
     __asm__ __volatile__("pause" ::: "memory");
