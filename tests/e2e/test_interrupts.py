@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from blimp import bench_exits
+
 from blimp.qemu import QEMU_BINARY, Qemu
 from guest import MiB, PAGE
 
@@ -36,25 +38,9 @@ def _irq_event(vm) -> dict:
 
 
 def idle_rates(vm, seconds: float = IDLE_S) -> dict:
-    """Exits and interrupts per second over an idle window, from two `state` replies (the
-    agent's own traffic causes no transport exits; it does cause agent interrupts). Per
-    second of host time, midpoint to midpoint of the two requests: the guest's TSC under TCG
-    follows the host's and was once seen to stall for seconds (QEMU keeps it monotonic when
-    the host TSC steps back), which would inflate rates measured in guest time."""
-    t0 = time.monotonic()
-    a = vm.state()
-    t1 = time.monotonic()
-    time.sleep(seconds)
-    t2 = time.monotonic()
-    b = vm.state()
-    t3 = time.monotonic()
-    dt = (t2 + t3) / 2 - (t0 + t1) / 2
-    rates = {k: (b["exits"][k] - a["exits"][k]) / dt for k in b["exits"]}
-    rates.update({"irq_" + k: (b["irq"][k] - a["irq"][k]) / dt
-                  for k in ("device", "spurious", "timer", "sleeps")})
-    rates["guest_s"] = (b["irq"]["uptime_ns"] - a["irq"]["uptime_ns"]) / 1e9
-    rates["host_s"] = dt
-    return rates
+    """Exits and interrupts per second over an idle window (the agent's own traffic causes
+    no transport exits): the benchmark's measurement, in host time."""
+    return bench_exits.measure(vm, seconds)
 
 
 def _roundtrip(vm, size: int = 256 * MiB) -> None:
