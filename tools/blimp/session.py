@@ -125,14 +125,19 @@ class BalloonSession:
 
     # ------------------------------------------------------------ lifetime
 
-    def start(self) -> BalloonSession:
-        """Boot; return once the balloon driver is up and the agent answers."""
+    def start(self, wait_ready: bool = True) -> BalloonSession:
+        """Boot; return once the balloon driver is up and the agent answers.  Without
+        `wait_ready` return as soon as QMP and the agent's socket are connected, waiting
+        for nothing the guest says (a mode that is not balloon mode: conform)."""
         self.qemu.start()
         try:
             # connect first: what the guest sends on COM2 before that is lost
-            self.qemu.agent_client(timeout=self.boot_timeout, ready=False)
-            self.features = self.qemu.wait_event("balloon_features", timeout=self.boot_timeout)
-            self.agent = self.qemu.agent_client(timeout=self.boot_timeout)
+            agent = self.qemu.agent_client(timeout=self.boot_timeout, ready=False)
+            if wait_ready:
+                self.features = self.qemu.wait_event("balloon_features",
+                                                     timeout=self.boot_timeout)
+                agent = self.qemu.agent_client(timeout=self.boot_timeout)
+            self.agent = agent
             self._balloon = Balloon.of(self.qemu)
         except SESSION_ERRORS as e:
             failure = self.failure("the guest did not come up: %s" % _reason(e))
@@ -223,6 +228,17 @@ class BalloonSession:
         """The serial position now: pass it as `since` to see only what comes after.
         Marks stay valid across migrate(): lines are numbered over the whole session."""
         return len(self._earlier_lines) + len(self.qemu.lines)
+
+    def wait_lines(self, since: int, timeout: float) -> List[str]:
+        """The serial lines from session line `since` on, waiting up to `timeout` s for
+        at least one; [] if none came (or QEMU has exited: see running())."""
+        if self.mark() <= since:
+            try:
+                self.qemu.wait_line(lambda line: True, timeout=timeout,
+                                    start=max(0, since - len(self._earlier_lines)))
+            except QemuError:          # SerialTimeout, or QemuExited
+                pass
+        return self.lines[since:]
 
     def events(self, name: Optional[str] = None, since: int = 0) -> List[dict]:
         """The guest's events on serial (from line `since` on), optionally only `name`."""
