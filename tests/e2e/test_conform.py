@@ -1,0 +1,104 @@
+"""`./blimp conform` end to end: the conformance runner (tools/blimp/conform.py) against
+blimp's conformance mode (kernel/conform.c) through real QEMU 7.2 and the reference host.
+
+* the quick matrix passes, and its JUnit XML has one suite per configuration with the
+  counts of the guest's TAP;
+* a runner that lies about the host's memory (`--fault rss-flat`) makes B1 fail as
+  acked-not-discarded: the configuration fails, the exit status is 1, JUnit carries it;
+* a host that reports used lengths as QEMU before 7.0 did (the reference host's
+  x-used-len-bytes-read=on) fails D20 the same way.
+Each failing case has a passing twin in the quick matrix (same machine and transport, no
+fault or quirk), so the failures come from the fault, not from the configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from blimp import conform
+
+from guest import REPO, TOOLS
+
+
+def _run(args, tmp_path, pytestconfig, images, reference_qemu, timeout=400):
+    junit = tmp_path / "junit.xml"
+    env = dict(os.environ, PYTHONPATH=TOOLS, BLIMP_REFERENCE_QEMU=reference_qemu)
+    argv = [sys.executable, "-m", "blimp", "conform", "--kernel", images["pvh"],
+            "--accel", pytestconfig.getoption("accel"), "--junit", str(junit),
+            "--tap-dir", str(tmp_path / "tap")] + args
+    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout * pytestconfig.getoption("timeout_scale"))
+    out = "argv: %s\nstatus %d\n%s\n%s" % (" ".join(argv), p.returncode, p.stdout, p.stderr)
+    root = ET.parse(str(junit)).getroot() if junit.exists() else None
+    return p.returncode, root, out
+
+
+def _suites(root):
+    return {s.get("name"): s for s in root.findall("testsuite")}
+
+
+def _failures(suite):
+    return {tc.get("name").split()[0]: tc.find("failure")
+            for tc in suite.findall("testcase") if tc.find("failure") is not None}
+
+
+def test_quick_matrix_passes(tmp_path, pytestconfig, images, reference_qemu):
+    status, root, out = _run(["--matrix", "quick", "-j", "2"], tmp_path, pytestconfig, images,
+                             reference_qemu)
+    assert status == 0, out
+    assert root is not None, out
+    suites = _suites(root)
+    assert sorted(suites) == sorted(conform.QUICK), out
+    for name, s in suites.items():
+        tap = (tmp_path / "tap" / (name + ".tap")).read_text()
+        points, plan, summary = conform.parse_points(tap.splitlines())
+        assert plan and len(points) == plan and summary[0] == plan, (name, tap)
+        cases = s.findall("testcase")
+        assert int(s.get("tests")) == len(cases) == plan, (name, out)
+        assert int(s.get("failures")) == 0 and int(s.get("errors")) == 0, (name, out)
+        skipped = sum(1 for tc in cases if tc.find("skipped") is not None)
+        assert int(s.get("skipped")) == skipped >= summary[2], (name, out)
+        ids = [tc.get("name").split()[0] for tc in cases]
+        assert "B1" in ids and "D1" in ids, (name, ids)
+        assert all(tc.get("classname") == name for tc in cases)
+        assert "TAP version 14" in s.find("system-out").text
+    assert int(root.get("tests")) == sum(int(s.get("tests")) for s in suites.values())
+    assert "configurations: %d, passed" % len(conform.QUICK) in out, out
+
+
+def test_runner_fault_fails_b1(tmp_path, pytestconfig, images, reference_qemu):
+    """The runner reports an RSS that never moves: the guest must call the inflated pages
+    acked but not discarded, and the configuration must fail."""
+    status, root, out = _run(["--machine", "q35", "--transport", "modern",
+                              "--fault", "rss-flat"], tmp_path, pytestconfig, images,
+                             reference_qemu)
+    assert status == 1, out
+    (suite,) = root.findall("testsuite")
+    fails = _failures(suite)
+    assert "B1" in fails, out
+    assert fails["B1"].get("message").startswith("acked-not-discarded"), out
+    assert int(suite.get("failures")) == len(fails) >= 1
+    assert "FAIL" in out and "B1 (acked-not-discarded)" in out, out
+
+
+def test_old_qemu_used_lengths_fail_d20(tmp_path, pytestconfig, images, reference_qemu):
+    """The reference host writing the bytes it read as used lengths (QEMU < 7.0) fails D20
+    (a protocol violation), and only the configuration with the quirk fails."""
+    status, root, out = _run(["--qemu", reference_qemu, "--machine", "q35", "--transport",
+                              "modern", "--device-opts", refhost_quirk()], tmp_path,
+                             pytestconfig, images, reference_qemu)
+    assert status == 1, out
+    (suite,) = root.findall("testsuite")
+    fails = _failures(suite)
+    assert "D20" in fails, out
+    assert fails["D20"].get("message").startswith("protocol-violation"), out
+
+
+def refhost_quirk() -> str:
+    from blimp import refhost
+    return refhost.USED_LEN_BYTES_READ
