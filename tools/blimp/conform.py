@@ -332,9 +332,10 @@ class Responder:
 class SessionHost(Host):
     """The real host: a BalloonSession's QEMU, QMP and agent."""
 
-    def __init__(self, session: BalloonSession) -> None:
+    def __init__(self, session: BalloonSession, deadline: Optional[float] = None) -> None:
         self.session = session
         self.ram_bytes = session.ram
+        self.deadline = deadline          # time.monotonic() by which the run must end
 
     def set_balloon_value(self, value: int) -> None:
         self.session.qemu.qmp().execute("balloon", value=value)
@@ -349,7 +350,8 @@ class SessionHost(Host):
         return self.session.balloon.stats()
 
     def migrate(self) -> int:
-        return self.session.migrate().total_time_ms
+        left = 60.0 if self.deadline is None else self.deadline - time.monotonic()
+        return self.session.migrate(timeout=max(5.0, min(60.0, left))).total_time_ms
 
     def send(self, line: str) -> dict:
         return self.session.cmd(line, timeout=10.0)
@@ -634,7 +636,7 @@ def run_config(cfg: Config, *, kernel: str = DEFAULT_KERNEL, accel: str = "auto"
     timed_out = False
     try:
         session.start(wait_ready=False)
-        responder = Responder(SessionHost(session), fault)
+        responder = Responder(SessionHost(session, t0 + timeout), fault)
         res.exchanges = responder.exchanges
 
         def lines(since: int) -> Optional[List[str]]:
