@@ -414,8 +414,53 @@ static void cmd_quit(char **argv, unsigned argc)
     machine_exit((enum exit_code)code, "agent quit");
 }
 
+static agent_answer_fn answer_fn;
+static void *answer_ctx;
+
+void agent_set_answer_handler(agent_answer_fn fn, void *ctx)
+{
+    answer_fn = fn;
+    answer_ctx = ctx;
+}
+
+/* `ack <seq> [key=value ...]` / `nack <seq> <reason>`: a host runner answering the guest's
+ * request (docs/conformance.md). The whole line goes to the mode that asked; too many values
+ * for the usual argv. */
+static bool host_answer(char *cmd)
+{
+    bool ack = !strncmp(cmd, "ack ", 4);
+    if (!ack && strncmp(cmd, "nack ", 5))
+        return false;
+    const char *name = ack ? "ack" : "nack";
+    char *p = cmd + (ack ? 4 : 5), *end = p;
+    while (*end && *end != ' ')
+        end++;
+    char save = *end;
+    *end = '\0';
+    uint64_t seq;
+    bool ok = parse_u64(p, &seq);
+    *end = save;
+    while (*end == ' ')
+        end++;
+    if (!ok) {
+        reply_error(name, "usage: ack <seq> [key=value ...] | nack <seq> <reason>");
+        return true;
+    }
+    if (!answer_fn || !answer_fn(answer_ctx, ack, seq, end)) {
+        reply_error(name, "no request with that number is waiting");
+        return true;
+    }
+    struct json j;
+    reply_begin(&j, name, true);
+    json_u64(&j, "seq", seq);
+    send_line(&j);
+    return true;
+}
+
 static void execute(char *cmd)
 {
+    if (host_answer(cmd))
+        return;
     char *argv[8];
     unsigned argc = 0;
     for (char *p = cmd; *p && argc < 8;) {

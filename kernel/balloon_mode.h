@@ -13,7 +13,15 @@
 struct balloon_mode_hook {
     uint64_t (*step)(void *ctx, const struct balloon_status *st);
     void *ctx;
+    /* Optional: runs once the device is found, before the driver brings it up; it may use the
+     * transport directly (it must leave the device reset) and change the driver's config. */
+    void (*prepare)(void *ctx, struct virtio_transport *t, struct balloon_config *cfg);
+    bool poll_only; /* never sleep on interrupts: the loop reads the ISR every ms */
 };
+
+/* The driver and transport balloon mode runs (for a hook that checks the device itself). */
+struct balloon *balloon_mode_balloon(void);
+struct virtio_transport *balloon_mode_transport(void);
 
 /* The default mode: find the balloon, bring it up, follow the host's target forever
  * (rsdp_phys: the loader's ACPI RSDP, 0 when none; the interrupt code needs the MADT), running
@@ -30,7 +38,10 @@ struct wait_stats {
     uint64_t spurious;    /* device-vector interrupts that found the ISR 0 (shared/stray) */
     uint64_t agent_irqs;  /* COM2 receive interrupts */
     uint64_t timer_irqs, lapic_spurious;
-    uint64_t sleeps;    /* times the loop halted */
+    uint64_t sleeps; /* times the loop halted */
+    /* Polling: ISR reads with the configuration-change bit set, and such reads that directly
+     * followed another one with it set (reading the ISR must clear it: spec 4.1.4.5.1). */
+    uint64_t isr_config, isr_config_repeat;
     uint64_t uptime_ns; /* when these were taken */
     struct virtio_exit_counts exits;
 };

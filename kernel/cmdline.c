@@ -38,8 +38,13 @@ _Static_assert(sizeof(enum kernel_mode) == sizeof(int) &&
                "OPT_ENUM stores enums as int");
 
 static const char *const mode_names[] = {
-    [MODE_BALLOON] = "balloon", [MODE_BOOT] = "boot",     [MODE_SELFTEST] = "selftest",
-    [MODE_FAULT] = "fault",     [MODE_STRESS] = "stress", NULL,
+    [MODE_BALLOON] = "balloon",
+    [MODE_BOOT] = "boot",
+    [MODE_SELFTEST] = "selftest",
+    [MODE_FAULT] = "fault",
+    [MODE_STRESS] = "stress",
+    [MODE_CONFORM] = "conform",
+    NULL,
 };
 static const char *const virtio_names[] = {
     [VIRTIO_AUTO] = "auto",
@@ -86,7 +91,8 @@ static const char *const inject_names[] = {
 static const struct option_def option_defs[] = {
     {"blimp.mode", OPT_ENUM, OPT(mode), "balloon",
      "balloon: follow the host's target | boot: report and exit | selftest | fault | stress: "
-     "balloon plus a seeded storm on guest memory, verified page by page",
+     "balloon plus a seeded storm on guest memory, verified page by page | conform: check the "
+     "host's device against the spec (docs/conformance.md)",
      0, 0, mode_names},
     {"blimp.poison", OPT_BOOL, OPT(poison), "0",
      "1: fill free pages with a pattern, check it on "
@@ -115,6 +121,12 @@ static const struct option_def option_defs[] = {
      NULL},
     {"blimp.stress.settle_ms", OPT_MS_NS, OPT(stress.settle_ns), "2000",
      "stress: at the end, ms to wait at most for the balloon to be at rest", 0, 600000, NULL},
+    {"blimp.conform.host", OPT_BOOL, OPT(conform.host), "0",
+     "conform: 1 = a host runner (./blimp conform) answers requests; 0 = checks that need the "
+     "host are skipped",
+     0, 0, NULL},
+    {"blimp.conform.timeout_ms", OPT_MS_NS, OPT(conform.timeout_ns), "20000",
+     "conform: ms to wait for one request to be answered and acted on", 1, 600000, NULL},
     {"blimp.virtio", OPT_ENUM, OPT(virtio), "auto",
      "auto (modern if the device has it) | modern | legacy | mmio (virtio-mmio only)", 0, 0,
      virtio_names},
@@ -131,6 +143,8 @@ static const struct option_def option_defs[] = {
      NULL},
     {"blimp.balloon.chunks_per_buffer", OPT_U32, OPT(balloon.chunks_per_buffer), NULL,
      "chunks per buffer with the chunked extension, 1..256", 1, BALLOON_MAX_CHUNKS, NULL},
+    {"blimp.balloon.stats", OPT_BOOL, OPT(balloon.stats), NULL,
+     "accept STATS_VQ (memory statistics for the host) when offered", 0, 0, NULL},
     {"blimp.balloon.deflate_on_oom", OPT_BOOL, OPT(balloon.deflate_on_oom), NULL,
      "accept DEFLATE_ON_OOM when the device offers it", 0, 0, NULL},
     {"blimp.balloon.timeout_ms", OPT_MS_NS, OPT(balloon.ack_timeout_ns), NULL,

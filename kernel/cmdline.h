@@ -19,7 +19,8 @@ enum kernel_mode {
     MODE_BOOT,     /* print the boot report and exit: boot benchmarks, smoke tests */
     MODE_SELFTEST, /* allocator checks over all RAM, TAP output, exit */
     MODE_FAULT,    /* take a page fault on purpose: proves the exception path and its exit code */
-    MODE_STRESS, /* balloon mode plus a seeded storm on the guest's own memory (kernel/stress.c) */
+    MODE_STRESS,  /* balloon mode plus a seeded storm on the guest's own memory (kernel/stress.c) */
+    MODE_CONFORM, /* check the host's device against the spec's requirements (kernel/conform.c) */
 };
 
 /* Damage done on purpose so a test can prove that a detector fires (blimp.inject). */
@@ -52,6 +53,12 @@ struct stress_options {
     uint64_t settle_ns;    /* at the end, wait this long at most for the balloon to be at rest */
 };
 
+/* blimp.conform.* (conformance mode; docs/conformance.md). */
+struct conform_options {
+    bool host;           /* a host runner answers conform_request events */
+    uint64_t timeout_ns; /* for one request to be answered and acted on */
+};
+
 #define MAX_VIRTIO_MMIO 16 /* Firecracker passes one entry per device */
 
 struct options {
@@ -63,6 +70,7 @@ struct options {
     enum irq_choice irq;
     struct balloon_config balloon; /* the driver's own settings, filled by blimp.balloon.* */
     struct stress_options stress;
+    struct conform_options conform;
     /* virtio_mmio.device=<size>@<base>:<irq>[:<id>], in command-line order, no two overlapping */
     struct virtio_mmio_device virtio_mmio[MAX_VIRTIO_MMIO];
     unsigned n_virtio_mmio;

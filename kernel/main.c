@@ -4,6 +4,7 @@
  * mode the command line asks for.
  */
 #include "kernel/balloon_mode.h"
+#include "kernel/conform.h"
 #include "kernel/cmdline.h"
 #include "arch/x86/serial.h"
 #include "kernel/mem.h"
@@ -126,6 +127,8 @@ void kmain(uint32_t magic, uint32_t info_phys)
         panic("the deliberate page fault did not fault");
     case MODE_STRESS:
         stress_mode_run(&options, boot_info.rsdp_phys);
+    case MODE_CONFORM:
+        conform_mode_run(&options, boot_info.rsdp_phys);
     case MODE_BALLOON:
         break;
     }

@@ -52,6 +52,23 @@ void report_info(const char *fmt, ...)
     kprintf("# %s\n", text);
 }
 
+void report_point(enum report_kind kind, const char *skip_reason, const char *title)
+{
+    header();
+    tests++;
+    if (kind == REPORT_FAIL)
+        failed++;
+    if (kind == REPORT_SKIP)
+        skipped++;
+    kprintf("%s %u - %s%s%s\n", kind == REPORT_FAIL ? "not ok" : "ok", tests, title,
+            kind == REPORT_SKIP ? " # SKIP " : "", kind == REPORT_SKIP ? skip_reason : "");
+}
+
+unsigned report_count(void)
+{
+    return tests;
+}
+
 int report_summary(void)
 {
     header();

@@ -11,6 +11,11 @@
 bool report(bool pass, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void report_skip(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void report_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* One point whose result the caller has decided (conformance checks, which add a YAML block
+ * after it): pass, fail, or skip with the reason. */
+enum report_kind { REPORT_PASS, REPORT_FAIL, REPORT_SKIP };
+void report_point(enum report_kind kind, const char *skip_reason, const char *title);
+unsigned report_count(void); /* points so far (the last one's number) */
 /* Prints the plan and summary; returns EXIT_SUCCESS_CODE or EXIT_TEST_FAILED. */
 int report_summary(void);
 

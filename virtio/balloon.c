@@ -45,6 +45,7 @@ void balloon_default_config(struct balloon_config *cfg)
         .buffers = 16, /* bench/balloon_bench.py: 16 beats 1 and 4 at 256 PFNs */
         .ack_timeout_ns = 5000ull * 1000 * 1000,
         .reserve_pages = 512,
+        .stats = true,
         .deflate_on_oom = true,
         .chunks = true,
         .chunks_per_buffer = BALLOON_MAX_CHUNKS,
@@ -112,6 +113,7 @@ void balloon_get_status(const struct balloon *b, struct balloon_status *out)
         .inflate_buffers = b->inflate_buffers,
         .deflate_buffers = b->deflate_buffers,
         .stats_updates = b->stats_updates,
+        .readonly_checked = b->readonly_checked,
         .oom_deflated_pages = b->oom_deflated_pages,
         .hinted_pages = b->hinted.pages,
         .hint_rounds = b->hint_rounds,
@@ -317,6 +319,15 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
     return 0;
 }
 
+static void put_stat(uint8_t *out, unsigned i, uint16_t tag, uint64_t val)
+{
+    uint8_t *e = out + i * STATS_ENTRY_SIZE;
+    e[0] = (uint8_t)tag;
+    e[1] = (uint8_t)(tag >> 8);
+    for (unsigned k = 0; k < 8; k++)
+        e[2 + k] = (uint8_t)(val >> (8 * k));
+}
+
 unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out)
 {
     struct buddy_stats st;
@@ -338,14 +349,14 @@ unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out)
         {S_HTLB_PGALLOC, 0},
         {S_HTLB_PGFAIL, 0},
     };
+    unsigned n = 0;
+    if (b->cfg.stats_probe)
+        put_stat(out, n++, BALLOON_STATS_PROBE_TAG, 0x0123456789abcdefull);
     for (unsigned i = 0; i < BALLOON_NUM_STATS; i++) {
-        uint8_t *e = out + i * STATS_ENTRY_SIZE;
-        e[0] = (uint8_t)s[i].tag;
-        e[1] = (uint8_t)(s[i].tag >> 8);
-        for (unsigned k = 0; k < 8; k++)
-            e[2 + k] = (uint8_t)(s[i].val >> (8 * k));
+        unsigned k = b->cfg.stats_probe ? BALLOON_NUM_STATS - 1 - i : i;
+        put_stat(out, n++, s[k].tag, s[k].val);
     }
-    return BALLOON_NUM_STATS * STATS_ENTRY_SIZE;
+    return n * STATS_ENTRY_SIZE;
 }
 
 static int post_stats(struct balloon *b)
@@ -370,8 +381,10 @@ static unsigned floor_log2(uint64_t v)
 static uint64_t wanted_features(const struct balloon *b)
 {
     const struct balloon_config *cfg = &b->cfg;
-    uint64_t wanted = 1ull << VIRTIO_BALLOON_F_MUST_TELL_HOST | 1ull << VIRTIO_BALLOON_F_STATS_VQ |
-                      1ull << VIRTIO_F_VERSION_1 | 1ull << VIRTIO_F_EVENT_IDX;
+    uint64_t wanted = 1ull << VIRTIO_BALLOON_F_MUST_TELL_HOST | 1ull << VIRTIO_F_VERSION_1 |
+                      1ull << VIRTIO_F_EVENT_IDX;
+    if (cfg->stats)
+        wanted |= 1ull << VIRTIO_BALLOON_F_STATS_VQ;
     if (cfg->deflate_on_oom)
         wanted |= 1ull << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
     if (cfg->chunks)
@@ -569,7 +582,7 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
 
     /* Indices: see probe_numbering. An offered FREE_PAGE_HINT keeps its queue's index even
      * though we decline it and never set that queue up. */
-    b->has_stats = (b->offered >> VIRTIO_BALLOON_F_STATS_VQ) & 1;
+    b->has_stats = balloon_negotiated(b, VIRTIO_BALLOON_F_STATS_VQ);
     b->has_hint_vq = balloon_negotiated(b, VIRTIO_BALLOON_F_FREE_PAGE_HINT);
     if (b->has_hint_vq && t->config_size && t->config_size < BALLOON_CFG_HINT_CMD + 4) {
         violation(b, "FREE_PAGE_HINT offered but the config has no free_page_hint_cmd_id");
@@ -745,6 +758,30 @@ static void inject_bad_next(struct balloon *b)
 
 /* Publish buf (`pages` pages in nb blocks, sorted) on the inflate or deflate queue; 0 or the
  * vq_add error, in which case nothing changed. */
+/* FNV-1a over a buffer the device may only read. */
+static uint64_t wire_sum(const void *p, uint32_t len)
+{
+    const uint8_t *c = p;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (uint32_t i = 0; i < len; i++)
+        h = (h ^ c[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* A used inflate/deflate buffer must hold what the driver wrote: the device MUST NOT write to a
+ * device-readable buffer (spec 2.7.5.1). */
+static void check_readonly(struct balloon *b, const struct balloon_buf *buf)
+{
+    if (buf->wire_sum == 0)
+        return; /* an injected device-writable buffer */
+    if (wire_sum(buf->pfns, buf->wire_len) != buf->wire_sum) {
+        violation(b, buf->inflate ? "the device wrote into a device-readable inflate buffer"
+                                  : "the device wrote into a device-readable deflate buffer");
+        return;
+    }
+    b->readonly_checked++;
+}
+
 static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned pages, unsigned nb,
                     bool inflate)
 {
@@ -763,6 +800,8 @@ static int send_buf(struct balloon *b, struct balloon_buf *buf, unsigned pages, 
     buf->pages = pages;
     buf->n_blocks = nb;
     buf->sent_ns = platform_now_ns();
+    buf->wire_len = seg.len;
+    buf->wire_sum = writable ? 0 : wire_sum(buf->pfns, seg.len);
     if (inflate) {
         b->inflight_inflate += pages;
         b->inflate_buffers++;
@@ -892,12 +931,14 @@ static bool collect(struct balloon *b)
     uint32_t len;
     struct balloon_buf *buf;
     while ((buf = vq_get_used(&b->inflate_vq, &len))) {
+        check_readonly(b, buf);
         b->inflight_inflate -= buf->pages;
         b->actual += buf->pages;
         buf->busy = false;
         changed = true;
     }
     while ((buf = vq_get_used(&b->deflate_vq, &len))) {
+        check_readonly(b, buf);
         /* Only now, after the host has seen the PFNs, do the pages return to the guest. */
         for (unsigned i = 0; i < buf->n_blocks; i++)
             free_unbacked(b, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);

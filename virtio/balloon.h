@@ -36,9 +36,10 @@
 #define BALLOON_HINT_CMD_DONE 1
 #define BALLOON_HINT_ID_SLOTS 8 /* start/stop ids that can be in flight at once */
 
-#define BALLOON_MAX_BUFFERS 64
-#define BALLOON_MAX_CHUNKS  256 /* per buffer: the most a chunked device must accept */
-#define BALLOON_NUM_STATS   10
+#define BALLOON_MAX_BUFFERS     64
+#define BALLOON_MAX_CHUNKS      256 /* per buffer: the most a chunked device must accept */
+#define BALLOON_NUM_STATS       10
+#define BALLOON_STATS_PROBE_TAG 0x7fff /* stats_probe: a tag no spec version defines */
 
 /* Free page reporting: blocks per report chain (Linux's PAGE_REPORTING_CAPACITY; QEMU's
  * reporting queue has 32 entries) and report chains in flight at once. */
@@ -72,10 +73,14 @@ enum balloon_queues {
 };
 
 struct balloon_config {
-    uint32_t pfns_per_buffer;   /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
-    uint32_t buffers;           /* buffers in flight at once (QEMU accepts many) */
-    uint64_t ack_timeout_ns;    /* a buffer unanswered this long marks the device stalled */
-    uint64_t reserve_pages;     /* free pages never given to the balloon (kernel's own needs) */
+    uint32_t pfns_per_buffer; /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
+    uint32_t buffers;         /* buffers in flight at once (QEMU accepts many) */
+    uint64_t ack_timeout_ns;  /* a buffer unanswered this long marks the device stalled */
+    uint64_t reserve_pages;   /* free pages never given to the balloon (kernel's own needs) */
+    bool stats;               /* accept STATS_VQ when offered */
+    /* Conformance checks (kernel/conform.c): stats entries in reverse tag order plus one entry
+     * with an unknown tag, which a device must ignore (spec 5.5.6.3.2). */
+    bool stats_probe;
     bool deflate_on_oom;        /* accept DEFLATE_ON_OOM when offered */
     bool chunks;                /* accept VIRTIO_BALLOON_F_X_CHUNKS when offered */
     uint32_t chunks_per_buffer; /* chunks per inflate/deflate buffer, 1..BALLOON_MAX_CHUNKS */
@@ -112,6 +117,8 @@ struct balloon_buf {
     unsigned pages, n_blocks;
     bool busy, inflate;
     uint64_t sent_ns;
+    uint64_t wire_sum; /* of what the device reads: it must not write there (spec 2.7.5.1) */
+    uint32_t wire_len;
 };
 
 /* One report: device-writable blocks (pfn << 8 | order) the device may discard. */
@@ -160,6 +167,7 @@ struct balloon_status {
     uint64_t resets;            /* DEVICE_NEEDS_RESET recoveries */
     uint64_t reinflate_pending; /* held pages not yet told to the device since the last reset */
     uint64_t record_pages;      /* pages holding the driver's block records (mm/blocklist.h) */
+    uint64_t readonly_checked;  /* used inflate/deflate buffers found as the driver wrote them */
     const char *numbering;      /* the host's, per the probe: negotiated|fixed|ambiguous|unknown */
     const char *numbering_used; /* negotiated | fixed */
     struct balloon_queue_status queues[BQ_COUNT];
@@ -227,6 +235,7 @@ struct balloon {
     /* counters */
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
     uint64_t reported_pages, report_chains, report_passes;
+    uint64_t readonly_checked; /* used inflate/deflate buffers whose wire array was re-checked */
 };
 
 void balloon_default_config(struct balloon_config *cfg);

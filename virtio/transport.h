@@ -81,6 +81,15 @@ struct virtio_msix_msg {
 
 struct virtio_transport;
 
+/* One result of a transport's own register checks (conformance mode). */
+struct virtio_reg_check {
+    const char *what; /* the requirement, in words */
+    bool ok;
+    const char *fmt; /* what was read, as printf text over v (up to four %u / %x) */
+    uint32_t v[4];
+};
+#define VIRTIO_REG_CHECKS_MAX 8
+
 struct virtio_transport_ops {
     /* Write 0 to the status and wait (with a deadline) until the device reads back 0.
      * Returns 0, or -1 if the device never finished resetting. */
@@ -113,6 +122,14 @@ struct virtio_transport_ops {
      * MSI-X off and goes back to t->irq's INTx line. t->irq.kind says which is in effect.
      * Returns 0, or -1 when the device has no usable MSI-X (INTx stays). */
     int (*msix_setup)(struct virtio_transport *t, const struct virtio_msix_msg msgs[2]);
+    /* Optional (conformance mode): check the registers a just-reset device must show (status,
+     * queue enables and sizes, feature windows, magic and version), up to `max` results.
+     * Leaves the device reset. Returns the number of results. */
+    unsigned (*check_registers)(struct virtio_transport *t, struct virtio_reg_check *out,
+                                unsigned max);
+    /* Optional: the interrupt status without acknowledging it (virtio-mmio's InterruptStatus,
+     * which stays set until InterruptACK; PCI has no such read: its ISR clears on reading). */
+    uint8_t (*peek_isr)(struct virtio_transport *t);
 };
 
 struct virtio_transport {

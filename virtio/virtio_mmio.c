@@ -223,6 +223,65 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
     return 0;
 }
 
+/* ---- conformance checks (spec 4.2.2.1), both versions ---- */
+
+static struct virtio_reg_check *add_check(struct virtio_reg_check *out, unsigned *n, unsigned max,
+                                          const char *what, bool ok, const char *fmt)
+{
+    static struct virtio_reg_check spare;
+    struct virtio_reg_check *c = *n < max ? &out[(*n)++] : &spare;
+    c->what = what;
+    c->ok = ok;
+    c->fmt = fmt;
+    return c;
+}
+
+static unsigned mm_check_registers(struct virtio_transport *t, struct virtio_reg_check *out,
+                                   unsigned max)
+{
+    unsigned n = 0;
+    uint32_t magic = rd(t, R_MAGIC, &t->exits.status);
+    uint32_t version = rd(t, R_VERSION, &t->exits.status);
+    uint32_t want = vm_of(t)->version;
+    struct virtio_reg_check *r = add_check(out, &n, max, "MagicValue reads 0x74726976",
+                                           magic == VIRTIO_MMIO_MAGIC, "MagicValue 0x%08x");
+    r->v[0] = magic;
+    r = add_check(out, &n, max, "Version reads 2 (modern) or 1 (legacy), as bound", version == want,
+                  "Version %u, bound as %u");
+    r->v[0] = version;
+    r->v[1] = want;
+    mm_set_status(t, 0);
+    uint64_t deadline = platform_now_ns() + RESET_TIMEOUT_NS;
+    uint8_t st;
+    while ((st = mm_get_status(t)) != 0 && platform_now_ns() < deadline)
+        ;
+    r = add_check(out, &n, max, "Status reads 0 after a reset", st == 0, "Status 0x%02x");
+    r->v[0] = st;
+    unsigned queues = 0, live = 0;
+    for (unsigned q = 0; q < 16; q++) {
+        wr(t, R_QUEUE_SEL, q, &t->exits.status);
+        if (!rd(t, R_QUEUE_NUM_MAX, &t->exits.status))
+            break;
+        queues++;
+        unsigned reg = want == VERSION_LEGACY ? R_QUEUE_PFN : R_QUEUE_READY;
+        live += rd(t, reg, &t->exits.status) != 0;
+    }
+    r = add_check(out, &n, max,
+                  want == VERSION_LEGACY ? "QueuePFN reads 0 on every queue after a reset"
+                                         : "QueueReady reads 0 on every queue after a reset",
+                  live == 0, "%u queues, %u still set up");
+    r->v[0] = queues;
+    r->v[1] = live;
+    if (want == VERSION_LEGACY)
+        wr(t, R_GUEST_PAGE_SIZE, LEGACY_PAGE_SIZE, &t->exits.status);
+    return n;
+}
+
+static uint8_t mm_peek_isr(struct virtio_transport *t)
+{
+    return (uint8_t)rd(t, R_INT_STATUS, &t->exits.isr_reads);
+}
+
 static const struct virtio_transport_ops modern_ops = {
     .reset = mm_reset,
     .get_status = mm_get_status,
@@ -237,6 +296,8 @@ static const struct virtio_transport_ops modern_ops = {
     .queue_enable = m_queue_enable,
     .notify = mm_notify,
     .read_isr = mm_read_isr,
+    .check_registers = mm_check_registers,
+    .peek_isr = mm_peek_isr,
 };
 
 /* ---- version 1 (legacy) ---- */
@@ -306,6 +367,8 @@ static const struct virtio_transport_ops legacy_ops = {
     .queue_enable = l_queue_enable,
     .notify = mm_notify,
     .read_isr = mm_read_isr,
+    .check_registers = mm_check_registers,
+    .peek_isr = mm_peek_isr,
 };
 
 /* ---- binding ---- */
