@@ -229,6 +229,9 @@ class Host:
         """One line to the guest's agent; its reply."""
         raise NotImplementedError
 
+    def recover(self) -> None:
+        """After a failed migration: let the guest run on (the source may be paused)."""
+
 
 #: QEMU's uint64 stats are -1 (2^64 - 1 over QMP) until the guest sends them
 _UNSET = (-1, (1 << 64) - 1)
@@ -259,6 +262,7 @@ class Exchange:
     answer: Optional[str] = None       # the ack/nack line sent
     reply: Optional[dict] = None       # the agent's reply to it
     error: Optional[str] = None        # the runner could not answer (a runner failure)
+    note: Optional[str] = None         # why an action failed, in full (the nack has a line)
     seconds: float = 0.0
 
 
@@ -272,6 +276,7 @@ class Responder:
         self.fault = fault
         self.exchanges: List[Exchange] = []
         self._first_rss: Optional[int] = None
+        self._note: Optional[str] = None
 
     def answer_line(self, req: dict) -> str:
         """The ack/nack line for one request (performing its action)."""
@@ -306,9 +311,11 @@ class Responder:
         except (KeyError, TypeError, ValueError) as e:
             return "nack %d bad request: %s" % (seq, _words(repr(e)))
         except SESSION_ERRORS + (OSError, RuntimeError) as e:
-            reason = getattr(e, "reason", None) or str(e)
-            return "nack %d %s failed: %s" % (seq, action, _words(reason.splitlines()[0]
-                                                                   if reason else repr(e)))
+            reason = getattr(e, "reason", None) or str(e) or repr(e)
+            self._note = str(e)
+            if action == "migrate":
+                self.host.recover()
+            return "nack %d %s failed: %s" % (seq, action, _words(reason.splitlines()[0]))
 
     def handle(self, req: dict) -> Exchange:
         ex = Exchange(dict(req))
@@ -316,7 +323,9 @@ class Responder:
         if not isinstance(req.get("seq"), int):
             ex.error = "conform_request without an integer seq: %r" % (req,)
         else:
+            self._note = None
             ex.answer = self.answer_line(req)
+            ex.note = self._note
             try:
                 ex.reply = self.host.send(ex.answer)
                 if ex.reply.get("ok") is not True:
@@ -355,6 +364,16 @@ class SessionHost(Host):
 
     def send(self, line: str) -> dict:
         return self.session.cmd(line, timeout=10.0)
+
+    def recover(self) -> None:
+        """A migration that failed after the source stopped leaves it paused (postmigrate):
+        resume it so that the guest gets the nack and goes on."""
+        try:
+            qmp = self.session.qemu.qmp()
+            if not qmp.execute("query-status").get("running"):
+                qmp.execute("cont")
+        except SESSION_ERRORS + (OSError,):
+            pass
 
 
 # ---------------------------------------------------------------- the guest's output
@@ -574,6 +593,9 @@ def evaluate(res: Result, table: Sequence[Deviation] = ()) -> Result:
     for ex in res.exchanges:
         if ex.error:
             reasons.append("runner: request %s: %s" % (json.dumps(ex.request), ex.error))
+        if ex.note and (reasons or res.unknown_failures):
+            reasons.append("runner: %s -> %s; in full:\n%s" % (
+                json.dumps(ex.request), ex.answer, ex.note))
     if reasons or res.unknown_failures:
         res.status = FAIL
     else:

@@ -610,6 +610,15 @@ class Qemu:
             self._agent_client.wait_ready(timeout)
         return self._agent_client
 
+    def drop_agent_client(self) -> None:
+        """Close the agent client (if any): the next agent_client() connects anew."""
+        if self._agent_client is not None:
+            try:
+                self._agent_client.close()
+            except Exception:
+                pass
+            self._agent_client = None
+
     # -------------------------------------------------------- migration
 
     @property

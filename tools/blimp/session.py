@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import exitcodes, guestlog
-from .agent import Agent, AgentError
+from .agent import Agent, AgentConnectionError, AgentError
 from .balloon import DEFAULT_POLL_S, Balloon, BalloonTimeout
 from .qemu import HINT_IOTHREAD, Qemu, QemuError, free_page_hint_opts
 from .qmp import QMPConnectionError, QMPError, QMPTimeout
@@ -401,14 +401,27 @@ class BalloonSession:
             dest.agent_client(timeout=self.boot_timeout, ready=False)
             result = self._run_migration(uri, max_bandwidth, downtime_limit_ms, timeout, poll)
             self._wait_running(dest, timeout=self.boot_timeout)
-            agent = dest.agent_client(timeout=self.boot_timeout)     # answers a ping
+            try:
+                agent = dest.agent_client(timeout=self.boot_timeout)     # answers a ping
+            except AgentConnectionError:
+                # Seen with conform mode under load, 1 run in ~5: the destination, running
+                # the guest, closes the agent connection made before the migration (the
+                # cause is not known). Its chardev is a server: connect again, once.
+                dest.drop_agent_client()
+                agent = dest.agent_client(timeout=self.boot_timeout)
             balloon = Balloon.of(dest)
         except SESSION_ERRORS as e:
             reason = "migration failed: %s" % _reason(e)
+            if dest.proc is not None and not dest.running():
+                dest.wait(timeout=2)           # its stderr read to the end
+                reason += " (destination: %s)" % dest.outcome.describe()
             dest_err = dest.stderr.strip()
+            dest_tail = dest.lines[-self.context_lines:]
             dest.close()
             raise self.failure(reason + ("\ndestination QEMU stderr: " + dest_err[-1500:]
-                                         if dest_err else "")) from None
+                                         if dest_err else "") + (
+                "\ndestination's last guest console lines:\n" + "\n".join(
+                    "    | " + l for l in dest_tail) if dest_tail else "")) from None
         except BaseException:
             dest.close()
             raise
