@@ -417,6 +417,12 @@ class BalloonSession:
                 reason += " (destination: %s)" % dest.outcome.describe()
             dest_err = dest.stderr.strip()
             dest_tail = dest.lines[-self.context_lines:]
+            if self.serial_log and dest.lines:
+                # the source, resumed, may write over what the destination appended
+                path = self.serial_log + ".failed-destination"
+                with open(path, "w") as f:
+                    f.write("\n".join(dest.lines) + "\n")
+                reason += " (the destination's console: %s)" % path
             dest.close()
             raise self.failure(reason + ("\ndestination QEMU stderr: " + dest_err[-1500:]
                                          if dest_err else "") + (
