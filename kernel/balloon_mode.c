@@ -77,6 +77,15 @@ void balloon_mode_wait_stats(struct wait_stats *out)
     out->uptime_ns = platform_now_ns();
 }
 
+void balloon_mode_emit_latency(void)
+{
+    struct balloon_latency lat[BLAT_KINDS];
+    balloon_get_latency(&balloon, lat);
+    struct json j;
+    balloon_latency_event(&j, lat);
+    event_emit(&j);
+}
+
 unsigned balloon_mode_inject_spurious(unsigned n)
 {
     if (device_vector < 0)
