@@ -79,11 +79,7 @@ void balloon_mode_wait_stats(struct wait_stats *out)
 
 void balloon_mode_emit_latency(void)
 {
-    struct balloon_latency lat[BLAT_KINDS];
-    balloon_get_latency(&balloon, lat);
-    struct json j;
-    balloon_latency_event(&j, lat);
-    event_emit(&j);
+    balloon_emit_latency(&balloon);
 }
 
 unsigned balloon_mode_inject_spurious(unsigned n)

@@ -987,6 +987,13 @@ void balloon_latency_event(struct json *j, const struct balloon_latency lat[BLAT
     json_bool(j, "buckets_omitted", true);
 }
 
+void balloon_emit_latency(const struct balloon *b)
+{
+    struct json j;
+    balloon_latency_event(&j, b->latency);
+    event_emit(&j);
+}
+
 /* A buffer of kind k sent at sent_ns was just taken from the used ring. */
 static void record_latency(struct balloon *b, enum balloon_lat_kind k, uint64_t sent_ns)
 {

@@ -294,6 +294,9 @@ void balloon_latency_json(struct json *j, const struct balloon_latency lat[BLAT_
 /* The whole balloon_latency event into j, ready for event_emit: with the buckets, or, when the
  * line would not fit JSON_LINE_MAX, without them and with "buckets_omitted":true. */
 void balloon_latency_event(struct json *j, const struct balloon_latency lat[BLAT_KINDS]);
+/* Print b's balloon_latency event (platform_log): for a mode with its own struct balloon (one
+ * on balloon mode's loop calls balloon_mode_emit_latency, kernel/balloon_mode.h). */
+void balloon_emit_latency(const struct balloon *b);
 /* Fills the 10-byte stats entries; returns the byte count. */
 unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out);
 

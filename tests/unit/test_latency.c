@@ -253,6 +253,10 @@ static void test_inflate_deflate_latency(void **state)
     assert_int_equal(balloon_latency_percentile_us(&in, 10), 4096);
     assert_int_equal(lat_of(e, BLAT_DEFLATE).count, 0);
     assert_int_equal(lat_of(e, BLAT_REPORT).count, 0);
+    /* The event a mode with its own struct balloon prints (the log keeps 256 characters). */
+    fake_log_reset();
+    balloon_emit_latency(&e->b);
+    assert_true(fake_log_contains("{\"event\":\"balloon_latency\",\"inflate\":{\"count\":3,"));
 
     /* Deflate: two buffers, answered after 100 us. */
     e->fb.hold[FB_DEFLATE] = true;
