@@ -296,6 +296,44 @@ static void cmd_corrupt(char **argv, unsigned argc)
     send_line(&j);
 }
 
+/* Per-buffer latency, compact: count, p50, p99 and max per kind (the `latency` command has all). */
+static void state_latency(struct json *j)
+{
+    struct balloon_latency lat[BLAT_KINDS];
+    balloon_get_latency(balloon, lat);
+    json_open_object(j, "latency");
+    for (unsigned k = 0; k < BLAT_KINDS; k++) {
+        json_open_object(j, balloon_latency_kind_name(k));
+        json_u64(j, "count", lat[k].count);
+        json_u64(j, "p50_us", balloon_latency_percentile_us(&lat[k], 50));
+        json_u64(j, "p99_us", balloon_latency_percentile_us(&lat[k], 99));
+        json_u64(j, "max_us", lat[k].max_ns / 1000);
+        json_close(j);
+    }
+    json_close(j);
+}
+
+/* latency: the balloon_latency event's three histograms (docs/agent.md); without the buckets
+ * (and "buckets_omitted":true) if they would not fit one line. */
+static void cmd_latency(void)
+{
+    if (!balloon) {
+        reply_error("latency", "no balloon device");
+        return;
+    }
+    struct balloon_latency lat[BLAT_KINDS];
+    balloon_get_latency(balloon, lat);
+    struct json j;
+    reply_begin(&j, "latency", true);
+    balloon_latency_json(&j, lat, true);
+    if (j.overflow || j.len + j.depth >= JSON_LINE_MAX) {
+        reply_begin(&j, "latency", true);
+        balloon_latency_json(&j, lat, false);
+        json_bool(&j, "buckets_omitted", true);
+    }
+    send_line(&j);
+}
+
 static void cmd_state(void)
 {
     struct buddy_stats st;
@@ -343,6 +381,7 @@ static void cmd_state(void)
         json_u64(&j, "reinflate_pending_pages", b.reinflate_pending);
         json_str(&j, "numbering", b.numbering);
         json_str(&j, "numbering_used", b.numbering_used);
+        state_latency(&j);
         /* Each queue's used-length verdict: conforms | deviates | violated. */
         json_open_object(&j, "queues");
         for (unsigned q = 0; q < BQ_COUNT; q++) {
@@ -492,6 +531,8 @@ static void execute(char *cmd)
         cmd_state();
     } else if (!strcmp(argv[0], "spurious")) {
         cmd_spurious(argv, argc);
+    } else if (!strcmp(argv[0], "latency")) {
+        cmd_latency();
     } else if (!strcmp(argv[0], "quit")) {
         cmd_quit(argv, argc);
     } else {

@@ -87,6 +87,11 @@ void balloon_mode_wait_stats(struct wait_stats *out)
     out->uptime_ns = platform_now_ns();
 }
 
+void balloon_mode_emit_latency(void)
+{
+    balloon_emit_latency(&balloon);
+}
+
 unsigned balloon_mode_inject_spurious(unsigned n)
 {
     if (device_vector < 0)

@@ -50,5 +50,10 @@ void balloon_mode_wait_stats(struct wait_stats *out);
  * `spurious` command): each must be counted as spurious and change nothing else. Returns how
  * many were sent (0 when the device has no vector). */
 unsigned balloon_mode_inject_spurious(unsigned n);
+/* Emit the balloon_latency event (docs/serial-output.md): the per-buffer latency histograms of
+ * inflate, deflate and report buffers since boot. For any mode running on balloon mode's loop
+ * to call at its end (stress mode does, just before stress_done); a mode with its own
+ * struct balloon calls balloon_emit_latency(&its_balloon) (virtio/balloon.h) instead. */
+void balloon_mode_emit_latency(void);
 
 #endif

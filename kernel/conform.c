@@ -1380,6 +1380,7 @@ static __attribute__((noreturn)) void finish(void)
         else
             verdict(D20, V_NOT_EXERCISED, "not exercised: no inflate or deflate buffer used");
     }
+    balloon_emit_latency(balloon_mode_balloon()); /* per-buffer timing of this host */
     unsigned counts[N_VERDICTS] = {0};
     for (unsigned i = 0; i < N_CHECKS; i++) {
         emit_check(i);

@@ -165,6 +165,7 @@ __attribute__((noreturn)) static void done(const struct balloon_status *st)
             "written; free pages %lu before, %lu after (balloon %lu / %lu pages)\n",
             s->ops, ms, ops_per_s, s->pages_verified, s->pages_verified >> 8, s->pages_written,
             run.free_before, free_after, run.balloon_before, balloon_after);
+    balloon_mode_emit_latency();
     struct json j;
     event_begin(&j, "stress_done");
     json_u64(&j, "seed", run.cfg->seed);

@@ -924,6 +924,122 @@ static void deflate_step(struct balloon *b)
         kick(b, &b->deflate_vq);
 }
 
+/* ---- Per-buffer latency ---------------------------------------------------------------------- */
+
+const char *balloon_latency_kind_name(enum balloon_lat_kind k)
+{
+    static const char *const names[BLAT_KINDS] = {"inflate", "deflate", "report"};
+    return k < BLAT_KINDS ? names[k] : "unknown";
+}
+
+unsigned balloon_latency_bucket(uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    if (us < 2)
+        return 0;
+    unsigned i = floor_log2(us);
+    return i < BALLOON_LAT_BUCKETS ? i : BALLOON_LAT_BUCKETS - 1;
+}
+
+uint64_t balloon_latency_bucket_lo_us(unsigned i)
+{
+    return i == 0 ? 0 : 1ull << i;
+}
+
+void balloon_latency_record(struct balloon_latency *l, uint64_t ns)
+{
+    if (l->count == 0 || ns < l->min_ns)
+        l->min_ns = ns;
+    if (ns > l->max_ns)
+        l->max_ns = ns;
+    l->count++;
+    l->sum_ns += ns;
+    l->buckets[balloon_latency_bucket(ns)]++;
+}
+
+uint64_t balloon_latency_percentile_us(const struct balloon_latency *l, unsigned pct)
+{
+    if (l->count == 0)
+        return 0;
+    if (pct > 100)
+        pct = 100;
+    /* ceil(count * pct / 100), without overflowing */
+    uint64_t rank = l->count / 100 * pct + ((l->count % 100) * pct + 99) / 100;
+    uint64_t seen = 0, max_us = l->max_ns / 1000;
+    if (rank == 0)
+        rank = 1;
+    for (unsigned i = 0; i < BALLOON_LAT_BUCKETS; i++) {
+        seen += l->buckets[i];
+        if (seen < rank)
+            continue;
+        /* The bucket's upper bound (the last one has none: the maximum). */
+        uint64_t hi = i + 1 < BALLOON_LAT_BUCKETS ? 2ull << i : max_us;
+        return hi < max_us ? hi : max_us;
+    }
+    return max_us;
+}
+
+void balloon_get_latency(const struct balloon *b, struct balloon_latency out[BLAT_KINDS])
+{
+    for (unsigned k = 0; k < BLAT_KINDS; k++)
+        out[k] = b->latency[k];
+}
+
+void balloon_latency_json(struct json *j, const struct balloon_latency lat[BLAT_KINDS],
+                          bool buckets)
+{
+    for (unsigned k = 0; k < BLAT_KINDS; k++) {
+        const struct balloon_latency *l = &lat[k];
+        json_open_object(j, balloon_latency_kind_name(k));
+        json_u64(j, "count", l->count);
+        json_u64(j, "min_us", l->min_ns / 1000);
+        json_u64(j, "mean_us", l->count ? l->sum_ns / l->count / 1000 : 0);
+        json_u64(j, "p50_us", balloon_latency_percentile_us(l, 50));
+        json_u64(j, "p90_us", balloon_latency_percentile_us(l, 90));
+        json_u64(j, "p99_us", balloon_latency_percentile_us(l, 99));
+        json_u64(j, "max_us", l->max_ns / 1000);
+        if (buckets) {
+            json_open_array(j, "buckets");
+            for (unsigned i = 0; i < BALLOON_LAT_BUCKETS; i++) {
+                if (!l->buckets[i])
+                    continue;
+                json_open_array(j, NULL);
+                json_u64(j, NULL, balloon_latency_bucket_lo_us(i));
+                json_u64(j, NULL, l->buckets[i]);
+                json_close(j);
+            }
+            json_close(j);
+        }
+        json_close(j);
+    }
+}
+
+void balloon_latency_event(struct json *j, const struct balloon_latency lat[BLAT_KINDS])
+{
+    event_begin(j, "balloon_latency");
+    balloon_latency_json(j, lat, true);
+    /* Room for the closing brackets too: json_finish would turn the line into "truncated". */
+    if (!j->overflow && j->len + j->depth < JSON_LINE_MAX)
+        return;
+    event_begin(j, "balloon_latency");
+    balloon_latency_json(j, lat, false);
+    json_bool(j, "buckets_omitted", true);
+}
+
+void balloon_emit_latency(const struct balloon *b)
+{
+    struct json j;
+    balloon_latency_event(&j, b->latency);
+    event_emit(&j);
+}
+
+/* A buffer of kind k sent at sent_ns was just taken from the used ring. */
+static void record_latency(struct balloon *b, enum balloon_lat_kind k, uint64_t sent_ns)
+{
+    uint64_t now = platform_now_ns();
+    balloon_latency_record(&b->latency[k], now > sent_ns ? now - sent_ns : 0);
+}
+
 /* Collect used buffers; returns whether `actual` changed. */
 static bool collect(struct balloon *b)
 {
@@ -932,6 +1048,7 @@ static bool collect(struct balloon *b)
     struct balloon_buf *buf;
     while ((buf = vq_get_used(&b->inflate_vq, &len))) {
         check_readonly(b, buf);
+        record_latency(b, BLAT_INFLATE, buf->sent_ns);
         b->inflight_inflate -= buf->pages;
         b->actual += buf->pages;
         buf->busy = false;
@@ -939,6 +1056,7 @@ static bool collect(struct balloon *b)
     }
     while ((buf = vq_get_used(&b->deflate_vq, &len))) {
         check_readonly(b, buf);
+        record_latency(b, BLAT_DEFLATE, buf->sent_ns);
         /* Only now, after the host has seen the PFNs, do the pages return to the guest. */
         for (unsigned i = 0; i < buf->n_blocks; i++)
             free_unbacked(b, buf->blocks[i] >> 8, buf->blocks[i] & 0xff);
@@ -1158,6 +1276,7 @@ static void collect_reports(struct balloon *b)
     struct balloon_report *r;
     uint32_t len; /* what the device wrote (QEMU: 0); it may have discarded every page */
     while (b->has_reporting && (r = vq_get_used(&b->report_vq, &len))) {
+        record_latency(b, BLAT_REPORT, r->sent_ns);
         for (unsigned i = 0; i < r->n_blocks; i++)
             buddy_free_reported(b->mm, r->blocks[i] >> 8, r->blocks[i] & 0xff);
         b->inflight_report -= r->pages;

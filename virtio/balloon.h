@@ -130,6 +130,31 @@ struct balloon_report {
     uint64_t sent_ns;
 };
 
+/*
+ * Per-buffer latency: from the moment a buffer is made available (sent_ns, just before the kick)
+ * to the moment the driver collects it from the used ring, for every inflate, deflate and report
+ * buffer the device used (not those a device reset took back). Log2 buckets in microseconds:
+ * bucket 0 is [0, 2) us, bucket i is [2^i, 2^(i+1)) us, the last one is open-ended (from 2^32 us,
+ * about 72 minutes: an hour still lands in a bounded bucket). docs/design.md, "Latency".
+ */
+#define BALLOON_LAT_BUCKETS 33
+enum balloon_lat_kind { BLAT_INFLATE, BLAT_DEFLATE, BLAT_REPORT, BLAT_KINDS };
+
+struct balloon_latency {
+    uint64_t count, sum_ns, min_ns, max_ns; /* min_ns/max_ns: 0 while count is 0 */
+    uint64_t buckets[BALLOON_LAT_BUCKETS];
+};
+
+/* "inflate", "deflate", "report". */
+const char *balloon_latency_kind_name(enum balloon_lat_kind k);
+/* The bucket a latency of ns falls in, and the lower bound of bucket i in microseconds. */
+unsigned balloon_latency_bucket(uint64_t ns);
+uint64_t balloon_latency_bucket_lo_us(unsigned i);
+void balloon_latency_record(struct balloon_latency *l, uint64_t ns);
+/* The pct-th percentile (1..100) in microseconds: the upper bound of the bucket holding that
+ * rank, but never more than max (so p50 <= p90 <= p99 <= max); 0 when nothing was recorded. */
+uint64_t balloon_latency_percentile_us(const struct balloon_latency *l, unsigned pct);
+
 /* NEEDS_RESET: the device asked for a reset and on_reset=stop (with recover the driver resets
  * it at once and is RUNNING again). */
 enum balloon_state { BALLOON_RUNNING, BALLOON_STALLED, BALLOON_BROKEN, BALLOON_NEEDS_RESET };
@@ -236,6 +261,8 @@ struct balloon {
     uint64_t inflate_buffers, deflate_buffers, stats_updates, oom_deflated_pages;
     uint64_t reported_pages, report_chains, report_passes;
     uint64_t readonly_checked; /* used inflate/deflate buffers whose wire array was re-checked */
+    /* Per-buffer latency by enum balloon_lat_kind; kept across device resets. */
+    struct balloon_latency latency[BLAT_KINDS];
 };
 
 void balloon_default_config(struct balloon_config *cfg);
@@ -265,6 +292,20 @@ uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t tim
 bool balloon_negotiated(const struct balloon *b, unsigned bit);
 void balloon_get_status(const struct balloon *b, struct balloon_status *out);
 const char *balloon_state_name(enum balloon_state s);
+/* The latency histograms (a copy), indexed by enum balloon_lat_kind. */
+void balloon_get_latency(const struct balloon *b, struct balloon_latency out[BLAT_KINDS]);
+struct json;
+/* Write "inflate":{...},"deflate":{...},"report":{...} into j's open object: count, min_us,
+ * mean_us, p50_us, p90_us, p99_us, max_us and, with buckets, "buckets":[[lo_us,count],...] for
+ * the non-empty buckets (docs/serial-output.md, balloon_latency). */
+void balloon_latency_json(struct json *j, const struct balloon_latency lat[BLAT_KINDS],
+                          bool buckets);
+/* The whole balloon_latency event into j, ready for event_emit: with the buckets, or, when the
+ * line would not fit JSON_LINE_MAX, without them and with "buckets_omitted":true. */
+void balloon_latency_event(struct json *j, const struct balloon_latency lat[BLAT_KINDS]);
+/* Print b's balloon_latency event (platform_log): for a mode with its own struct balloon (one
+ * on balloon mode's loop calls balloon_mode_emit_latency, kernel/balloon_mode.h). */
+void balloon_emit_latency(const struct balloon *b);
 /* Fills the 10-byte stats entries; returns the byte count. */
 unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out);
 
