@@ -5,8 +5,9 @@ blimp's conformance mode (kernel/conform.c) through real QEMU 7.2 and the refere
   counts of the guest's TAP;
 * a runner that lies about the host's memory (`--fault rss-flat`) makes B1 fail as
   acked-not-discarded: the configuration fails, the exit status is 1, JUnit carries it;
-* a host that reports used lengths as QEMU before 7.0 did (the reference host's
-  x-used-len-bytes-read=on) fails D20 the same way.
+* the reference host misbehaving on purpose fails the check that watches for it: used
+  lengths as QEMU before 7.0 wrote them (x-used-len-bytes-read=on) fail D20, a host that
+  acknowledges inflated pages without discarding them (x-no-discard=on) fails B1.
 Each failing case has a passing twin in the quick matrix (same machine and transport, no
 fault or quirk), so the failures come from the fault, not from the configuration.
 """
@@ -86,19 +87,25 @@ def test_runner_fault_fails_b1(tmp_path, pytestconfig, images, reference_qemu):
     assert "FAIL" in out and "B1 (acked-not-discarded)" in out, out
 
 
-def test_old_qemu_used_lengths_fail_d20(tmp_path, pytestconfig, images, reference_qemu):
-    """The reference host writing the bytes it read as used lengths (QEMU < 7.0) fails D20
-    (a protocol violation), and only the configuration with the quirk fails."""
+#: reference-host properties that make a host misbehave (tools/reference-host), and the point
+#: that must then fail with its verdict
+HOST_FAULTS = [
+    ("x-used-len-bytes-read=on", "D20", "protocol-violation"),   # QEMU < 7.0's used lengths
+    ("x-no-discard=on", "B1", "acked-not-discarded"),
+]
+
+
+@pytest.mark.parametrize("prop,check,verdict", HOST_FAULTS, ids=[h[0] for h in HOST_FAULTS])
+def test_host_fault_fails_its_check(tmp_path, pytestconfig, images, reference_qemu, prop,
+                                    check, verdict):
+    """The reference host misbehaving on purpose fails the check that watches for it, and
+    the configuration fails (the same configuration without the property passes:
+    ref-q35-modern-* in the quick matrix)."""
     status, root, out = _run(["--qemu", reference_qemu, "--machine", "q35", "--transport",
-                              "modern", "--device-opts", refhost_quirk()], tmp_path,
-                             pytestconfig, images, reference_qemu)
+                              "modern", "--device-opts", prop], tmp_path, pytestconfig, images,
+                             reference_qemu)
     assert status == 1, out
     (suite,) = root.findall("testsuite")
     fails = _failures(suite)
-    assert "D20" in fails, out
-    assert fails["D20"].get("message").startswith("protocol-violation"), out
-
-
-def refhost_quirk() -> str:
-    from blimp import refhost
-    return refhost.USED_LEN_BYTES_READ
+    assert check in fails, out
+    assert fails[check].get("message").startswith(verdict), out

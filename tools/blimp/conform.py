@@ -66,13 +66,16 @@ TRANSPORTS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...], s
 PCI_TRANSPORTS = ("legacy", "transitional-legacy", "transitional-modern", "modern")
 MMIO_TRANSPORTS = ("mmio-v1", "mmio-v2")
 
-#: device feature sets. `all`: everything QEMU 7.2 can offer (stats is always offered;
-#: page-poison is on by default; free-page-hint needs an iothread, which `hint` adds).
+#: device feature sets: (device properties, free page hinting, guest options).
+#: `all`: everything QEMU 7.2 can offer (stats is always offered; page-poison is on by
+#: default; free-page-hint needs an iothread, which the hinting flag adds), and a guest that
+#: accepts all of it: PAGE_POISON only with blimp.poison=1 (its default 0 declines it).
 #: `min`: everything off that can be off (the stats queue cannot: QEMU always offers it).
-FEATURE_SETS: Dict[str, Tuple[Tuple[str, ...], bool]] = {
-    "all": (("deflate-on-oom=on", "free-page-reporting=on", "page-poison=on"), True),
+FEATURE_SETS: Dict[str, Tuple[Tuple[str, ...], bool, Tuple[str, ...]]] = {
+    "all": (("deflate-on-oom=on", "free-page-reporting=on", "page-poison=on"), True,
+            ("blimp.poison=1",)),
     "min": (("deflate-on-oom=off", "free-page-reporting=off", "free-page-hint=off",
-             "page-poison=off"), False),
+             "page-poison=off"), False, ()),
 }
 
 #: guest-side declines, run on pc-modern-all (docs/conformance.md, "Guest options")
@@ -138,25 +141,27 @@ def full_matrix() -> List[Config]:
 
     for machine in ("pc", "q35"):
         for transport in PCI_TRANSPORTS:
-            for fs, (opts, hint) in FEATURE_SETS.items():
+            for fs, (opts, hint, guest) in FEATURE_SETS.items():
                 add("%s-%s-%s" % (machine, transport, fs), machine=machine, transport=transport,
-                    device_opts=opts, free_page_hint=hint,
+                    device_opts=opts, free_page_hint=hint, append=guest,
                     description="%s, %s, features %s" % (machine, transport, fs))
     for transport in MMIO_TRANSPORTS:
-        for fs, (opts, hint) in FEATURE_SETS.items():
+        for fs, (opts, hint, guest) in FEATURE_SETS.items():
             add("microvm-%s-%s" % (transport, fs), machine="microvm", transport=transport,
-                device_opts=opts, free_page_hint=hint,
+                device_opts=opts, free_page_hint=hint, append=guest,
                 description="microvm, %s, features %s" % (transport, fs))
-    opts, hint = FEATURE_SETS["all"]
-    for what, guest in DECLINES.items():
+    opts, hint, guest_all = FEATURE_SETS["all"]
+    for what, declines in DECLINES.items():
+        keys = {o.split("=")[0] for o in declines}
+        guest = tuple(o for o in guest_all if o.split("=")[0] not in keys) + declines
         add("pc-modern-all-decline-%s" % what, machine="pc", transport="modern",
             device_opts=opts, free_page_hint=hint, append=guest,
             description="pc, modern, features all, the guest declines %s (%s)"
-                        % (what, " ".join(guest)))
+                        % (what, " ".join(declines)))
     for chunks in (True, False):
         add("ref-q35-modern-%s" % ("chunks" if chunks else "nochunks"), machine="q35",
             transport="modern", device_opts=opts + ((refhost.CHUNKS,) if chunks else ()),
-            free_page_hint=hint, host=HOST_REFERENCE,
+            free_page_hint=hint, host=HOST_REFERENCE, append=guest_all,
             description="reference host, q35, modern, features all, x-chunks=%s"
                         % ("on" if chunks else "off"))
     return out
