@@ -7,7 +7,8 @@ blimp's conformance mode (kernel/conform.c) through real QEMU 7.2 and the refere
   acked-not-discarded: the configuration fails, the exit status is 1, JUnit carries it;
 * the reference host misbehaving on purpose fails the check that watches for it: used
   lengths as QEMU before 7.0 wrote them (x-used-len-bytes-read=on) fail D20, a host that
-  acknowledges inflated pages without discarding them (x-no-discard=on) fails B1.
+  acknowledges inflated pages without discarding them (x-no-discard=on) fails B1, and so on
+  for every host bug the reference host has on purpose (HOST_FAULTS).
 Each failing case has a passing twin in the quick matrix (same machine and transport, no
 fault or quirk), so the failures come from the fault, not from the configuration.
 """
@@ -90,20 +91,27 @@ def test_runner_fault_fails_b1(tmp_path, pytestconfig, images, reference_qemu):
 #: reference-host properties that make a host misbehave (tools/reference-host), and the point
 #: that must then fail with its verdict
 HOST_FAULTS = [
-    ("x-used-len-bytes-read=on", "D20", "protocol-violation"),   # QEMU < 7.0's used lengths
-    ("x-no-discard=on", "B1", "acked-not-discarded"),
+    ("x-used-len-bytes-read=on", "", "D20", "protocol-violation"),   # QEMU < 7.0's used lengths
+    ("x-no-discard=on", "", "B1", "acked-not-discarded"),
+    ("x-discard-neighbour=on", "", "D4", "wrong-page-discarded"),
+    ("x-write-readable=on", "", "D20", "protocol-violation"),
+    ("x-num-pages-be=on", "", "D3", "protocol-violation"),
+    ("free-page-reporting=on,x-report-ignore-poison=on", "blimp.poison=1", "D16",
+     "protocol-violation"),
 ]
 
 
-@pytest.mark.parametrize("prop,check,verdict", HOST_FAULTS, ids=[h[0] for h in HOST_FAULTS])
-def test_host_fault_fails_its_check(tmp_path, pytestconfig, images, reference_qemu, prop,
-                                    check, verdict):
-    """The reference host misbehaving on purpose fails the check that watches for it, and
-    the configuration fails (the same configuration without the property passes:
-    ref-q35-modern-* in the quick matrix)."""
+@pytest.mark.parametrize("props,append,check,verdict", HOST_FAULTS,
+                         ids=[h[0].split(",")[-1] for h in HOST_FAULTS])
+def test_host_fault_fails_its_check(tmp_path, pytestconfig, images, reference_qemu, props,
+                                    append, check, verdict):
+    """The reference host misbehaving on purpose (tools/reference-host) fails the check that
+    watches for it, and the configuration fails; the same configuration without the
+    property passes (shown by hand, and ref-q35-modern-* in the quick matrix)."""
     status, root, out = _run(["--qemu", reference_qemu, "--machine", "q35", "--transport",
-                              "modern", "--device-opts", prop], tmp_path, pytestconfig, images,
-                             reference_qemu)
+                              "modern", "--device-opts", props]
+                             + (["--append", append] if append else []),
+                             tmp_path, pytestconfig, images, reference_qemu)
     assert status == 1, out
     (suite,) = root.findall("testsuite")
     fails = _failures(suite)
