@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import exitcodes, guestlog, refhost
+from . import exitcodes, guestlog, latency, refhost
 from .balloon import rss_of
 from .options import DEFAULT_KERNEL, REPO
 from .qemu import ACCELS, MACHINES, QEMU_BINARY, parse_memory, qemu_version
@@ -872,6 +872,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=CONFIG_TIMEOUT,
                    help="hard deadline per configuration in seconds (default %d)"
                         % CONFIG_TIMEOUT)
+    p.add_argument("--latency", action="store_true",
+                   help="after each configuration, its per-buffer latency table (the guest's "
+                        "balloon_latency event; blimp.latency)")
     p.add_argument("--fault", choices=sorted(FAULTS), default=None,
                    help="answer one kind of request wrongly on purpose: " + "; ".join(
                        "%s: %s" % kv for kv in sorted(FAULTS.items())))
@@ -924,6 +927,9 @@ def run(args: argparse.Namespace) -> int:
                        out_dir=args.tap_dir, timeout=args.timeout, fault=args.fault)
         with lock:
             print(r.line(), flush=True)
+            ev = latency.last_event(r.serial)
+            if args.latency and ev is not None:
+                print("    " + latency.format_latency(ev).replace("\n", "\n    "), flush=True)
         return r
 
     t0 = time.monotonic()
