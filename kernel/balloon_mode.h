@@ -39,5 +39,8 @@ void balloon_mode_wait_stats(struct wait_stats *out);
  * `spurious` command): each must be counted as spurious and change nothing else. Returns how
  * many were sent (0 when the device has no vector). */
 unsigned balloon_mode_inject_spurious(unsigned n);
+/* Reset the balloon device and re-inflate what the driver holds (the agent's `reset-device`;
+ * balloon_reset_device). 0, or -1 when the driver is not running. */
+int balloon_mode_reset_device(void);
 
 #endif
