@@ -42,7 +42,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from . import exitcodes, guestlog
+from . import guestlog
 from .options import DEFAULT_KERNEL, memory_arg
 from .qemu import MACHINES, QEMU_BINARY, parse_memory
 from .session import PROBLEM_EVENTS, SESSION_ERRORS, BalloonSession, describe_failure
