@@ -9,7 +9,8 @@ in turn from --storm:
   slow      one big target, held until query-balloon shows it reached
   reverse   raise the target and lower it again before the guest gets there
   stopcont  QMP stop while a target change is in flight, a pause, cont
-  migrate   a real live migration to a fresh QEMU (free page hinting rounds on the way);
+  migrate   a migration to a fresh QEMU, live (free page hinting rounds on the way) or
+            --migrate paused (QMP stop first);
             the guest goes on there (BalloonSession.migrate)
   reset     a non-zero target, then the agent's reset-device: the guest resets the device
             and re-inflates what it holds (balloon_reset, cause "guest")
@@ -536,7 +537,8 @@ def write_junit(path: str, guests: List[GuestRun], args: argparse.Namespace) -> 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stress", help="N guests in stress mode under host-side QMP storms",
-                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+                       description=__doc__.split("\n", 1)[1].strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vms", type=int, default=2, help="guests at once (2)")
     p.add_argument("--seed", type=int, default=1, help="guest i gets seed S+i (1)")
     bound = p.add_mutually_exclusive_group()
