@@ -395,6 +395,10 @@ class BalloonSession:
             reason = "migration failed: %s" % _reason(e)
             dest_err = dest.stderr.strip()
             dest.close()
+            tail = dest.lines[-8:]
+            if tail:
+                reason += "\ndestination's console (last lines):\n" + "\n".join(
+                    "    | " + l for l in tail)
             raise self.failure(reason + ("\ndestination QEMU stderr: " + dest_err[-1500:]
                                          if dest_err else "")) from None
         except BaseException:
