@@ -1436,6 +1436,61 @@ static void test_needs_reset_recover_all_queues(void **state)
     env_free(e);
 }
 
+/*
+ * balloon_reset_device (the agent's reset-device): the guest resets a healthy device with a
+ * non-zero target and inflate buffers in flight. Every held page is told to the fresh device
+ * again, the target is reached again, nothing is lost; a broken driver refuses.
+ */
+static void test_guest_reset_device(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    settle_at(e, 1000);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 1500);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.inflight_inflate, 500);
+    uint64_t held_before = balloon_pages_held(e);
+    assert_int_equal(held_before, 1500);
+    unsigned resets0 = e->ft.resets;
+    fake_log_watch("\"cause\":\"guest\"");
+    assert_int_equal(balloon_reset_device(&e->b), 0);
+    assert_int_equal(fake_log_watched(), 1);
+    assert_false(fake_log_contains("\"event\":\"device_needs_reset\""));
+    assert_true(e->ft.resets > resets0);
+    assert_int_equal(e->b.resets, 1);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_int_equal(e->b.actual, 0);
+    assert_int_equal(balloon_pages_held(e), held_before);
+    assert_int_equal(e->b.held.pages + e->b.resend.pages, held_before);
+    assert_int_equal(e->fb.forgotten_pages, 1000);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u);
+    settle(e);
+    assert_true(fake_log_contains("\"event\":\"balloon_reinflated\""));
+    assert_int_equal(e->b.actual, 1500);
+    assert_int_equal(e->fb.balloon_pages, 1500);
+    assert_false(e->b.reinflating);
+    assert_true(e->fb.inflated_pages >= 1000 + held_before);
+    assert_consistent(e);
+    /* and again, at rest */
+    assert_int_equal(balloon_reset_device(&e->b), 0);
+    settle(e);
+    assert_int_equal(e->b.resets, 2);
+    assert_int_equal(e->b.actual, 1500);
+    assert_consistent(e);
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    /* A broken driver does not touch the device. */
+    e->b.state = BALLOON_BROKEN;
+    resets0 = e->ft.resets;
+    assert_int_equal(balloon_reset_device(&e->b), -1);
+    assert_int_equal(e->ft.resets, resets0);
+    fake_log_watch("");
+    env_free(e);
+}
+
 /* on_reset=stop: reported, state needs_reset, the device is left alone, polls do nothing. */
 static void test_needs_reset_stop(void **state)
 {
@@ -3016,6 +3071,7 @@ int main(void)
         cmocka_unit_test(test_needs_reset_found_on_timeout),
         cmocka_unit_test(test_needs_reset_legacy_is_a_stall),
         cmocka_unit_test(test_inject_bad_next_recovers),
+        cmocka_unit_test(test_guest_reset_device),
         cmocka_unit_test(test_queue_numbering),
         cmocka_unit_test(test_config_generation_unstable),
         cmocka_unit_test(test_stats),

@@ -361,7 +361,7 @@ class BalloonSession:
 
     def migrate(self, max_bandwidth: int = MIGRATION_BANDWIDTH,
                 downtime_limit_ms: Optional[int] = None, timeout: float = 120.0,
-                poll: float = 0.02) -> Migration:
+                poll: float = 0.02, paused: bool = False) -> Migration:
         """Live-migrate the guest to a new QEMU and carry on there.
 
         Starts a destination like the current QEMU (Qemu.migration_destination: same
@@ -373,7 +373,9 @@ class BalloonSession:
         on in `lines` after the source's, so marks taken before stay valid.  Whether free
         pages are hinted is the device's choice at boot (free_page_hint=True).
         If the migration fails or the destination does not run the guest, the
-        destination is closed and the session stays on the source (a SessionError)."""
+        destination is closed and the session stays on the source (a SessionError).
+        `paused`: QMP stop on the source first and cont on the destination after (not live:
+        the guest does not run while its RAM is copied)."""
         source = self.qemu
         if self.agent is None or self._balloon is None:
             raise self.failure("migrate: the session is not started")
@@ -383,14 +385,20 @@ class BalloonSession:
             uri = dest.accept_migration(timeout=self.boot_timeout)
             # connect before the guest runs there: nothing it writes on COM2 is lost
             dest.agent_client(timeout=self.boot_timeout, ready=False)
+            if paused:
+                source.qmp().execute("stop")
             result = self._run_migration(uri, max_bandwidth, downtime_limit_ms, timeout, poll)
-            self._wait_running(dest, timeout=self.boot_timeout)
+            self._wait_running(dest, timeout=self.boot_timeout, cont=paused)
             agent = dest.agent_client(timeout=self.boot_timeout)     # answers a ping
             balloon = Balloon.of(dest)
         except SESSION_ERRORS as e:
             reason = "migration failed: %s" % _reason(e)
             dest_err = dest.stderr.strip()
             dest.close()
+            tail = dest.lines[-8:]
+            if tail:
+                reason += "\ndestination's console (last lines):\n" + "\n".join(
+                    "    | " + l for l in tail)
             raise self.failure(reason + ("\ndestination QEMU stderr: " + dest_err[-1500:]
                                          if dest_err else "")) from None
         except BaseException:
@@ -438,15 +446,19 @@ class BalloonSession:
                          ram_duplicate=ram["duplicate"], mbps=ram.get("mbps", 0.0),
                          wall_s=wall, switch_line=-1, query=info)
 
-    def _wait_running(self, dest: Qemu, timeout: float) -> None:
+    def _wait_running(self, dest: Qemu, timeout: float, cont: bool = False) -> None:
         """The destination has loaded the guest and runs it (QEMU starts it by itself
-        after an incoming migration completes)."""
+        after an incoming migration completes; with `cont`, the source was paused and the
+        destination is resumed here once it has loaded the guest)."""
         qmp = dest.qmp()
         deadline = time.monotonic() + timeout
         while True:
             status = qmp.execute("query-status")
             if status.get("running"):
                 return
+            if cont and status.get("status") == "paused":
+                qmp.execute("cont")
+                continue
             if status.get("status") in ("inmigrate-failed", "internal-error", "shutdown") \
                     or time.monotonic() >= deadline:
                 raise QemuError("the destination is %r, not running the guest"
