@@ -439,6 +439,23 @@ static void cmd_spurious(char **argv, unsigned argc)
     send_line(&j);
 }
 
+/* reset-device: reset the balloon device now and re-inflate what the driver holds. */
+static void cmd_reset_device(void)
+{
+    if (!balloon || balloon_mode_reset_device() != 0) {
+        reply_error("reset-device", "the balloon driver is not running");
+        return;
+    }
+    struct balloon_status b;
+    balloon_get_status(balloon, &b);
+    struct json j;
+    reply_begin(&j, "reset-device", true);
+    json_u64(&j, "resets", b.resets);
+    json_u64(&j, "reinflate_pages", b.reinflate_pending);
+    json_u64(&j, "target_pages", b.device_target);
+    send_line(&j);
+}
+
 static void cmd_quit(char **argv, unsigned argc)
 {
     uint64_t code = EXIT_SUCCESS_CODE;
@@ -533,6 +550,8 @@ static void execute(char *cmd)
         cmd_spurious(argv, argc);
     } else if (!strcmp(argv[0], "latency")) {
         cmd_latency();
+    } else if (!strcmp(argv[0], "reset-device")) {
+        cmd_reset_device();
     } else if (!strcmp(argv[0], "quit")) {
         cmd_quit(argv, argc);
     } else {

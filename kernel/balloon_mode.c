@@ -103,6 +103,11 @@ unsigned balloon_mode_inject_spurious(unsigned n)
     return n;
 }
 
+int balloon_mode_reset_device(void)
+{
+    return balloon_reset_device(&balloon);
+}
+
 static void emit_wait_event(const char *reason, bool irqs_on)
 {
     kprintf("balloon: waiting by %s%s%s\n", ws.mode, reason ? ": " : "", reason ? reason : "");

@@ -56,4 +56,8 @@ unsigned balloon_mode_inject_spurious(unsigned n);
  * struct balloon calls balloon_emit_latency(&its_balloon) (virtio/balloon.h) instead. */
 void balloon_mode_emit_latency(void);
 
+/* Reset the balloon device and re-inflate what the driver holds (the agent's `reset-device`;
+ * balloon_reset_device). 0, or -1 when the driver is not running. */
+int balloon_mode_reset_device(void);
+
 #endif

@@ -83,6 +83,7 @@ static const char *const inject_names[] = {
     [INJECT_STAMP] = "stamp",
     [INJECT_POISON] = "poison",
     [INJECT_STRESS_CORRUPT] = "stress_corrupt",
+    [INJECT_STRESS_LEAK] = "stress_leak",
     NULL,
 };
 
@@ -102,7 +103,8 @@ static const struct option_def option_defs[] = {
      "the 64-bit poison pattern", 0, UINT64_MAX, NULL},
     {"blimp.inject", OPT_ENUM, OPT(inject), "none",
      "damage done on purpose to prove a detector fires: none | stamp | poison (selftest) | "
-     "stress_corrupt (stress: one word of one held page)",
+     "stress_corrupt (stress: one word of one held page) | stress_leak (stress: 4 pages lost "
+     "at the end)",
      0, 0, inject_names},
     {"blimp.seed", OPT_U64, OPT(stress.seed), "1",
      "stress: the seed of the operation sequence (the same seed replays it)", 0, UINT64_MAX, NULL},

@@ -29,6 +29,7 @@ enum fault_inject {
     INJECT_STAMP,  /* selftest: overwrite one page's stamp after stamping, before the check */
     INJECT_POISON, /* selftest with blimp.poison=1: overwrite one word of a poisoned free page */
     INJECT_STRESS_CORRUPT, /* stress: overwrite one word of one held page halfway through */
+    INJECT_STRESS_LEAK,    /* stress: keep 4 pages out of the allocator at the end */
 };
 
 /* blimp.virtio: which interface of which transport. modern and legacy pick the face of a

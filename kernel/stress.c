@@ -103,6 +103,22 @@ static void inject(void)
     event_emit(&j);
 }
 
+/* blimp.inject=stress_leak: take 4 pages from the allocator and never give them back, so the
+ * leak check must fail with lost_pages 4. */
+static void inject_leak(void)
+{
+    uint64_t pfn = buddy_alloc(&kernel_buddy, 2);
+    if (pfn == BUDDY_NONE)
+        return;
+    kprintf("stress: injected: 4 pages at 0x%lx taken and never freed\n", pfn << PAGE_SHIFT);
+    struct json j;
+    event_begin(&j, "inject");
+    json_str(&j, "what", "stress_leak");
+    json_u64(&j, "addr", pfn << PAGE_SHIFT);
+    json_u64(&j, "pages", 4);
+    event_emit(&j);
+}
+
 static void start(uint64_t now, const struct balloon_status *st)
 {
     const struct stress_options *c = run.cfg;
@@ -142,6 +158,8 @@ static void finish_ops(uint64_t now)
     run.ops_ns = now - run.start_ns;
     if (!stress_verify_all(&run.s) || !stress_free_all(&run.s))
         fail_verify();
+    if (run.opts->inject == INJECT_STRESS_LEAK)
+        inject_leak();
     run.settle_until = platform_now_ns() + run.cfg->settle_ns;
     run.phase = PH_SETTLE;
 }

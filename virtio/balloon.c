@@ -147,6 +147,7 @@ static void hint_end_round(struct balloon *b, const char *reason);
 static uint64_t hint_release(struct balloon *b, uint64_t pages);
 static bool device_needs_reset(struct balloon *b, uint8_t *status);
 static void needs_reset(struct balloon *b, uint8_t status, const char *how);
+static void reset_and_recover(struct balloon *b, const char *cause);
 
 /* Wait (at most ack_timeout) until the device has used report chains holding `pages` pages, or
  * all of them; returns the pages given back to the allocator. */
@@ -1536,7 +1537,18 @@ static void needs_reset(struct balloon *b, uint8_t status, const char *how)
         b->state = BALLOON_NEEDS_RESET;
         return;
     }
+    reset_and_recover(b, "device");
+}
 
+/*
+ * The recovery: collect what the device used, reset it, take back every buffer still in
+ * flight, bring it up again with the same features and queues, and re-inflate every held page
+ * (reinflate_step). `cause`: "device" (it set DEVICE_NEEDS_RESET) or "guest" (asked for by
+ * balloon_reset_device).
+ */
+static void reset_and_recover(struct balloon *b, const char *cause)
+{
+    struct json j;
     /* What the device used before it broke was done: take it as usual. */
     collect(b);
     collect_reports(b);
@@ -1608,6 +1620,7 @@ static void needs_reset(struct balloon *b, uint8_t status, const char *how)
                  (unsigned long)b->resets, reclaimed, (unsigned long)b->resend.pages,
                  (unsigned long)returned);
     event_begin(&j, "balloon_reset");
+    json_str(&j, "cause", cause);
     json_u64(&j, "resets", b->resets);
     json_u64(&j, "reclaimed_buffers", reclaimed);
     json_u64(&j, "held_pages_before", held_before);
@@ -1667,6 +1680,19 @@ static void reinflate_step(struct balloon *b)
         json_u64(&j, "ms", ms);
         event_emit(&j);
     }
+}
+
+int balloon_reset_device(struct balloon *b)
+{
+    if (b->state != BALLOON_RUNNING && b->state != BALLOON_STALLED)
+        return -1;
+    platform_log("balloon: resetting the device as asked (held %lu pages, actual %u)",
+                 (unsigned long)(b->held.pages + b->resend.pages), b->actual);
+    bool was = b->in_driver;
+    b->in_driver = true; /* the reclaim hook must not run inside the reset */
+    reset_and_recover(b, "guest");
+    b->in_driver = was;
+    return b->state == BALLOON_RUNNING ? 0 : -1;
 }
 
 /* Does the device status say NEEDS_RESET? (A status of 0xff is a device gone, not a request.) */

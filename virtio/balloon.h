@@ -289,6 +289,11 @@ uint64_t balloon_next_deadline_ns(const struct balloon *b);
  * feature is negotiated, balloon_init registers this with the allocator as its reclaim hook
  * (buddy_set_reclaim), so every allocation that finds memory exhausted reaches it. */
 uint64_t balloon_release_for_oom(struct balloon *b, uint64_t pages, uint64_t timeout_ns);
+/* Reset the device now, as the recovery from DEVICE_NEEDS_RESET does (on_reset=recover): take
+ * back every buffer in flight, bring the device up again and re-inflate every held page, then
+ * follow the target again (event balloon_reset, cause "guest"). 0, or -1 when the driver is not
+ * running (broken, or stopped for a reset) or the device did not come up again. */
+int balloon_reset_device(struct balloon *b);
 bool balloon_negotiated(const struct balloon *b, unsigned bit);
 void balloon_get_status(const struct balloon *b, struct balloon_status *out);
 const char *balloon_state_name(enum balloon_state s);

@@ -1436,6 +1436,61 @@ static void test_needs_reset_recover_all_queues(void **state)
     env_free(e);
 }
 
+/*
+ * balloon_reset_device (the agent's reset-device): the guest resets a healthy device with a
+ * non-zero target and inflate buffers in flight. Every held page is told to the fresh device
+ * again, the target is reached again, nothing is lost; a broken driver refuses.
+ */
+static void test_guest_reset_device(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    settle_at(e, 1000);
+    e->fb.hold[FB_INFLATE] = true;
+    fake_balloon_set_target(&e->fb, 1500);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    assert_int_equal(e->b.inflight_inflate, 500);
+    uint64_t held_before = balloon_pages_held(e);
+    assert_int_equal(held_before, 1500);
+    unsigned resets0 = e->ft.resets;
+    fake_log_watch("\"cause\":\"guest\"");
+    assert_int_equal(balloon_reset_device(&e->b), 0);
+    assert_int_equal(fake_log_watched(), 1);
+    assert_false(fake_log_contains("\"event\":\"device_needs_reset\""));
+    assert_true(e->ft.resets > resets0);
+    assert_int_equal(e->b.resets, 1);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    assert_int_equal(e->b.actual, 0);
+    assert_int_equal(balloon_pages_held(e), held_before);
+    assert_int_equal(e->b.held.pages + e->b.resend.pages, held_before);
+    assert_int_equal(e->fb.forgotten_pages, 1000);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, ~0u);
+    settle(e);
+    assert_true(fake_log_contains("\"event\":\"balloon_reinflated\""));
+    assert_int_equal(e->b.actual, 1500);
+    assert_int_equal(e->fb.balloon_pages, 1500);
+    assert_false(e->b.reinflating);
+    assert_true(e->fb.inflated_pages >= 1000 + held_before);
+    assert_consistent(e);
+    /* and again, at rest */
+    assert_int_equal(balloon_reset_device(&e->b), 0);
+    settle(e);
+    assert_int_equal(e->b.resets, 2);
+    assert_int_equal(e->b.actual, 1500);
+    assert_consistent(e);
+    settle_at(e, 0);
+    assert_consistent(e);
+    assert_int_equal(free_pages(e), e->free_after_init);
+    /* A broken driver does not touch the device. */
+    e->b.state = BALLOON_BROKEN;
+    resets0 = e->ft.resets;
+    assert_int_equal(balloon_reset_device(&e->b), -1);
+    assert_int_equal(e->ft.resets, resets0);
+    fake_log_watch("");
+    env_free(e);
+}
+
 /* on_reset=stop: reported, state needs_reset, the device is left alone, polls do nothing. */
 static void test_needs_reset_stop(void **state)
 {
@@ -1637,6 +1692,98 @@ static void test_config_generation_unstable(void **state)
     settle(e);
     assert_int_equal(e->b.actual, 500);
     assert_consistent(e);
+    env_free(e);
+}
+
+/* ---- Conformance-mode hooks ----------------------------------------------------------------- */
+
+/* blimp.balloon.stats=0: STATS_VQ declined, no stats queue; the queues after it keep the
+ * indices the host's numbering gives them. */
+static void test_stats_declined(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN | F(VIRTIO_BALLOON_F_FREE_PAGE_HINT), QSIZE);
+    e->cfg.stats = false;
+    assert_int_equal(env_start(e), 0);
+    assert_false(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_STATS_VQ));
+    assert_true(balloon_negotiated(&e->b, VIRTIO_BALLOON_F_FREE_PAGE_HINT));
+    assert_false(e->b.has_stats);
+    assert_int_equal(e->fb.stats_buffers, 0);
+    assert_int_equal(e->b.hint_index, 3); /* statsq keeps index 2 on the device */
+    settle_at(e, 500);
+    assert_int_equal(e->b.state, BALLOON_RUNNING);
+    env_free(e);
+}
+
+/* The stats probe: entries in reverse tag order plus one unknown tag, the same every time. */
+static void test_stats_probe_order_and_unknown_tag(void **state)
+{
+    (void)state;
+    struct env *e = env_new(false, MODERN, QSIZE);
+    e->cfg.stats_probe = true;
+    assert_int_equal(env_start(e), 0);
+    assert_int_equal(e->fb.n_stats, BALLOON_NUM_STATS + 1);
+    assert_int_equal(e->fb.stat_tag[0], BALLOON_STATS_PROBE_TAG);
+    for (unsigned i = 1; i <= BALLOON_NUM_STATS; i++)
+        assert_int_equal(e->fb.stat_tag[i], BALLOON_NUM_STATS - i);
+    uint64_t v;
+    assert_true(fake_balloon_stat(&e->fb, 5, &v)); /* MEMTOT, as without the probe */
+    assert_int_equal(v, e->mm.total_pages * PAGE_SIZE);
+    assert_true(fake_balloon_request_stats(&e->fb));
+    balloon_poll(&e->b, 0);
+    assert_int_equal(e->b.stats_updates, 1);
+    assert_int_equal(e->fb.n_stats, BALLOON_NUM_STATS + 1); /* the model checks the same set */
+    assert_clean(e);
+    env_free(e);
+}
+
+/* A device that writes into a device-readable PFN array breaks the driver, naming it. */
+static void readonly_case(bool deflate)
+{
+    struct env *e = env_up(false, MODERN);
+    if (deflate)
+        settle_at(e, 600);
+    e->fb.hold[deflate ? 1 : 0] = true;
+    fake_balloon_set_target(&e->fb, deflate ? 100 : 600);
+    balloon_poll(&e->b, BALLOON_EV_CONFIG);
+    fake_balloon_pop(&e->fb, deflate ? FB_DEFLATE : FB_INFLATE);
+    assert_true(fake_balloon_held(&e->fb, deflate ? FB_DEFLATE : FB_INFLATE) > 0);
+    /* the device scribbles on the first buffer it holds */
+    struct balloon_buf *victim = NULL;
+    for (unsigned i = 0; i < e->b.cfg.buffers && !victim; i++)
+        if (e->b.bufs[i].busy && e->b.bufs[i].inflate == !deflate)
+            victim = &e->b.bufs[i];
+    assert_non_null(victim);
+    victim->pfns[0] ^= 1;
+    fake_balloon_answer(&e->fb, deflate ? FB_DEFLATE : FB_INFLATE, 64);
+    balloon_poll(&e->b, 0);
+    assert_int_equal(e->b.state, BALLOON_BROKEN);
+    assert_non_null(strstr(e->b.violation, deflate ? "device-readable deflate buffer"
+                                                   : "device-readable inflate buffer"));
+    env_free(e);
+}
+
+static void test_device_writes_readable_inflate_buffer(void **state)
+{
+    (void)state;
+    readonly_case(false);
+}
+
+static void test_device_writes_readable_deflate_buffer(void **state)
+{
+    (void)state;
+    readonly_case(true);
+}
+
+static void test_readonly_buffers_checked(void **state)
+{
+    (void)state;
+    struct env *e = env_up(false, MODERN);
+    round_trip(e);
+    struct balloon_status st;
+    balloon_get_status(&e->b, &st);
+    assert_true(st.readonly_checked > 0);
+    assert_int_equal(st.readonly_checked, e->b.inflate_buffers + e->b.deflate_buffers);
     env_free(e);
 }
 
@@ -2853,13 +3000,15 @@ static void test_report_reclaim_waits_for_reports(void **state)
     e->cfg.ack_timeout_ns = 30 * MS;
     e->fb.hold_reports = true;
     assert_int_equal(env_start(e), 0);
+    /* The timeout counts from when the reports went out (taken before the poll: a loaded
+     * machine may spend a while between the poll and the allocation). */
+    uint64_t t0 = platform_now_ns();
     balloon_poll(&e->b, BALLOON_EV_CONFIG);
     uint64_t held = e->b.inflight_report;
     assert_true(held >= RAM_PAGES / 2);
     assert_true(e->mm.reclaim != NULL); /* reporting alone registers the hook */
     /* The device never answers: an allocation that needs reported memory fails after the
      * timeout, it does not hang. */
-    uint64_t t0 = platform_now_ns();
     assert_int_equal(buddy_alloc(&e->mm, 12), BUDDY_NONE);
     assert_true(platform_now_ns() - t0 >= 30 * MS);
     assert_int_equal(e->b.inflight_report, held);
@@ -2922,9 +3071,15 @@ int main(void)
         cmocka_unit_test(test_needs_reset_found_on_timeout),
         cmocka_unit_test(test_needs_reset_legacy_is_a_stall),
         cmocka_unit_test(test_inject_bad_next_recovers),
+        cmocka_unit_test(test_guest_reset_device),
         cmocka_unit_test(test_queue_numbering),
         cmocka_unit_test(test_config_generation_unstable),
         cmocka_unit_test(test_stats),
+        cmocka_unit_test(test_stats_declined),
+        cmocka_unit_test(test_stats_probe_order_and_unknown_tag),
+        cmocka_unit_test(test_device_writes_readable_inflate_buffer),
+        cmocka_unit_test(test_device_writes_readable_deflate_buffer),
+        cmocka_unit_test(test_readonly_buffers_checked),
         cmocka_unit_test(test_no_stats_queue),
         cmocka_unit_test(test_oom_deflate),
         cmocka_unit_test(test_oom_without_feature),

@@ -9,6 +9,7 @@
     python3 -m blimp bench-balloon [--configs 256/1,256/4,1024/16,4096/16] [--runs 3]
     python3 -m blimp bench-migration [--memory 4G] [--modes off,on] [--runs 3]
     python3 -m blimp bench-exits [--machines pc,q35] [--modes auto,poll] [--window 8]
+    python3 -m blimp stress [--vms 2] [--seed 1] [--ops N | --seconds 20] [--storm all]
     python3 -m blimp conform [--matrix quick|full] [--machine M --transport T ...] [-j N]
 
 (with tools/ on PYTHONPATH; ./blimp does that).  `run` streams the guest's serial
@@ -29,7 +30,8 @@ from types import FrameType
 from typing import List, Optional
 
 from . import (balloon_targets, bench_backed, bench_balloon, bench_boot, bench_chunks,
-               bench_exits, bench_migration, bench_reporting, conform, demo, exitcodes, fuzz)
+               bench_exits, bench_migration, bench_reporting, conform, demo, exitcodes, fuzz,
+               stress_runner)
 from .options import add_qemu_options, qemu_from_args
 from .qemu import QemuError
 
@@ -95,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 SUBCOMMANDS = [add_run, bench_boot.add_parser, demo.add_parser, balloon_targets.add_parser,
                bench_balloon.add_parser, bench_chunks.add_parser, bench_backed.add_parser,
                bench_migration.add_parser, bench_reporting.add_parser, bench_exits.add_parser,
-               fuzz.add_parser, conform.add_parser]
+               fuzz.add_parser, stress_runner.add_parser, conform.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

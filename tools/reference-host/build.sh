@@ -16,6 +16,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 patch_file=$here/qemu-7.2-balloon-chunks.patch
 quirks_file=$here/qemu-7.2-balloon-quirks.patch
+# TCG: live migration lost guest writes (the dirty-bitmap sync fast path left TLB entries
+# writable without logging); docs/hosts.md, "Reference host".
+tcg_file=$here/qemu-7.2-tcg-dirty-sync.patch
 cache_root=${BLIMP_CACHE_DIR:-/var/cache/blimp}
 log() { echo "reference-host: $*" >&2; }
 
@@ -23,7 +26,7 @@ log() { echo "reference-host: $*" >&2; }
 # behaviour as the stock binary the rest of the suite uses), else whatever 7.2 apt offers.
 source_version=$(dpkg-query -W -f='${source:Version}' qemu-system-x86 2>/dev/null || true)
 case "$source_version" in 1:7.2*) ;; *) source_version="" ;; esac
-key=$(cat "$patch_file" "$quirks_file" "$0" <(echo "$source_version") | sha256sum | cut -c1-16)
+key=$(cat "$patch_file" "$quirks_file" "$tcg_file" "$0" <(echo "$source_version") | sha256sum | cut -c1-16)
 dest=$cache_root/qemu-7.2-ref-$key
 binary=$dest/qemu-system-x86_64
 
@@ -83,6 +86,7 @@ src=$(find "$work" -maxdepth 1 -type d -name 'qemu-7.2*' | head -1)
 log "patching $src"
 (cd "$src" && patch -p1 --forward <"$patch_file" >>"$buildlog")
 (cd "$src" && patch -p1 --forward <"$quirks_file" >>"$buildlog")
+(cd "$src" && patch -p1 --forward <"$tcg_file" >>"$buildlog")
 # Debian's source carries no edk2 blobs; do not try to unpack them.
 sed -i 's/    unpack_edk2_blobs = bzip2.found()/    unpack_edk2_blobs = false/' "$src/meson.build"
 
@@ -97,7 +101,7 @@ ninja -C "$work/build" -j "$(nproc)" qemu-system-x86_64 >>"$buildlog" 2>&1 ||
 
 mkdir -p "$dest.tmp"
 cp "$work/build/qemu-system-x86_64" "$dest.tmp/"
-cp "$patch_file" "$quirks_file" "$dest.tmp/"
+cp "$patch_file" "$quirks_file" "$tcg_file" "$dest.tmp/"
 echo "$source_version" >"$dest.tmp/source-version"
 rm -rf "$dest"
 mv "$dest.tmp" "$dest"
