@@ -257,3 +257,34 @@ def test_matrix_names_and_quick():
     c = {c.name: c for c in full}["pc-modern-all-decline-all"]
     assert "blimp.balloon.stats=0" in c.guest_append() and "disable-legacy=on" in \
         c.all_device_opts()
+
+
+def _broken_migration(completed):
+    class Broken(FakeHost):
+        def migrate(self):
+            raise conform.MigrationBroken("migration failed: guest agent not ready within 30 s",
+                                          completed)
+    r = Responder(Broken())
+    r.handle({"event": "conform_request", "seq": 6, "action": "migrate"})
+    return r.exchanges
+
+
+@pytest.mark.parametrize("host,accel,completed,status", [
+    ("qemu-7.2", "tcg", True, conform.DEVIATES),     # TCG's lost dirty bits: known
+    ("qemu-7.2", "tcg", False, conform.FAIL),        # the migration itself failed
+    ("qemu-7.2", "kvm", True, conform.FAIL),         # not the TCG bug
+    ("reference", "tcg", True, conform.FAIL),        # the reference host has the fix
+])
+def test_broken_migration(host, accel, completed, status):
+    res = result(transcript(), host=host)
+    res.accel = accel
+    res.exchanges = _broken_migration(completed)
+    assert res.exchanges[0].answer.startswith("nack 6 migrate failed: migration failed")
+    assert conform.evaluate(res).status == status, res.reasons
+    if status == conform.DEVIATES:
+        suite = conform.junit_xml([res]).getroot().find("testsuite")
+        tc = [t for t in suite.findall("testcase") if t.get("name").startswith("runner:")]
+        assert len(tc) == 1 and tc[0].find("skipped").get("message").startswith(
+            "known deviation: migration failed")
+        assert suite.get("tests") == "4" and suite.get("skipped") == "2"
+        assert "migration known" in conform.summary_table([res])
