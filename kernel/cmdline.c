@@ -123,6 +123,10 @@ static const struct option_def option_defs[] = {
      NULL},
     {"blimp.stress.settle_ms", OPT_MS_NS, OPT(stress.settle_ns), "2000",
      "stress: at the end, ms to wait at most for the balloon to be at rest", 0, 600000, NULL},
+    {"blimp.stress.end_empty", OPT_BOOL, OPT(stress.end_empty), "0",
+     "stress: 1 = at the end, wait (settle_ms at most) for the host's target to be 0 and the "
+     "balloon empty, so the leak check is exactly free pages after == before",
+     0, 0, NULL},
     {"blimp.conform.host", OPT_BOOL, OPT(conform.host), "0",
      "conform: 1 = a host runner (./blimp conform) answers requests; 0 = checks that need the "
      "host are skipped",

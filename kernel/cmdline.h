@@ -52,6 +52,7 @@ struct stress_options {
     uint32_t verify_every; /* ops between verifies of everything held, 0: only at the end */
     uint32_t progress;     /* ops between progress lines (and at least one a second), 0: seconds */
     uint64_t settle_ns;    /* at the end, wait this long at most for the balloon to be at rest */
+    bool end_empty;        /* at rest also means the host asked for an empty balloon and got it */
 };
 
 /* blimp.conform.* (conformance mode; docs/conformance.md). */

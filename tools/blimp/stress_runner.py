@@ -120,7 +120,8 @@ class GuestRun(threading.Thread):
     def append(self) -> str:
         a = self.args
         parts = ["blimp.mode=stress", "blimp.seed=%d" % self.seed,
-                 "blimp.stress.settle_ms=%d" % SETTLE_MS, "blimp.stress.progress=0"]
+                 "blimp.stress.settle_ms=%d" % SETTLE_MS, "blimp.stress.progress=0",
+                 "blimp.stress.end_empty=1"]
         if a.seconds:
             parts += ["blimp.stress.ops=0", "blimp.stress.ms=%d" % int(a.seconds * 1000)]
         else:

@@ -2,7 +2,9 @@
 # Build blimp's reference host: Debian's QEMU 7.2 with qemu-7.2-balloon-chunks.patch (the chunked
 # inflate extension and MUST_TELL_HOST behind device properties) and qemu-7.2-balloon-quirks.patch
 # (hosts as they were: QEMU < 7.0 used lengths, crosvm's fixed queue indices, also behind
-# properties) applied, as a minimal qemu-system-x86_64. Prints the binary's path as its last line.
+# properties; host bugs on purpose for the conformance checks) and qemu-7.2-tcg-dirty-sync.patch
+# (TCG live migration lost guest writes) applied, as a minimal qemu-system-x86_64. Prints the
+# binary's path as its last line.
 #
 #   tools/reference-host/build.sh            build if the cache has no binary for this patch
 #   tools/reference-host/build.sh --path     print the cached binary's path, or fail
