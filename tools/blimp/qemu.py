@@ -251,6 +251,7 @@ class Qemu:
         self._lines: List[str] = []
         self._line_times: List[float] = []
         self._partial = b""
+        self.ended_mid_line = False  # the console closed inside a line (see continue_line)
         self._raw = bytearray()
         self._stderr = bytearray()
         self._eof = False
@@ -483,6 +484,7 @@ class Qemu:
                 if self._partial:
                     self._add_line(self._partial, now)
                     self._partial = b""
+                    self.ended_mid_line = True
                 self._eof = True
                 self._cond.notify_all()
             return
@@ -510,6 +512,15 @@ class Qemu:
             with self._cond:
                 self._stderr += chunk
         self._pump(stream, keep)
+
+    def continue_line(self, head: str) -> None:
+        """A migrated guest: `head` is the line the source's console ended inside; what the
+        guest printed next, here, completes it."""
+        with self._cond:
+            if self._lines:
+                self._lines[0] = head + self._lines[0]
+            else:
+                self._partial = head.encode() + self._partial
 
     @property
     def lines(self) -> List[str]:

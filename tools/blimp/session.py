@@ -438,7 +438,11 @@ class BalloonSession:
             raise
         # the source is paused for good now; closing it flushes a partial last line
         source.close()
-        self._earlier_lines += source.lines
+        moved = source.lines
+        if source.ended_mid_line and moved:
+            # the guest was inside a line when it stopped there: it goes on on the destination
+            dest.continue_line(moved.pop())
+        self._earlier_lines += moved
         result.switch_line = len(self._earlier_lines)
         self.qemu, self.agent, self._balloon = dest, agent, balloon
         self.migrations.append(result)
