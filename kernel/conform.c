@@ -888,7 +888,8 @@ static void start(const struct balloon_status *st)
     } else if (negotiated(st, VIRTIO_BALLOON_F_PAGE_POISON)) {
         verdict(D15, V_NOT_APPLICABLE, "not applicable: PAGE_POISON was negotiated (D16)");
     } else {
-        feature_skip(D16, st, VIRTIO_BALLOON_F_PAGE_POISON, "PAGE_POISON (blimp.poison=1)");
+        feature_skip(D16, st, VIRTIO_BALLOON_F_PAGE_POISON,
+                     "PAGE_POISON (accepted only with blimp.poison=1)");
     }
     if (!run.host) {
         no_host(st);
