@@ -90,6 +90,17 @@ struct virtio_reg_check {
 };
 #define VIRTIO_REG_CHECKS_MAX 8
 
+/* Append one result (dropped when out is full: max bounds what the caller can print). */
+static inline void virtio_reg_check_add(struct virtio_reg_check *out, unsigned *n, unsigned max,
+                                        const char *what, bool ok, const char *fmt, uint32_t v0,
+                                        uint32_t v1, uint32_t v2, uint32_t v3)
+{
+    if (*n >= max)
+        return;
+    out[*n] = (struct virtio_reg_check){what, ok, fmt, {v0, v1, v2, v3}};
+    (*n)++;
+}
+
 struct virtio_transport_ops {
     /* Write 0 to the status and wait (with a deadline) until the device reads back 0.
      * Returns 0, or -1 if the device never finished resetting. */

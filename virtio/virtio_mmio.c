@@ -225,17 +225,6 @@ static int m_queue_enable(struct virtio_transport *t, unsigned index, uint16_t s
 
 /* ---- conformance checks (spec 4.2.2.1), both versions ---- */
 
-static struct virtio_reg_check *add_check(struct virtio_reg_check *out, unsigned *n, unsigned max,
-                                          const char *what, bool ok, const char *fmt)
-{
-    static struct virtio_reg_check spare;
-    struct virtio_reg_check *c = *n < max ? &out[(*n)++] : &spare;
-    c->what = what;
-    c->ok = ok;
-    c->fmt = fmt;
-    return c;
-}
-
 static unsigned mm_check_registers(struct virtio_transport *t, struct virtio_reg_check *out,
                                    unsigned max)
 {
@@ -243,20 +232,14 @@ static unsigned mm_check_registers(struct virtio_transport *t, struct virtio_reg
     uint32_t magic = rd(t, R_MAGIC, &t->exits.status);
     uint32_t version = rd(t, R_VERSION, &t->exits.status);
     uint32_t want = vm_of(t)->version;
-    struct virtio_reg_check *r = add_check(out, &n, max, "MagicValue reads 0x74726976",
-                                           magic == VIRTIO_MMIO_MAGIC, "MagicValue 0x%08x");
-    r->v[0] = magic;
-    r = add_check(out, &n, max, "Version reads 2 (modern) or 1 (legacy), as bound", version == want,
-                  "Version %u, bound as %u");
-    r->v[0] = version;
-    r->v[1] = want;
-    mm_set_status(t, 0);
-    uint64_t deadline = platform_now_ns() + RESET_TIMEOUT_NS;
-    uint8_t st;
-    while ((st = mm_get_status(t)) != 0 && platform_now_ns() < deadline)
-        ;
-    r = add_check(out, &n, max, "Status reads 0 after a reset", st == 0, "Status 0x%02x");
-    r->v[0] = st;
+    virtio_reg_check_add(out, &n, max, "MagicValue reads 0x74726976", magic == VIRTIO_MMIO_MAGIC,
+                         "MagicValue 0x%08x", magic, 0, 0, 0);
+    virtio_reg_check_add(out, &n, max, "Version reads 2 (modern) or 1 (legacy), as bound",
+                         version == want, "Version %u, bound as %u", version, want, 0, 0);
+    mm_reset(t); /* waits (bounded) for the status to read 0 */
+    uint8_t st = mm_get_status(t);
+    virtio_reg_check_add(out, &n, max, "Status reads 0 after a reset", st == 0, "Status 0x%02x", st,
+                         0, 0, 0);
     unsigned queues = 0, live = 0;
     for (unsigned q = 0; q < 16; q++) {
         wr(t, R_QUEUE_SEL, q, &t->exits.status);
@@ -266,14 +249,10 @@ static unsigned mm_check_registers(struct virtio_transport *t, struct virtio_reg
         unsigned reg = want == VERSION_LEGACY ? R_QUEUE_PFN : R_QUEUE_READY;
         live += rd(t, reg, &t->exits.status) != 0;
     }
-    r = add_check(out, &n, max,
-                  want == VERSION_LEGACY ? "QueuePFN reads 0 on every queue after a reset"
-                                         : "QueueReady reads 0 on every queue after a reset",
-                  live == 0, "%u queues, %u still set up");
-    r->v[0] = queues;
-    r->v[1] = live;
-    if (want == VERSION_LEGACY)
-        wr(t, R_GUEST_PAGE_SIZE, LEGACY_PAGE_SIZE, &t->exits.status);
+    virtio_reg_check_add(out, &n, max,
+                         want == VERSION_LEGACY ? "QueuePFN reads 0 on every queue after a reset"
+                                                : "QueueReady reads 0 on every queue after a reset",
+                         live == 0, "%u queues, %u still set up", queues, live, 0, 0);
     return n;
 }
 

@@ -251,17 +251,6 @@ static bool pow2_or_zero(uint32_t v)
     return (v & (v - 1)) == 0;
 }
 
-static struct virtio_reg_check *next_check(struct virtio_reg_check *out, unsigned *n, unsigned max,
-                                           const char *what, bool ok)
-{
-    static struct virtio_reg_check spare;
-    struct virtio_reg_check *c = *n < max ? &out[(*n)++] : &spare;
-    c->what = what;
-    c->ok = ok;
-    c->fmt = "";
-    return c;
-}
-
 /* Spec 4.1.4.3.1: after a reset the status reads 0 and every queue_enable 0; queue_size is 0
  * or a power of 2; a feature window reads the same every time it is selected. */
 static unsigned m_check_registers(struct virtio_transport *t, struct virtio_reg_check *out,
@@ -269,15 +258,10 @@ static unsigned m_check_registers(struct virtio_transport *t, struct virtio_reg_
 {
     const struct bus_region *c = &vp_of(t)->common;
     unsigned n = 0;
-    m_set_status(t, 0);
-    uint64_t deadline = platform_now_ns() + RESET_TIMEOUT_NS;
-    uint8_t st;
-    while ((st = m_get_status(t)) != 0 && platform_now_ns() < deadline)
-        ;
-    struct virtio_reg_check *r =
-        next_check(out, &n, max, "device_status reads 0 after a reset", st == 0);
-    r->fmt = "device_status 0x%02x";
-    r->v[0] = st;
+    m_reset(t); /* waits (bounded) for the status to read 0 */
+    uint8_t st = m_get_status(t);
+    virtio_reg_check_add(out, &n, max, "device_status reads 0 after a reset", st == 0,
+                         "device_status 0x%02x", st, 0, 0, 0);
     uint16_t numq = bus_read16(c, CC_NUMQ);
     unsigned bad_en = 0, bad_size = 0, first_bad = 0;
     for (unsigned q = 0; q < numq && q < VIRTIO_PCI_MAX_QUEUES; q++) {
@@ -287,28 +271,21 @@ static unsigned m_check_registers(struct virtio_transport *t, struct virtio_reg_
             first_bad = q;
         bad_size += !pow2_or_zero(size);
     }
-    r = next_check(out, &n, max, "queue_enable reads 0 on every queue after a reset", bad_en == 0);
-    r->fmt = "%u queues, %u enabled (first: %u)";
-    r->v[0] = numq;
-    r->v[1] = bad_en;
-    r->v[2] = first_bad;
-    r = next_check(out, &n, max, "queue_size is 0 or a power of 2", bad_size == 0);
-    r->fmt = "%u queues, %u bad sizes";
-    r->v[0] = numq;
-    r->v[1] = bad_size;
+    virtio_reg_check_add(out, &n, max, "queue_enable reads 0 on every queue after a reset",
+                         bad_en == 0, "%u queues, %u enabled (first: %u)", numq, bad_en, first_bad,
+                         0);
+    virtio_reg_check_add(out, &n, max, "queue_size is 0 or a power of 2", bad_size == 0,
+                         "%u queues, %u bad sizes", numq, bad_size, 0, 0);
     uint32_t w[2][2];
     for (unsigned pass = 0; pass < 2; pass++)
         for (unsigned sel = 0; sel < 2; sel++) {
             bus_write32(c, CC_DFSELECT, sel);
             w[pass][sel] = bus_read32(c, CC_DF);
         }
-    r = next_check(out, &n, max, "device_feature shows the same bits per select window",
-                   w[0][0] == w[1][0] && w[0][1] == w[1][1]);
-    r->fmt = "window 0: 0x%08x/0x%08x, window 1: 0x%08x/0x%08x";
-    r->v[0] = w[0][0];
-    r->v[1] = w[1][0];
-    r->v[2] = w[0][1];
-    r->v[3] = w[1][1];
+    virtio_reg_check_add(out, &n, max, "device_feature shows the same bits per select window",
+                         w[0][0] == w[1][0] && w[0][1] == w[1][1],
+                         "window 0: 0x%08x/0x%08x, window 1: 0x%08x/0x%08x", w[0][0], w[1][0],
+                         w[0][1], w[1][1]);
     t->exits.status += 4 + 3 * numq + 8;
     return n;
 }
@@ -441,10 +418,8 @@ static unsigned l_check_registers(struct virtio_transport *t, struct virtio_reg_
     unsigned n = 0;
     bus_write8(io_of(t), L_STATUS, 0);
     uint8_t st = bus_read8(io_of(t), L_STATUS);
-    struct virtio_reg_check *r =
-        next_check(out, &n, max, "device status reads 0 after a reset", st == 0);
-    r->fmt = "status 0x%02x";
-    r->v[0] = st;
+    virtio_reg_check_add(out, &n, max, "device status reads 0 after a reset", st == 0,
+                         "status 0x%02x", st, 0, 0, 0);
     unsigned bad_pfn = 0, bad_size = 0, queues = 0;
     for (unsigned q = 0; q < VIRTIO_PCI_MAX_QUEUES; q++) {
         bus_write16(io_of(t), L_QUEUE_SEL, (uint16_t)q);
@@ -455,14 +430,10 @@ static unsigned l_check_registers(struct virtio_transport *t, struct virtio_reg_
         bad_size += !pow2_or_zero(size);
         bad_pfn += bus_read32(io_of(t), L_QUEUE_PFN) != 0;
     }
-    r = next_check(out, &n, max, "queue address (QUEUE_PFN) reads 0 after a reset", bad_pfn == 0);
-    r->fmt = "%u queues, %u with an address";
-    r->v[0] = queues;
-    r->v[1] = bad_pfn;
-    r = next_check(out, &n, max, "queue size is 0 or a power of 2", bad_size == 0);
-    r->fmt = "%u queues, %u bad sizes";
-    r->v[0] = queues;
-    r->v[1] = bad_size;
+    virtio_reg_check_add(out, &n, max, "queue address (QUEUE_PFN) reads 0 after a reset",
+                         bad_pfn == 0, "%u queues, %u with an address", queues, bad_pfn, 0, 0);
+    virtio_reg_check_add(out, &n, max, "queue size is 0 or a power of 2", bad_size == 0,
+                         "%u queues, %u bad sizes", queues, bad_size, 0, 0);
     t->exits.status += 2 + 3 * queues;
     return n;
 }
