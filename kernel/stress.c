@@ -168,8 +168,8 @@ static bool at_rest(const struct balloon_status *st)
 {
     return st->inflight_inflate == 0 && st->inflight_deflate == 0 && st->inflight_report == 0 &&
            !st->hinting && st->reinflate_pending == 0 && st->actual == st->target &&
-           (!run.cfg->end_empty || (st->device_target == 0 && st->actual == 0 &&
-                                    st->hinted_pages == 0));
+           (!run.cfg->end_empty ||
+            (st->device_target == 0 && st->actual == 0 && st->hinted_pages == 0));
 }
 
 __attribute__((noreturn)) static void done(const struct balloon_status *st)
