@@ -88,6 +88,29 @@ def test_runner_fault_fails_b1(tmp_path, pytestconfig, images, reference_qemu):
     assert "FAIL" in out and "B1 (acked-not-discarded)" in out, out
 
 
+#: the two verdicts no host bug above produces: a host that never acts (timeout) and a
+#: device that needs a reset in the middle of a check (the guest sends a malformed chain on
+#: purpose; the driver recovers and the check says so)
+OTHER_VERDICTS = [
+    (["--fault", "stats-ignored", "--append", "blimp.conform.timeout_ms=3000"], "D6", "timeout"),
+    (["--append", "blimp.balloon.inject=bad_next"], "D4", "needs-reset"),
+]
+
+
+@pytest.mark.parametrize("argv,check,verdict", OTHER_VERDICTS, ids=["timeout", "needs-reset"])
+def test_timeout_and_needs_reset_verdicts(tmp_path, pytestconfig, images, reference_qemu, argv,
+                                          check, verdict):
+    """A runner that acknowledges stats polling but never starts it makes D6 time out; a
+    device that needs a reset during the isolated-page inflate makes D4 say needs-reset."""
+    status, root, out = _run(["--machine", "q35", "--transport", "modern"] + argv, tmp_path,
+                             pytestconfig, images, reference_qemu)
+    assert status == 1, out
+    (suite,) = root.findall("testsuite")
+    fails = _failures(suite)
+    assert check in fails, out
+    assert fails[check].get("message").startswith(verdict), out
+
+
 #: reference-host properties that make a host misbehave (tools/reference-host), and the point
 #: that must then fail with its verdict
 HOST_FAULTS = [

@@ -96,6 +96,7 @@ DECLINES["all"] = tuple(o for opts in DECLINES.values() for o in opts)
 FAULTS = {
     "rss-flat": "rss: always report the first RSS read (the host seems never to discard)",
     "target-off-by-one": "target: set one page more than asked",
+    "stats-ignored": "stats_interval: acknowledge, but never start polling (a timeout)",
 }
 
 
@@ -352,7 +353,8 @@ class Responder:
                     kib = self._first_rss
                 return "ack %d kib=%d" % (seq, kib)
             if action == "stats_interval":
-                h.set_stats_interval(int(req["seconds"]))
+                if self.fault != "stats-ignored":
+                    h.set_stats_interval(int(req["seconds"]))
                 return "ack %d" % seq
             if action == "stats_read":
                 return " ".join(["ack %d" % seq] + stats_fields(h.read_stats()))
