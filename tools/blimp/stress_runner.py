@@ -603,6 +603,13 @@ def run(args: argparse.Namespace) -> int:
     log.say("%d guest(s) of %s on %s (TCG), seeds %d..%d, %s each, storms %s"
             % (args.vms, args.memory, args.machine, args.seed, args.seed + args.vms - 1,
                "%g s" % args.seconds if args.seconds else "%d ops" % args.ops, args.storm))
+    if "migrate" in storms and args.migrate == "live":
+        from .conform import host_kind   # one place knows the hosts ("reference", "qemu-7.2")
+        if host_kind(args.qemu).startswith("qemu-7."):
+            log.say("note: stock QEMU 7.x under TCG loses guest writes in live migration (its "
+                    "dirty-bitmap sync: docs/design.md, \"Stress mode\"), which this run will "
+                    "report as corruption; --qemu \"$(./blimp reference-host)\" has the fix, "
+                    "--migrate paused avoids it")
     guests = [GuestRun(i, args, storms, log) for i in range(args.vms)]
     for g in guests:
         g.start()
