@@ -117,7 +117,8 @@ static void device_reset(struct fake_mmio *m)
     m->driver_features = 0;
     m->isr = 0;
     m->dev_sel = m->drv_sel = m->queue_sel = 0;
-    detach_queues(m);
+    if (!m->reset_keeps_queues)
+        detach_queues(m);
     m->resets++;
 }
 

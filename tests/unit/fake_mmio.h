@@ -49,8 +49,9 @@ struct fake_mmio {
     struct fake_mmio_queue q[FAKE_MMIO_MAX_QUEUES];
 
     /* Knobs. */
-    bool never_resets;    /* a status write of 0 is ignored */
-    unsigned reset_delay; /* status reads that still show the old status after a reset */
+    bool never_resets;       /* a status write of 0 is ignored */
+    bool reset_keeps_queues; /* a reset leaves QueueReady/QueuePFN as they were (a device bug) */
+    unsigned reset_delay;    /* status reads that still show the old status after a reset */
     unsigned reset_countdown;
     bool reset_pending;
 

@@ -731,11 +731,98 @@ static void test_overlap(void **state)
     assert_true(virtio_mmio_overlap(&a, &a));
 }
 
+/* ---- conformance checks (check_registers, peek_isr) ---------------------------------------- */
+
+static bool all_ok(const struct virtio_reg_check *c, unsigned n, const char **first_bad)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (!c[i].ok) {
+            *first_bad = c[i].what;
+            return false;
+        }
+    return true;
+}
+
+static void check_registers_case(uint32_t version, bool keep_queues)
+{
+    add_device(version);
+    assert_int_equal(bind(VIRTIO_MMIO_ANY), VIRTIO_MMIO_BOUND);
+    /* a queue set up, as a driver leaves it */
+    assert_int_equal(ops()->reset(&E.t), 0);
+    ops()->set_status(&E.t, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    ops()->set_features(&E.t, version == 2 ? 1ull << 32 : 0);
+    if (version == 2)
+        ops()->set_status(&E.t, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
+                                    VIRTIO_STATUS_FEATURES_OK);
+    struct vq_addrs a = {RAM_BASE, RAM_BASE + 0x1000, RAM_BASE + 0x2000};
+    E.m->reset_keeps_queues = keep_queues;
+    if (version == 2)
+        assert_int_equal(ops()->queue_enable(&E.t, 1, 64, &a), 0);
+    else
+        E.m->q[1].pfn = 0x123; /* as a v1 driver's QueuePFN write leaves it */
+    struct virtio_reg_check c[VIRTIO_REG_CHECKS_MAX];
+    unsigned n = ops()->check_registers(&E.t, c, VIRTIO_REG_CHECKS_MAX);
+    assert_int_equal(n, 4);
+    const char *bad = NULL;
+    bool ok = all_ok(c, n, &bad);
+    assert_int_equal(ok, !keep_queues);
+    if (keep_queues) {
+        assert_non_null(strstr(bad, version == 2 ? "QueueReady" : "QueuePFN"));
+        assert_int_equal(c[3].v[1], 1); /* one queue still set up */
+    }
+    assert_int_equal(c[0].v[0], VIRTIO_MMIO_MAGIC);
+    assert_int_equal(c[1].v[0], version);
+}
+
+static void test_check_registers_v2(void **state)
+{
+    check_registers_case(2, false);
+    check_clean(state);
+}
+
+static void test_check_registers_v1(void **state)
+{
+    check_registers_case(1, false);
+    check_clean(state);
+}
+
+static void test_check_registers_queue_survives_reset(void **state)
+{
+    (void)state;
+    check_registers_case(2, true);
+}
+
+static void test_check_registers_pfn_survives_reset(void **state)
+{
+    (void)state;
+    check_registers_case(1, true);
+}
+
+/* InterruptStatus holds until InterruptACK: peek reads it without acknowledging. */
+static void test_peek_isr_does_not_ack(void **state)
+{
+    add_device(2);
+    assert_int_equal(bind(VIRTIO_MMIO_ANY), VIRTIO_MMIO_BOUND);
+    E.m->isr = VIRTIO_ISR_QUEUE;
+    assert_int_equal(ops()->peek_isr(&E.t), VIRTIO_ISR_QUEUE);
+    assert_int_equal(ops()->peek_isr(&E.t), VIRTIO_ISR_QUEUE);
+    assert_int_equal(E.m->acks, 0);
+    assert_int_equal(ops()->read_isr(&E.t), VIRTIO_ISR_QUEUE);
+    assert_int_equal(E.m->acks, 1);
+    assert_int_equal(ops()->peek_isr(&E.t), 0);
+    check_clean(state);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
         T(test_v2_bring_up),
+        T(test_check_registers_v2),
+        T(test_check_registers_v1),
+        T(test_check_registers_queue_survives_reset),
+        T(test_check_registers_pfn_survives_reset),
+        T(test_peek_isr_does_not_ack),
         T(test_v2_features_refused_without_version_1),
         T(test_v1_bring_up),
         T(test_version_restriction),

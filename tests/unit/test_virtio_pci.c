@@ -62,8 +62,10 @@ struct modern_model {
     uint16_t msix_config;
     bool refuse_config_vector, refuse_queue_vector; /* store VIRTIO_MSI_NO_VECTOR instead */
     struct modern_queue q[VIRTIO_PCI_MAX_QUEUES];
-    bool never_resets;    /* status writes of 0 are ignored */
-    unsigned reset_delay; /* status reads that still show the old status after a reset */
+    bool never_resets;         /* status writes of 0 are ignored */
+    bool reset_keeps_enable;   /* a reset leaves queue_enable as it was (a device bug) */
+    uint16_t size_after_reset; /* non-zero: every queue's size after a reset (a bad one) */
+    unsigned reset_delay;      /* status reads that still show the old status after a reset */
     bool reset_pending;
     unsigned reset_countdown;
     unsigned status_reads;
@@ -95,8 +97,9 @@ static void modern_reset(struct modern_model *m)
     m->msix_config = VIRTIO_MSI_NO_VECTOR;
     for (unsigned i = 0; i < VIRTIO_PCI_MAX_QUEUES; i++) {
         struct modern_queue *q = &m->q[i];
-        q->size = i < m->num_queues ? QUEUE_MAX : 0;
-        q->enable = 0;
+        q->size = i < m->num_queues ? (m->size_after_reset ? m->size_after_reset : QUEUE_MAX) : 0;
+        if (!m->reset_keeps_enable)
+            q->enable = 0;
         q->msix = 0;
         q->desc = q->avail = q->used = 0;
     }
@@ -264,6 +267,7 @@ struct legacy_model {
     uint16_t num[VIRTIO_PCI_MAX_QUEUES];
     uint32_t pfn[VIRTIO_PCI_MAX_QUEUES];
     uint8_t status, isr;
+    bool reset_keeps_pfn; /* a reset leaves QUEUE_PFN as it was (a device bug) */
     uint8_t config[IO_SIZE - 20];
     unsigned bad_accesses;
     /* MSI-X: the function's config space and capability, to see whether it is enabled (the
@@ -362,7 +366,8 @@ static void legacy_write(void *arg, uint64_t off, unsigned width, uint32_t v)
         l->status = (uint8_t)v;
         if (v == 0) {
             l->guest_features = 0;
-            memset(l->pfn, 0, sizeof(l->pfn));
+            if (!l->reset_keeps_pfn)
+                memset(l->pfn, 0, sizeof(l->pfn));
         }
         break;
     default: /* read-only fields */
@@ -1196,6 +1201,75 @@ static void test_msix_legacy_config_moves_to_24(void)
     assert_int_equal(v, 0xa3a2a1a0); /* at 20 again */
 }
 
+/* ---- Conformance checks (check_registers) --------------------------------------------------- */
+
+/* The index of the first failed check, or -1. */
+static int first_failed(const struct virtio_reg_check *c, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (!c[i].ok)
+            return (int)i;
+    return -1;
+}
+
+static void test_check_registers_modern(void)
+{
+    modern_only(true, 4);
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(ops()->queue_enable(&E.t, 1, 64, &HIGH_ADDRS), 0);
+    struct virtio_reg_check c[VIRTIO_REG_CHECKS_MAX];
+    unsigned n = ops()->check_registers(&E.t, c, VIRTIO_REG_CHECKS_MAX);
+    assert_int_equal(n, 4);
+    assert_int_equal(first_failed(c, n), -1);
+    assert_int_equal(E.m.q[1].enable, 0);                       /* the check reset the device */
+    assert_int_equal(c[3].v[0], (uint32_t)E.m.device_features); /* window 0, read twice */
+    assert_int_equal(c[3].v[1], (uint32_t)E.m.device_features);
+}
+
+static void test_check_registers_modern_enable_survives_reset(void)
+{
+    modern_only(true, 4);
+    E.m.reset_keeps_enable = true;
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_int_equal(ops()->queue_enable(&E.t, 2, 64, &HIGH_ADDRS), 0);
+    struct virtio_reg_check c[VIRTIO_REG_CHECKS_MAX];
+    unsigned n = ops()->check_registers(&E.t, c, VIRTIO_REG_CHECKS_MAX);
+    assert_int_equal(first_failed(c, n), 1);
+    assert_non_null(strstr(c[1].what, "queue_enable"));
+    assert_int_equal(c[1].v[1], 1); /* one queue still enabled */
+    assert_int_equal(c[1].v[2], 2); /* queue 2 */
+}
+
+static void test_check_registers_modern_bad_queue_size(void)
+{
+    modern_only(true, 4);
+    E.m.size_after_reset = 100;
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    struct virtio_reg_check c[VIRTIO_REG_CHECKS_MAX];
+    unsigned n = ops()->check_registers(&E.t, c, VIRTIO_REG_CHECKS_MAX);
+    assert_int_equal(first_failed(c, n), 2);
+    assert_non_null(strstr(c[2].what, "power of 2"));
+    assert_int_equal(c[2].v[1], NQUEUES);
+}
+
+static void test_check_registers_legacy(void)
+{
+    transitional(false, 0);
+    assert_int_equal(find(VIRTIO_PCI_AUTO), 0);
+    assert_string_equal(E.t.name, "virtio-pci-legacy");
+    E.l.pfn[1] = 0x1234; /* a queue a driver set up */
+    struct virtio_reg_check c[VIRTIO_REG_CHECKS_MAX];
+    unsigned n = ops()->check_registers(&E.t, c, VIRTIO_REG_CHECKS_MAX);
+    assert_int_equal(n, 3);
+    assert_int_equal(first_failed(c, n), -1);
+    E.l.reset_keeps_pfn = true;
+    E.l.pfn[1] = 0x1234;
+    n = ops()->check_registers(&E.t, c, VIRTIO_REG_CHECKS_MAX);
+    assert_int_equal(first_failed(c, n), 1);
+    assert_non_null(strstr(c[1].what, "QUEUE_PFN"));
+    assert_int_equal(c[1].v[1], 1);
+}
+
 int main(void)
 {
 #define T(fn)                                                                                      \
@@ -1205,6 +1279,10 @@ int main(void)
     }
     const struct CMUnitTest tests[] = {
         T(test_modern_discovery_64bit_bar),
+        T(test_check_registers_modern),
+        T(test_check_registers_modern_enable_survives_reset),
+        T(test_check_registers_modern_bad_queue_size),
+        T(test_check_registers_legacy),
         T(test_first_cap_of_each_type_wins),
         T(test_unusable_cap_gives_way_to_the_next),
         T(test_missing_isr_cap_falls_back_to_legacy),
