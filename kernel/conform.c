@@ -331,8 +331,8 @@ static bool answer_value(const char *key, int64_t *out)
                 num[n++] = *v;
             num[n] = '\0';
             uint64_t u;
-            if (!parse_u64(num, &u))
-                return false;
+            if (!parse_u64(num, &u) || u > INT64_MAX)
+                return false; /* the runner is untrusted input too */
             *out = neg ? -(int64_t)u : (int64_t)u;
             return true;
         }
@@ -528,7 +528,10 @@ static void raw_queue(struct virtio_transport *t, uint64_t offered)
         victims[i] = alloc_page();
     struct virtqueue vq;
     struct vq_addrs a;
-    if (ring == BUDDY_NONE || buf == BUDDY_NONE || victims[3] == BUDDY_NONE ||
+    bool have_victims = true;
+    for (unsigned i = 0; i < 4; i++)
+        have_victims &= victims[i] != BUDDY_NONE;
+    if (ring == BUDDY_NONE || buf == BUDDY_NONE || !have_victims ||
         vq_init(&vq, "conform-inflate", 0, size, phys_to_virt(ring << PAGE_SHIFT), legacy_layout, 0,
                 false, false) != VQ_OK ||
         (vq_addrs(&vq, &a), t->ops->queue_enable(t, 0, size, &a) != 0)) {

@@ -286,7 +286,7 @@ static unsigned m_check_registers(struct virtio_transport *t, struct virtio_reg_
                          w[0][0] == w[1][0] && w[0][1] == w[1][1],
                          "window 0: 0x%08x/0x%08x, window 1: 0x%08x/0x%08x", w[0][0], w[1][0],
                          w[0][1], w[1][1]);
-    t->exits.status += 4 + 3 * numq + 8;
+    t->exits.status += 1 + 3 * numq + 8; /* numq, per queue select/enable/size, 4 windows */
     return n;
 }
 
