@@ -6,8 +6,10 @@ timings that once lost the guest's wake-up (a paused start, the ready line, QMP 
 the hold windows of blimp.test.hold, a burst, a target while buffers are in flight), with
 CPU hogs beside them.  These tests run it as a user does (python3 -m blimp soak and its
 --json report): a small soak passes with no freeze and runs every face and every timing,
-and the freeze detector fires on a run whose VM the runner stops right after its target
-(--inject-stop), naming exactly that run, its seed and its replay command.
+the freeze detector fires on a run whose VM the runner stops right after its target
+(--inject-stop), naming exactly that run, its seed and its replay command, and a run whose
+guest loses its device interrupt on purpose (the agent's lose-irq) is counted among the
+"lost interrupts recovered", not as a freeze.
 """
 
 from __future__ import annotations
@@ -106,3 +108,22 @@ def test_freeze_detector_fires_on_a_stopped_vm(images, tmp_path):
     with open(str(tmp_path / "soak.xml")) as fx:
         xml = fx.read()
     assert xml.count("<failure ") == 1 and 'name="run1-' in xml, xml
+
+
+def test_lost_interrupt_is_recovered_and_counted(images, tmp_path):
+    """--inject-lose-irq 1: before run 1's second target the agent's lose-irq masks the
+    guest's device line; its bounded look still reaches the target, the agent's state says
+    irq.missed > 0 and an irq_missed event was logged, and the soak counts exactly that run
+    as a lost interrupt recovered (exit 0: no freeze)."""
+    r, rep = _soak(images, tmp_path, "--runs", "2", "-j", "2", "--hogs", "1", "--seed", "50",
+                   "--faces", "q35-modern,microvm-mmio-v2", "--timings", "ready",
+                   "--inject-lose-irq", "1")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    runs = rep["runs"]
+    assert [x["status"] for x in runs] == ["ok", "ok"], out
+    assert runs[0]["lost_irq"] is False and runs[0]["missed"] == 0, runs[0]
+    assert runs[1]["lost_irq"] is True and runs[1]["missed"] >= 1, runs[1]
+    assert runs[1]["missed_events"] >= 1 and runs[1]["face"] == "microvm-mmio-v2", runs[1]
+    assert rep["summary"]["missed_runs"] == 1, rep["summary"]
+    assert "lost interrupts recovered: irq.missed > 0 in 1 runs" in out, out
