@@ -90,6 +90,9 @@ POLL_S = 0.005
 PROBE_S = 3.0
 WAKE_S = 2.0
 CONSOLE_TAIL = 15
+#: a guest whose TSC rate (measured against the PIT at boot) is this far from the runs' median
+#: keeps time wrongly: its holds, looks and timeouts last that much longer or shorter
+TSC_OFF = 0.10
 
 
 class Freeze(Exception):
@@ -117,6 +120,9 @@ class RunResult:
     final_mib: Optional[int] = None         # the first phase's final target
     first_ms: Optional[float] = None        # host time: final target (or cont) -> reached
     first_guest_ms: Optional[int] = None    # the guest's balloon_reached "ms"
+    first_times: Optional[dict] = None      # query-balloon showed it / the event line came
+    boot_ms: Optional[float] = None         # QEMU spawn -> the first target was sent
+    tsc_khz: Optional[int] = None           # the guest's TSC rate, as it measured it at boot
     second_ms: Optional[float] = None       # the same for the second target (0)
     transport: str = ""
     irq: Optional[dict] = None              # the agent's state "irq" object at the end
@@ -126,7 +132,8 @@ class RunResult:
     stopped: bool = False                   # --inject-stop: the runner stopped this VM
     lost_irq: bool = False                  # --inject-lose-irq: the agent's lose-irq before 0
     freeze: Optional[dict] = None           # what a freeze showed
-    diagnosis: Optional[str] = None         # blimp.diagnose's reading of a freeze
+    diagnosis: Optional[str] = None         # blimp.diagnose's report of a freeze
+    diagnosis_case: Optional[str] = None    # its case: lost-wakeup, spinning, paused, ...
     console_tail: List[str] = field(default_factory=list)
     context: str = ""
     replay: str = ""
@@ -218,20 +225,20 @@ class Hogs:
 
 # ------------------------------------------------------------------ one run
 
-def _diagnose(session: BalloonSession) -> Optional[str]:
-    """blimp.diagnose's reading of a frozen guest, when that module exists (another
-    branch writes it); None without it."""
+def _diagnose(session: BalloonSession) -> Optional[dict]:
+    """blimp.diagnose's reading of a frozen guest ({"case", "verdict", "report"}), when that
+    module exists (the harness branch writes it: ``diagnose(qemu, lines=...)`` returns a
+    Diagnosis with ``case``, ``verdict`` and ``report()``); None without it."""
     if importlib.util.find_spec("blimp.diagnose") is None:
         return None
     try:
         from . import diagnose   # type: ignore[attr-defined]
-        fn = getattr(diagnose, "diagnose", None)
-        if fn is None:
-            return None
-        out = fn(session)
-        return out if isinstance(out, str) else str(out)
+        d = diagnose.diagnose(session.qemu, lines=session.lines)
+        report = d.report() if hasattr(d, "report") else str(d)
+        return {"case": getattr(d, "case", None), "verdict": getattr(d, "verdict", None),
+                "report": report}
     except Exception as e:       # a diagnosis must never hide the freeze itself
-        return "(diagnose failed: %r)" % e
+        return {"case": "unknown", "verdict": None, "report": "diagnose failed: %r" % e}
 
 
 class SoakRun:
@@ -283,36 +290,44 @@ class SoakRun:
     def wait_start(self, name: str, pred=None) -> dict:
         return self.session.wait_event(name, pred, timeout=BOOT_TIMEOUT_S)
 
-    def wait_reached(self, size: int, since: int, t0: float, which: str) -> Tuple[float, dict]:
+    def wait_reached(self, size: int, since: int, t0: float, which: str) -> dict:
         """Wait until query-balloon shows a balloon of `size` and the guest logged
-        balloon_reached with that many pages (from console line `since` on).  Seconds
-        from t0 and the event; Freeze at t0 + --target-timeout."""
+        balloon_reached with that many pages (from console line `since` on).  Returns
+        {"ms": until both were seen, "query_ms": query-balloon first showed it, "console_ms":
+        the event's line arrived, "event": the event}, times from t0 (host clock); Freeze at
+        t0 + --target-timeout."""
         s = self.session
+        q = s.qemu
         pages = size // PAGE
         deadline = t0 + self.args.target_timeout
-        host_seen = False
+        query_at: Optional[float] = None
+        console_at: Optional[float] = None
         event: Optional[dict] = None
         pos = since
         while True:
-            if not host_seen:
-                host_seen = s.balloon.size() == size
+            if query_at is None and s.balloon.size() == size:
+                query_at = time.monotonic()
             if event is None:
                 lines = s.lines
-                for line in lines[pos:]:
-                    ev = guestlog.event_named(line, "balloon_reached",
+                for i in range(pos, len(lines)):
+                    ev = guestlog.event_named(lines[i], "balloon_reached",
                                               lambda e: e.get("actual_pages") == pages)
                     if ev:
                         event = ev
+                        console_at = (q.t_start or t0) + q.line_time(i)
                         break
                 pos = len(lines)
             now = time.monotonic()
-            if host_seen and event is not None:
-                return now - t0, event
+            if query_at is not None and event is not None:
+                return {"ms": round((now - t0) * 1000, 1),
+                        "query_ms": round((query_at - t0) * 1000, 1),
+                        "console_ms": round(((console_at or now) - t0) * 1000, 1),
+                        "event": event}
             if not s.running():
                 raise RunError("the guest ended while the host waited for its %s target "
                                "(%d MiB)" % (which, size // MiB))
             if now >= deadline:
-                raise self.freeze(size, since, which, host_seen, event)
+                raise self.freeze(size, since, which, query_at is not None, event)
             time.sleep(POLL_S)
 
     def freeze(self, size: int, since: int, which: str, host_seen: bool,
@@ -426,12 +441,15 @@ class SoakRun:
         s.start(wait_ready=False)
         self.phase = "first target"
         size, since, t0 = self.first_phase()
+        if s.qemu.t_start is not None:
+            self.r.boot_ms = round((t0 - s.qemu.t_start) * 1000, 1)
         self.r.final_mib = size // MiB
         if self.r.stopped:
             s.qemu.qmp().execute("stop")    # --inject-stop: this target can never be reached
-        secs, ev = self.wait_reached(size, since, t0, "first")
-        self.r.first_ms = round(secs * 1000, 1)
-        self.r.first_guest_ms = ev.get("ms")
+        w = self.wait_reached(size, since, t0, "first")
+        self.r.first_ms = w["ms"]
+        self.r.first_times = {k: w[k] for k in ("query_ms", "console_ms")}
+        self.r.first_guest_ms = w["event"].get("ms")
         self.phase = "second target"
         if self.r.lost_irq:
             # --inject-lose-irq: the guest masks its device line behind its loop's back; the
@@ -441,8 +459,7 @@ class SoakRun:
         since = s.mark()
         t0 = time.monotonic()
         self.target(0)
-        secs, _ = self.wait_reached(0, since, t0, "second")
-        self.r.second_ms = round(secs * 1000, 1)
+        self.r.second_ms = self.wait_reached(0, since, t0, "second")["ms"]
         self.phase = "ending"
         s.agent = s.qemu.agent_client(timeout=BOOT_TIMEOUT_S)
         st = s.state()
@@ -450,6 +467,9 @@ class SoakRun:
         if isinstance(self.r.irq, dict) and isinstance(self.r.irq.get("missed"), int):
             self.r.missed = self.r.irq["missed"]
         self.scan()
+        boot = s.events("boot")
+        if boot and isinstance(boot[0].get("tsc_khz"), int):
+            self.r.tsc_khz = boot[0]["tsc_khz"]
         feats = s.events("balloon_features")
         self.r.transport = str(feats[0].get("transport")) if feats else "?"
         problems = []
@@ -483,7 +503,10 @@ class SoakRun:
             self.r.status = "freeze"
             self.r.reason = e.reason
             self.r.freeze = e.details
-            self.r.diagnosis = e.details.get("diagnosis")
+            diag = e.details.get("diagnosis")
+            if diag:
+                self.r.diagnosis = diag.get("report")
+                self.r.diagnosis_case = diag.get("case")
         except (RunError,) + SESSION_ERRORS as e:
             self.r.status = "error"
             if self.session is not None:
@@ -572,6 +595,8 @@ def _ms(x: Optional[float]) -> str:
 def stats(results: Sequence[RunResult]) -> dict:
     firsts = [r.first_ms for r in results if r.first_ms is not None]
     seconds = [r.second_ms for r in results if r.second_ms is not None]
+    tscs = [r.tsc_khz for r in results if r.tsc_khz]
+    tsc_med = percentile(tscs, 50)
     return {
         "runs": len(results),
         "ok": sum(r.status == "ok" for r in results),
@@ -589,6 +614,10 @@ def stats(results: Sequence[RunResult]) -> dict:
         "first_max_ms": max(firsts) if firsts else None,
         "second_p50_ms": percentile(seconds, 50), "second_p99_ms": percentile(seconds, 99),
         "second_max_ms": max(seconds) if seconds else None,
+        "tsc_khz_median": tsc_med, "tsc_khz_min": min(tscs) if tscs else None,
+        "tsc_khz_max": max(tscs) if tscs else None,
+        "tsc_off_runs": [r.index for r in results if r.tsc_khz and tsc_med and
+                         abs(r.tsc_khz - tsc_med) > TSC_OFF * tsc_med],
     }
 
 
@@ -638,7 +667,7 @@ def write_junit(path: str, results: Sequence[RunResult]) -> None:
             el = ET.SubElement(tc, "failure" if r.status == "freeze" else "error",
                                message=("%s: %s" % (r.status, r.reason))[:500])
             el.text = "\n".join(["replay: " + r.replay, ""] +
-                                (["diagnosis: " + r.diagnosis] if r.diagnosis else []) +
+                                ([r.diagnosis] if r.diagnosis else []) +
                                 ["last console lines:"] + r.console_tail +
                                 ["", r.context])
         out = ET.SubElement(tc, "system-out")
@@ -654,7 +683,7 @@ def print_failure(r: RunResult, verbose: bool) -> None:
     print("  targets (MiB, in order): %s" % (", ".join(map(str, r.targets_mib)) or "none"))
     print("  replay: " + r.replay)
     if r.diagnosis:
-        print("  diagnosis: " + r.diagnosis.replace("\n", "\n    "))
+        print("  " + r.diagnosis.replace("\n", "\n  "))
     if r.console_tail:
         print("  last console lines:")
         for line in r.console_tail:
@@ -844,6 +873,22 @@ def run(args: argparse.Namespace) -> int:
           "p50 %s ms, p99 %s ms, max %s ms"
           % (_ms(st["first_p50_ms"]), _ms(st["first_p99_ms"]), _ms(st["first_max_ms"]),
              _ms(st["second_p50_ms"]), _ms(st["second_p99_ms"]), _ms(st["second_max_ms"])))
+    if st["tsc_khz_median"]:
+        off = st["tsc_off_runs"]
+        print("guest TSC rate measured at boot: median %d kHz, min %d, max %d; %d runs more "
+              "than %d %% off the median%s"
+              % (st["tsc_khz_median"], st["tsc_khz_min"], st["tsc_khz_max"], len(off),
+                 TSC_OFF * 100, "" if not off else " (runs %s: their guest clock, so its "
+                 "holds, looks and timeouts, runs that much slow or fast)"
+                 % ", ".join("%d: %d kHz" % (r.index, r.tsc_khz) for r in results
+                             if r.index in off)))
+    cases: Dict[str, int] = {}
+    for r in results:
+        if r.status == "freeze" and r.diagnosis_case:
+            cases[r.diagnosis_case] = cases.get(r.diagnosis_case, 0) + 1
+    if cases:
+        print("freezes by diagnosis (blimp.diagnose): " + ", ".join(
+            "%s %d" % kv for kv in sorted(cases.items())))
     failed = [r for r in results if r.status != "ok"]
     for r in failed:
         print_failure(r, args.verbose)
