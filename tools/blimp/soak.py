@@ -878,10 +878,10 @@ def run(args: argparse.Namespace) -> int:
         print("guest TSC rate measured at boot: median %d kHz, min %d, max %d; %d runs more "
               "than %d %% off the median%s"
               % (st["tsc_khz_median"], st["tsc_khz_min"], st["tsc_khz_max"], len(off),
-                 TSC_OFF * 100, "" if not off else " (runs %s: their guest clock, so its "
+                 TSC_OFF * 100, "" if not off else " (runs %s%s: their guest clock, so its "
                  "holds, looks and timeouts, runs that much slow or fast)"
-                 % ", ".join("%d: %d kHz" % (r.index, r.tsc_khz) for r in results
-                             if r.index in off)))
+                 % (", ".join("%d: %d kHz" % (r.index, r.tsc_khz) for r in results
+                              if r.index in off[:10]), ", ..." if len(off) > 10 else "")))
     cases: Dict[str, int] = {}
     for r in results:
         if r.status == "freeze" and r.diagnosis_case:
