@@ -4,18 +4,18 @@
  * commands. Channel 2 is the textbook choice, but its output is read through port 0x61, which
  * belongs to the PC speaker device that microvm does not have. A missing PIT shows up as a
  * counter that never moves; then we fall back to CPUID leaf 0x15/0x16, or a 2 GHz guess, and say
- * so. Each PIT read is bracketed by two TSC reads: a vCPU the host deschedules inside a read
- * (seen under load: 5 % of boots measured the TSC up to 19x too fast, so every timeout ran that
- * much slower) shows as a wide bracket, and the measurement is taken again.
+ * so. The rate is the median of CALIBRATE_WINDOWS short windows: under load on our hosts a
+ * window now and then measures the TSC many times too fast (the host's TSC, which TCG passes
+ * through, jumps when QEMU's vCPU thread moves between host CPUs; 2 boots in 200 beside CPU hogs
+ * measured 6x and 37x), and every timeout would then run that much slower.
  */
 #include "arch/x86/tsc.h"
 #include "arch/x86/io.h"
 #include "lib/printf.h"
 
-#define PIT_HZ          1193182u
-#define CALIBRATE_TICKS 3580u /* about 3 ms */
-#define CALIBRATE_TRIES 8
-#define BRACKET_SHARE   500 /* both brackets together within 1/500 of the window: 0.2 % */
+#define PIT_HZ            1193182u
+#define CALIBRATE_TICKS   1193u /* 1 ms: one PIT tick is 0.08 % of it */
+#define CALIBRATE_WINDOWS 5
 
 static uint64_t khz;
 
@@ -27,57 +27,44 @@ static uint16_t pit0_read(void)
     return (uint16_t)(lo | hi << 8);
 }
 
-/* A PIT read and the TSC around it: *tsc is the bracket's middle, *width its length. */
-static uint16_t pit0_read_at(uint64_t *tsc, uint64_t *width)
-{
-    uint64_t before = rdtsc();
-    uint16_t v = pit0_read();
-    uint64_t after = rdtsc();
-    *tsc = before + (after - before) / 2;
-    *width = after - before;
-    return v;
-}
-
-/* One window of CALIBRATE_TICKS; 0 when the PIT does not count. *slack: the two brackets'
- * widths against the window's cycles, in 1/BRACKET_SHARE (0: exact; >= 1: not trusted). */
-static uint64_t pit_measure_once(uint64_t *slack)
+/* One window of CALIBRATE_TICKS; 0 when the PIT does not count. */
+static uint64_t pit_measure_once(void)
 {
     outb(0x43, 0x30); /* channel 0, lobyte/hibyte, mode 0 (counts down once from 0xffff) */
     outb(0x40, 0xff);
     outb(0x40, 0xff);
-    uint64_t start, w0, end, w1;
-    uint16_t first = pit0_read_at(&start, &w0);
+    uint16_t first = pit0_read();
+    uint64_t start = rdtsc();
     /* Bounded: a counter that never moves (no PIT) must not hang the boot. */
     for (unsigned long spin = 0; spin < 10000000ul; spin++) {
-        uint16_t now = pit0_read_at(&end, &w1);
+        uint16_t now = pit0_read();
         if ((uint16_t)(first - now) >= CALIBRATE_TICKS && now <= first) {
-            uint64_t cycles = end - start;
-            *slack = cycles ? (w0 + w1) * BRACKET_SHARE / cycles : UINT64_MAX;
+            uint64_t cycles = rdtsc() - start;
             return cycles * PIT_HZ / ((uint64_t)(first - now) * 1000);
         }
     }
     return 0;
 }
 
-/* The first window whose brackets are tight; after CALIBRATE_TRIES, the tightest seen. */
+/* The median of CALIBRATE_WINDOWS windows: a window or two the host disturbed do not count. */
 static uint64_t pit_measure_khz(void)
 {
-    uint64_t best = 0, best_slack = UINT64_MAX;
-    for (unsigned i = 0; i < CALIBRATE_TRIES; i++) {
-        uint64_t slack, k = pit_measure_once(&slack);
-        if (k == 0)
+    uint64_t k[CALIBRATE_WINDOWS];
+    for (unsigned i = 0; i < CALIBRATE_WINDOWS; i++) {
+        k[i] = pit_measure_once();
+        if (k[i] == 0)
             return 0;
-        if (slack < best_slack) {
-            best = k;
-            best_slack = slack;
+        for (unsigned j = i; j > 0 && k[j - 1] > k[j]; j--) { /* insertion sort */
+            uint64_t t = k[j];
+            k[j] = k[j - 1];
+            k[j - 1] = t;
         }
-        if (slack == 0)
-            break;
-        kprintf("blimp: TSC calibration window %u disturbed (a PIT read took %lu/%u of it); "
-                "measuring again\n",
-                i + 1, (unsigned long)slack, BRACKET_SHARE);
     }
-    return best;
+    uint64_t median = k[CALIBRATE_WINDOWS / 2];
+    if (k[CALIBRATE_WINDOWS - 1] - k[0] > median / 10)
+        kprintf("blimp: TSC calibration windows disagree (%lu..%lu kHz): using the median\n",
+                (unsigned long)k[0], (unsigned long)k[CALIBRATE_WINDOWS - 1]);
+    return median;
 }
 
 static uint64_t cpuid_khz(void)
