@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 
 import pytest
 
-from blimp import exitcodes
+from blimp import exitcodes, guestlog
 from blimp.balloon import Balloon
 from blimp.qemu import HINT_IOTHREAD, Qemu, free_page_hint_opts
 from guest import REPO, MiB, PAGE, Spec, run_spec
@@ -62,6 +62,7 @@ class Guest:
                       iothread=iothread, **kw)
         self.q.start()
         self.b = Balloon.of(self.q)
+        self.earlier: List[str] = []   # the console of QEMUs the guest migrated away from
 
     def context(self) -> str:
         return self.q.describe() + "\nlast console lines:\n" + "\n".join(
@@ -95,10 +96,11 @@ class Guest:
         mode = "poll" if self.irq == "poll" else "intx"
         assert irq["mode"] == mode, (irq, self.context())
         assert irq["missed"] == missed, (irq, self.context())
-        assert len(self.q.events("irq_missed")) == missed, self.context()
-        ev = self.q.events("balloon_features")
+        lines = self.earlier + self.q.lines
+        assert len(guestlog.events(lines, "irq_missed")) == missed, self.context()
+        ev = guestlog.events(lines, "balloon_features")
         assert ev and ev[0]["transport"] == self.transport, (ev, self.context())
-        assert not [e for e in self.q.events() if e["event"] in
+        assert not [e for e in guestlog.events(lines) if e["event"] in
                     ("violation", "balloon_stalled", "device_needs_reset")], self.context()
         agent.cmd("quit %d" % exitcodes.SUCCESS, 10)
         self.q.wait(timeout=15)
@@ -313,9 +315,13 @@ def test_target_while_the_line_is_masked_for_hinting(boot, reference_qemu, trans
             assert time.monotonic() < deadline, qmp.execute("query-migrate")
             time.sleep(0.05)
         src.close()
-        g.q, g.b = dest, Balloon.of(dest)
-        g.reached(96 * MiB)
+        g.earlier, g.q, g.b = src.lines, dest, Balloon.of(dest)
+        # reached on the source while it migrated, or on the destination after
+        g.b.wait_size(96 * MiB, timeout=TARGET_TIMEOUT_S)
         dest.wait_event("balloon_hint_done", timeout=30)
+        pages = 96 * MiB // PAGE
+        assert any(e.get("actual_pages") == pages for e in
+                   guestlog.events(g.earlier + dest.lines, "balloon_reached")), g.context()
         for size in (200 * MiB, 32 * MiB):
             g.set(size)
             g.reached(size)
