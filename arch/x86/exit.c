@@ -28,6 +28,37 @@ const char *exit_code_name(enum exit_code code)
     return "unknown";
 }
 
+/* Some 10-50 ms at any clock rate (the TSC may not be calibrated yet): a reset request is
+ * acted on by the VMM after the write returns, so give it that long before the next way. */
+static void settle(void)
+{
+    uint64_t t0 = rdtsc();
+    while (rdtsc() - t0 < 100000000)
+        cpu_pause();
+}
+
+/* No isa-debug-exit answered (kvmtool, libvirt, Firecracker, QEMU without the device): end the
+ * VM anyway, so no one has to kill it. The ways a PC resets, most specific first; every VMM
+ * that gets no answer from one has another (QEMU -no-reboot exits on any reset). */
+__attribute__((noreturn)) static void end_without_debug_exit(void)
+{
+    cpu_cli();
+    outb(0xcf9, 0x02); /* PIIX/ICH reset control: select hard reset, */
+    outb(0xcf9, 0x06); /* then pull it */
+    settle();
+    for (int i = 0; i < 100000 && (inb(0x64) & 0x02); i++) /* i8042 input buffer full */
+        cpu_pause();
+    outb(0x64, 0xfe); /* i8042: pulse the reset line (Firecracker's and kvmtool's way out) */
+    settle();
+    kprintf("blimp: no reset answered either; triple fault\n");
+    static const struct __attribute__((packed)) {
+        uint16_t limit;
+        uint64_t base;
+    } no_idt = {0, 0};
+    __asm__ volatile("lidt %0; int3" : : "m"(no_idt));
+    cpu_halt_forever();
+}
+
 void machine_exit(enum exit_code code, const char *reason)
 {
     struct json j;
@@ -37,7 +68,7 @@ void machine_exit(enum exit_code code, const char *reason)
     json_str(&j, "reason", reason ? reason : "");
     event_emit(&j);
     outl(0xf4, (uint32_t)code);
-    /* No isa-debug-exit (another VMM, or QEMU without the device): stop here, visibly. */
-    kprintf("blimp: halted (no isa-debug-exit device at port 0xf4)\n");
-    cpu_halt_forever();
+    kprintf("blimp: no isa-debug-exit device at port 0xf4 answered: the verdict is the exit "
+            "event above; resetting the machine\n");
+    end_without_debug_exit();
 }
