@@ -1,6 +1,6 @@
 /*
- * Multiboot1, multiboot2, PVH and blimp.efi's handover (a multiboot2-format block) ->
- * struct boot_info. Loaders differ in the details that bite:
+ * Multiboot1, multiboot2, PVH, Linux boot_params and blimp.efi's handover (a multiboot2-format
+ * block) -> struct boot_info. Loaders differ in the details that bite:
  * QEMU puts the image file name in front of a multiboot1 command line; microvm's maps are
  * unsorted and end with an all-zero entry; GRUB's UEFI maps are fragmented with many types.
  */
@@ -258,6 +258,57 @@ static void parse_pvh(uint64_t info, struct boot_info *bi)
     }
 }
 
+/* Linux boot_params (Documentation/arch/x86/boot.rst, "zero page"): the fields we read. */
+#define BP_ACPI_RSDP_ADDR 0x070 /* u64, protocol 2.14 */
+#define BP_EXT_CMD_LINE   0x0c8 /* u32, the high half of cmd_line_ptr */
+#define BP_E820_ENTRIES   0x1e8 /* u8 */
+#define BP_HEADER         0x202 /* u32 "HdrS" */
+#define BP_VERSION        0x206 /* u16 */
+#define BP_CMD_LINE_PTR   0x228 /* u32 */
+#define BP_CMDLINE_SIZE   0x238 /* u32, protocol 2.06: longest line without its NUL */
+#define BP_E820_TABLE     0x2d0 /* {u64 addr, u64 size, u32 type} x 128 */
+#define BP_E820_MAX       128
+
+/* Both 32-bit loaders (which build boot_params) and our own real-mode setup (which fills in
+ * e820_table from the BIOS) come here. The setup header is copied from build/blimp.bzImage, so
+ * a missing magic or an old version means this is not boot_params at all. */
+static int parse_linux(uint64_t bp, struct boot_info *bi)
+{
+    if (!bp)
+        return reject(bi, "Linux boot_params address is 0", 0);
+    if (rd32(bp + BP_HEADER) != LINUX_BOOT_MAGIC)
+        return reject(bi, "Linux boot_params without the HdrS setup header", BP_HEADER);
+    if ((rd32(bp + BP_VERSION) & 0xffff) < 0x0206)
+        return reject(bi, "Linux boot_params: boot protocol older than 2.06", BP_VERSION);
+    uint8_t n = *(const uint8_t *)phys(bp + BP_E820_ENTRIES);
+    if (n > BP_E820_MAX)
+        return reject(bi, "Linux boot_params: e820_entries above 128", BP_E820_ENTRIES);
+    if (n == 0)
+        return reject(bi, "Linux boot_params: no e820 memory map", BP_E820_ENTRIES);
+    uint64_t cmd = rd32(bp + BP_CMD_LINE_PTR) | (uint64_t)rd32(bp + BP_EXT_CMD_LINE) << 32;
+    if (cmd) {
+        uint32_t size = rd32(bp + BP_CMDLINE_SIZE);
+        if (size == 0 || size > (1u << 20)) /* Linux uses 2047; more is garbage */
+            return reject(bi, "Linux boot_params: cmdline_size out of range", BP_CMDLINE_SIZE);
+        if (!has_nul(cmd, cmd + size + 1))
+            return reject(bi, "Linux command line has no NUL within cmdline_size",
+                          BP_CMD_LINE_PTR);
+        set_cmdline(bi, cmd, false);
+    }
+    uint64_t rsdp = rd64(bp + BP_ACPI_RSDP_ADDR);
+    if (rsdp) {
+        if (!rsdp_valid(rsdp))
+            return reject(bi, "Linux boot_params: acpi_rsdp_addr is not an RSDP",
+                          BP_ACPI_RSDP_ADDR);
+        bi->rsdp_phys = rsdp;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t e = bp + BP_E820_TABLE + 20 * i;
+        add_region(bi, rd64(e), rd64(e + 8), rd32(e + 16));
+    }
+    return 0;
+}
+
 /* Insertion sort by base: maps are short and nearly sorted. */
 static void sort_regions(struct boot_info *bi)
 {
@@ -292,6 +343,11 @@ int boot_info_parse(uint32_t magic, uint64_t info_phys, struct boot_info *bi)
         bi->protocol = BOOT_PVH;
         parse_pvh(info_phys, bi);
         break;
+    case LINUX_BOOT_MAGIC:
+        bi->protocol = BOOT_LINUX;
+        if (parse_linux(info_phys, bi) != 0)
+            return -1;
+        break;
     default:
         return reject(bi, "unknown boot magic", 0);
     }
@@ -310,6 +366,8 @@ const char *boot_protocol_name(enum boot_protocol p)
         return "pvh";
     case BOOT_UEFI:
         return "uefi";
+    case BOOT_LINUX:
+        return "linux";
     }
     return "unknown";
 }

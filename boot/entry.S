@@ -1,6 +1,6 @@
 /*
- * The one 32-bit entry shared by the multiboot and PVH paths (and a 64-bit one for blimp.efi,
- * below). Multiboot1, multiboot2 (GRUB) and PVH
+ * The one 32-bit entry shared by the multiboot, PVH and Linux (bzImage) paths (and a 64-bit one
+ * for blimp.efi, below). Multiboot1, multiboot2 (GRUB) and PVH
  * (QEMU -kernel, Firecracker, cloud-hypervisor) all enter in 32-bit protected mode with paging off;
  * we record what we were given, identity-map the first 4 GiB with 2 MiB pages, switch to long mode
  * and call kmain(boot_magic, boot_info_phys). kmain tells the paths apart by the magic.
@@ -9,6 +9,7 @@
 #define PVH_MARKER    0x336ec578 /* hvm_start_info magic: passed to kmain as the PVH "magic" */
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 #define UEFI_MARKER   0x55454649              /* UEFI_BOOT_MAGIC in boot/boot_info.h */
+#define LINUX_MARKER  0x53726448              /* LINUX_BOOT_MAGIC ("HdrS") in boot/boot_info.h */
 
     .section .multiboot2, "a"
     .balign 8
@@ -56,8 +57,15 @@ mb_entry32:                                   /* multiboot1/2: eax = magic, ebx 
     mov %ebx, %edi
     jmp common32
 
+    .global linux_entry32
+linux_entry32:                                /* Linux boot protocol (build/blimp.bzImage's */
+    cli                                       /* code32_start): esi = boot_params */
+    mov %esi, %edi
+    mov $LINUX_MARKER, %esi
+    jmp common32
+
     .global pvh_entry32
-pvh_entry32:                                  /* PVH: ebx = hvm_start_info */
+pvh_entry32:                                  /* PVH: ebx = hvm_start_info; falls through */
     cli
     mov $PVH_MARKER, %esi
     mov %ebx, %edi
