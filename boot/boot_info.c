@@ -291,8 +291,7 @@ static int parse_linux(uint64_t bp, struct boot_info *bi)
         if (size == 0 || size > (1u << 20)) /* Linux uses 2047; more is garbage */
             return reject(bi, "Linux boot_params: cmdline_size out of range", BP_CMDLINE_SIZE);
         if (!has_nul(cmd, cmd + size + 1))
-            return reject(bi, "Linux command line has no NUL within cmdline_size",
-                          BP_CMD_LINE_PTR);
+            return reject(bi, "Linux command line has no NUL within cmdline_size", BP_CMD_LINE_PTR);
         set_cmdline(bi, cmd, false);
     }
     uint64_t rsdp = rd64(bp + BP_ACPI_RSDP_ADDR);

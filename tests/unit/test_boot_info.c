@@ -1,4 +1,5 @@
-/* boot/boot_info: the multiboot2 tag walk (GRUB and blimp.efi's handover) on built blocks. */
+/* boot/boot_info: the multiboot2 tag walk (GRUB and blimp.efi's handover) and the Linux
+ * boot_params reader (build/blimp.bzImage) on built blocks. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -316,6 +317,127 @@ static void test_malformed_blocks_rejected(void **state)
     assert_string_equal(bi.error, "unknown boot magic");
 }
 
+/* ------------------------------------------------------------ Linux boot_params */
+
+/* A zero page as QEMU's -kernel path leaves it after our real-mode setup ran: the setup header
+ * copied from blimp.bzImage, the E820 table from the BIOS, cmd_line_ptr set by the loader. */
+static _Alignas(4096) unsigned char zp[4096];
+static char lcmd[2048];
+
+static void zp_put32(size_t off, uint32_t v)
+{
+    memcpy(zp + off, &v, 4);
+}
+
+static void zp_put64(size_t off, uint64_t v)
+{
+    memcpy(zp + off, &v, 8);
+}
+
+static void zp_begin(const char *cmdline)
+{
+    memset(zp, 0, sizeof(zp));
+    memcpy(zp + 0x202, "HdrS", 4);
+    zp_put32(0x206, 0x020c);
+    zp_put32(0x238, 1023); /* cmdline_size */
+    for (unsigned i = 0; i < 4; i++) {
+        zp_put64(0x2d0 + 20 * i, E820[i][0]);
+        zp_put64(0x2d0 + 20 * i + 8, E820[i][1]);
+        zp_put32(0x2d0 + 20 * i + 16, (uint32_t)E820[i][2]);
+    }
+    zp[0x1e8] = 4;
+    memset(lcmd, 'x', sizeof(lcmd));
+    strcpy(lcmd, cmdline);
+    uint64_t p = (uint64_t)(uintptr_t)lcmd; /* a host address: the high half too */
+    zp_put32(0x228, (uint32_t)p);
+    zp_put32(0x0c8, (uint32_t)(p >> 32));
+}
+
+static int zp_parse(void)
+{
+    return boot_info_parse(LINUX_BOOT_MAGIC, (uint64_t)(uintptr_t)zp, &bi);
+}
+
+static void test_linux_boot_params(void **state)
+{
+    (void)state;
+    zp_begin("noapic blimp.mode=boot console=ttyS0");
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.protocol, BOOT_LINUX);
+    assert_string_equal(boot_protocol_name(bi.protocol), "linux");
+    assert_string_equal(bi.cmdline, "noapic blimp.mode=boot console=ttyS0");
+    assert_int_equal(bi.nregions, 4);
+    assert_int_equal(bi.regions[0].base, 0); /* sorted */
+    assert_int_equal(bi.regions[3].type, MEM_RESERVED);
+    assert_int_equal(bi.rsdp_phys, 0);
+
+    /* an RSDP passed in acpi_rsdp_addr (protocol 2.14) is taken */
+    static _Alignas(16) unsigned char rsdp[36];
+    memset(rsdp, 0, sizeof(rsdp));
+    memcpy(rsdp, "RSD PTR ", 8);
+    unsigned char sum = 0;
+    for (int i = 0; i < 20; i++)
+        sum += rsdp[i];
+    rsdp[8] = (unsigned char)(0x100 - sum);
+    zp_put64(0x070, (uint64_t)(uintptr_t)rsdp);
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, (uint64_t)(uintptr_t)rsdp);
+
+    /* no command line at all: empty */
+    zp_begin("");
+    zp_put32(0x228, 0);
+    zp_put32(0x0c8, 0);
+    assert_int_equal(zp_parse(), 0);
+    assert_string_equal(bi.cmdline, "");
+}
+
+static void expect_zp_reject(const char *why_part, uint64_t offset)
+{
+    memset(&bi, 0, sizeof(bi));
+    assert_int_equal(zp_parse(), -1);
+    assert_non_null(bi.error);
+    if (!strstr(bi.error, why_part))
+        fail_msg("rejected with \"%s\", expected \"%s\"", bi.error, why_part);
+    assert_int_equal(bi.error_offset, offset);
+}
+
+static void test_malformed_boot_params_rejected(void **state)
+{
+    (void)state;
+    zp_begin("blimp.mode=boot");
+    memcpy(zp + 0x202, "HdrT", 4);
+    expect_zp_reject("without the HdrS setup header", 0x202);
+
+    zp_begin("blimp.mode=boot");
+    zp_put32(0x206, 0x0205);
+    expect_zp_reject("older than 2.06", 0x206);
+
+    zp_begin("blimp.mode=boot");
+    zp[0x1e8] = 129; /* the table has room for 128 */
+    expect_zp_reject("e820_entries above 128", 0x1e8);
+
+    zp_begin("blimp.mode=boot");
+    zp[0x1e8] = 0; /* the BIOS answered no E820 call */
+    expect_zp_reject("no e820 memory map", 0x1e8);
+
+    zp_begin("blimp.mode=boot");
+    lcmd[strlen(lcmd)] = 'x'; /* the NUL gone: 'x' up to the buffer's end */
+    expect_zp_reject("no NUL within cmdline_size", 0x228);
+
+    zp_begin("blimp.mode=boot");
+    zp_put32(0x238, 0);
+    expect_zp_reject("cmdline_size out of range", 0x238);
+
+    zp_begin("blimp.mode=boot");
+    static unsigned char not_rsdp[36] = "RSD PTR "; /* checksum wrong */
+    zp_put64(0x070, (uint64_t)(uintptr_t)not_rsdp);
+    expect_zp_reject("acpi_rsdp_addr is not an RSDP", 0x070);
+
+    memset(&bi, 0, sizeof(bi));
+    assert_int_equal(boot_info_parse(LINUX_BOOT_MAGIC, 0, &bi), -1);
+    assert_non_null(strstr(bi.error, "address is 0"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -325,6 +447,8 @@ int main(void)
         cmocka_unit_test(test_bad_rsdp_copy_ignored),
         cmocka_unit_test(test_long_cmdline_truncated),
         cmocka_unit_test(test_malformed_blocks_rejected),
+        cmocka_unit_test(test_linux_boot_params),
+        cmocka_unit_test(test_malformed_boot_params_rejected),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
