@@ -9,6 +9,8 @@ blimp.irq=poll), then inflates and deflates the balloon over QMP.
     -kernel PVH (blimp.elf) and multiboot1 (blimp-mb1.elf): QEMU's own loaders
     GRUB ISO (blimp.images.iso) on SeaBIOS and on OVMF: multiboot2
     blimp.efi (blimp.images.esp, \\EFI\\BOOT\\BOOTX64.EFI) on OVMF: the UEFI handover
+    -kernel blimp.bzImage: the Linux boot protocol, through QEMU's option ROM into the
+        real-mode setup (E820 from SeaBIOS), then the 32-bit entry with boot_params
 
 OVMF runs under TCG only (not under this machine's /dev/kvm); a boot takes 3-5 s.
 """
@@ -28,7 +30,7 @@ PATHS = images.BOOT_PATHS
 MMIO_V2 = ["-global", "virtio-mmio.force-legacy=false"]
 MATRIX = [("pvh", "pc", []), ("pvh", "q35", []), ("mb1", "pc", []), ("mb1", "q35", []),
           ("grub-bios", "pc", []), ("grub-bios", "q35", []), ("grub-ovmf", "q35", []),
-          ("efi", "q35", []), ("efi", "pc", []),
+          ("efi", "q35", []), ("efi", "pc", []), ("bzimage", "pc", []), ("bzimage", "q35", []),
           ("pvh", "microvm", []), ("pvh", "microvm", MMIO_V2), ("mb1", "microvm", []),
           ("mb1", "microvm", MMIO_V2)]
 # Command-line variants each path runs with: every word must reach the kernel unchanged.

@@ -198,7 +198,10 @@ BOOT_PATHS = {
     "grub-bios": ("multiboot2", False, "iso"),
     "grub-ovmf": ("multiboot2", True, "iso"),
     "efi": ("uefi", True, "esp"),
+    "bzimage": ("linux", False, "append"),
 }
+#: the image QEMU's -kernel loads for each -append path
+KERNEL_IMAGES = {"pvh": "blimp.elf", "mb1": "blimp-mb1.elf", "bzimage": "blimp.bzImage"}
 
 
 def boot_media(path: str, cmdline: str, build_dir: str = BUILD) -> dict:
@@ -206,8 +209,8 @@ def boot_media(path: str, cmdline: str, build_dir: str = BUILD) -> dict:
     `cmdline`, making the ISO or ESP if needed."""
     _, ovmf, carrier = BOOT_PATHS[path]
     if carrier == "append":
-        image = "blimp.elf" if path == "pvh" else "blimp-mb1.elf"
-        return {"kernel": os.path.join(build_dir, image), "append": cmdline or None}
+        return {"kernel": os.path.join(build_dir, KERNEL_IMAGES[path]),
+                "append": cmdline or None}
     if carrier == "iso":
         media = {"cdrom": iso(cmdline, kernel=os.path.join(build_dir, "blimp.elf"))}
     else:
