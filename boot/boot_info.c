@@ -268,6 +268,39 @@ static void parse_pvh(uint64_t info, struct boot_info *bi)
 #define BP_CMDLINE_SIZE   0x238 /* u32, protocol 2.06: longest line without its NUL */
 #define BP_E820_TABLE     0x2d0 /* {u64 addr, u64 size, u32 type} x 128 */
 #define BP_E820_MAX       128
+#define BP_EFI_SIGNATURE  0x1c0 /* efi_info: u32 "EL64" from a 64-bit EFI loader */
+#define BP_EFI_SYSTAB     0x1c4 /* u32, and the high half at 0x1d8 */
+#define BP_EFI_SYSTAB_HI  0x1d8
+#define EFI64_LOADER_SIG  0x34364c45            /* "EL64" */
+#define EFI_SYSTAB_SIG    0x5453595320494249ull /* "IBI SYST" */
+#define EFI_MAX_CONFIG    1024                  /* configuration table entries; OVMF has about 10 */
+
+/* GRUB on UEFI sets no acpi_rsdp_addr but passes the EFI system table (efi_info), as Linux
+ * expects: the RSDP is in its configuration table, ACPI 2.0+ preferred (UEFI 2.10, 4.6).
+ * Anything not as expected gives 0, and the kernel scans the BIOS areas as for multiboot1. */
+static uint64_t efi_rsdp(uint64_t bp)
+{
+    static const uint8_t acpi20[16] = {0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11,
+                                       0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88, 0x81};
+    static const uint8_t acpi10[16] = {0x30, 0x2d, 0x9d, 0xeb, 0x88, 0x2d, 0xd3, 0x11,
+                                       0x9a, 0x16, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d};
+    if (rd32(bp + BP_EFI_SIGNATURE) != EFI64_LOADER_SIG)
+        return 0;
+    uint64_t st = rd32(bp + BP_EFI_SYSTAB) | (uint64_t)rd32(bp + BP_EFI_SYSTAB_HI) << 32;
+    if (!st || rd64(st) != EFI_SYSTAB_SIG)
+        return 0;
+    uint64_t n = rd64(st + 104), table = rd64(st + 112), v1 = 0;
+    if (n > EFI_MAX_CONFIG || !table)
+        return 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t e = table + 24 * i, rsdp = rd64(e + 16);
+        if (!memcmp(phys(e), acpi20, 16) && rsdp && rsdp_valid(rsdp))
+            return rsdp;
+        if (!memcmp(phys(e), acpi10, 16) && rsdp && rsdp_valid(rsdp))
+            v1 = rsdp;
+    }
+    return v1;
+}
 
 /* Both 32-bit loaders (which build boot_params) and our own real-mode setup (which fills in
  * e820_table from the BIOS) come here. The setup header is copied from build/blimp.bzImage, so
@@ -300,6 +333,8 @@ static int parse_linux(uint64_t bp, struct boot_info *bi)
             return reject(bi, "Linux boot_params: acpi_rsdp_addr is not an RSDP",
                           BP_ACPI_RSDP_ADDR);
         bi->rsdp_phys = rsdp;
+    } else {
+        bi->rsdp_phys = efi_rsdp(bp);
     }
     for (unsigned i = 0; i < n; i++) {
         uint64_t e = bp + BP_E820_TABLE + 20 * i;

@@ -11,7 +11,8 @@ blimp.irq=poll), then inflates and deflates the balloon over QMP.
     blimp.efi (blimp.images.esp, \\EFI\\BOOT\\BOOTX64.EFI) on OVMF: the UEFI handover
     -kernel blimp.bzImage: the Linux boot protocol, through QEMU's option ROM into the
         real-mode setup (E820 from SeaBIOS), then the 32-bit entry with boot_params
-    GRUB ISO with `linux blimp.bzImage` on SeaBIOS: the 32-bit entry, GRUB's boot_params
+    GRUB ISO with `linux blimp.bzImage` on SeaBIOS and OVMF: the 32-bit entry, GRUB's
+        boot_params (on OVMF the RSDP comes from the EFI system table it passes)
 
 OVMF runs under TCG only (not under this machine's /dev/kvm); a boot takes 3-5 s.
 """
@@ -33,6 +34,7 @@ MATRIX = [("pvh", "pc", []), ("pvh", "q35", []), ("mb1", "pc", []), ("mb1", "q35
           ("grub-bios", "pc", []), ("grub-bios", "q35", []), ("grub-ovmf", "q35", []),
           ("efi", "q35", []), ("efi", "pc", []), ("bzimage", "pc", []), ("bzimage", "q35", []),
           ("grub-linux-bios", "pc", []), ("grub-linux-bios", "q35", []),
+          ("grub-linux-ovmf", "q35", []),
           ("pvh", "microvm", []), ("pvh", "microvm", MMIO_V2), ("mb1", "microvm", []),
           ("mb1", "microvm", MMIO_V2)]
 # Command-line variants each path runs with: every word must reach the kernel unchanged.
@@ -73,7 +75,7 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
             "booted via %r, expected %r\n%s" % (boot[0]["protocol"], protocol, vm.context()))
         assert boot[0]["cmdline"] == images.cmdline_seen(path, cmdline), (
             "the command line arrived as %r, sent %r" % (boot[0]["cmdline"], cmdline))
-        if protocol in ("multiboot2", "uefi"):
+        if protocol in ("multiboot2", "uefi") or path == "grub-linux-ovmf":
             # a copy of the firmware's RSDP in the info block, signature and checksum checked
             assert boot[0].get("rsdp", 0) > 0, "no valid RSDP tag: %r" % boot[0]
         mm = vm.events("memmap")[0]

@@ -383,6 +383,51 @@ static void test_linux_boot_params(void **state)
     assert_int_equal(zp_parse(), 0);
     assert_int_equal(bi.rsdp_phys, (uint64_t)(uintptr_t)rsdp);
 
+    /* GRUB on UEFI: no acpi_rsdp_addr, the RSDP from the EFI system table's configuration
+     * table (ACPI 2.0 GUID preferred over 1.0; a bad RSDP is passed over) */
+    static _Alignas(16) unsigned char rsdp1[20], bad2[36];
+    memcpy(rsdp1, rsdp, 20);
+    memcpy(bad2, rsdp, 36);
+    bad2[8] ^= 1;
+    static const uint8_t acpi20[16] = {0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11,
+                                       0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88, 0x81};
+    static const uint8_t acpi10[16] = {0x30, 0x2d, 0x9d, 0xeb, 0x88, 0x2d, 0xd3, 0x11,
+                                       0x9a, 0x16, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d};
+    static _Alignas(8) unsigned char systab[120], config[4][24];
+    memset(systab, 0, sizeof(systab));
+    memcpy(systab, "IBI SYST", 8);
+    uint64_t n = 4, cfg = (uint64_t)(uintptr_t)config, st = (uint64_t)(uintptr_t)systab;
+    memcpy(systab + 104, &n, 8);
+    memcpy(systab + 112, &cfg, 8);
+    memset(config, 0x5a, sizeof(config)); /* entry 0: some other table */
+    const uint64_t ptrs[4] = {0x1234, (uint64_t)(uintptr_t)rsdp1, (uint64_t)(uintptr_t)bad2,
+                              (uint64_t)(uintptr_t)rsdp};
+    const uint8_t *guids[4] = {NULL, acpi10, acpi20, acpi20};
+    for (int i = 0; i < 4; i++) {
+        if (guids[i])
+            memcpy(config[i], guids[i], 16);
+        memcpy(config[i] + 16, &ptrs[i], 8);
+    }
+    zp_begin("blimp.mode=boot");
+    memcpy(zp + 0x1c0, "EL64", 4);
+    zp_put32(0x1c4, (uint32_t)st);
+    zp_put32(0x1d8, (uint32_t)(st >> 32));
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, (uint64_t)(uintptr_t)rsdp);
+    n = 3; /* without the good 2.0 entry: the 1.0 one */
+    memcpy(systab + 104, &n, 8);
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, (uint64_t)(uintptr_t)rsdp1);
+    n = 100000; /* an entry count past any firmware's: not walked */
+    memcpy(systab + 104, &n, 8);
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, 0);
+    n = 4;
+    memcpy(systab + 104, &n, 8);
+    memcpy(zp + 0x1c0, "EL32", 4); /* a 32-bit EFI loader's table: not ours to read */
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, 0);
+
     /* no command line at all: empty */
     zp_begin("");
     zp_put32(0x228, 0);

@@ -206,6 +206,7 @@ BOOT_PATHS = {
     "efi": ("uefi", True, "esp"),
     "bzimage": ("linux", False, "append"),
     "grub-linux-bios": ("linux", False, "iso"),
+    "grub-linux-ovmf": ("linux", True, "iso"),
 }
 #: the image QEMU's -kernel loads for each -append path
 KERNEL_IMAGES = {"pvh": "blimp.elf", "mb1": "blimp-mb1.elf", "bzimage": "blimp.bzImage"}
