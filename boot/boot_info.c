@@ -378,7 +378,9 @@ int boot_info_parse(uint32_t magic, uint64_t info_phys, struct boot_info *bi)
         parse_pvh(info_phys, bi);
         break;
     case LINUX_BOOT_MAGIC:
+    case LINUX64_BOOT_MAGIC:
         bi->protocol = BOOT_LINUX;
+        bi->entry64 = magic == LINUX64_BOOT_MAGIC;
         if (parse_linux(info_phys, bi) != 0)
             return -1;
         break;

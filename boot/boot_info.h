@@ -17,6 +17,8 @@
 /* boot/entry.S's linux_entry32 (build/blimp.bzImage's code32_start): the info is the Linux
  * boot_params ("zero page"). "HdrS" as a little-endian u32, the setup header's magic. */
 #define LINUX_BOOT_MAGIC 0x53726448
+/* linux_entry64 (code32_start + 0x200, long mode): the same boot_params. "Hd64". */
+#define LINUX64_BOOT_MAGIC 0x34366448
 /* A multiboot2 info block larger than this is taken as garbage. */
 #define MB2_INFO_MAX (1u << 20)
 
@@ -50,6 +52,7 @@ struct boot_info {
     uint64_t rsdp_phys;
     unsigned dropped;       /* map entries dropped: zero length, or beyond BOOT_MAX_REGIONS */
     bool cmdline_truncated; /* the loader's command line did not fit */
+    bool entry64;           /* BOOT_LINUX: entered at the 64-bit entry */
     const char *error;      /* why boot_info_parse returned -1 */
     uint64_t error_offset;  /* where in the loader's info block (multiboot2: tag offset,
                                Linux: the boot_params field's offset) */

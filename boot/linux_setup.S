@@ -5,7 +5,8 @@
  *   - jumps here in real mode at setup + 0x200 (QEMU -kernel's option ROM: CS = seg + 0x20,
  *     IP 0; kvmtool: CS = seg, IP 0x200; DS = ES = SS = seg in both), or
  *   - builds its own boot_params ("zero page") and jumps to code32_start in 32-bit protected
- *     mode with %esi = boot_params (GRUB's `linux`, other 32-bit loaders).
+ *     mode with %esi = boot_params (GRUB's `linux` on BIOS), or to code32_start + 0x200 in long
+ *     mode with %rsi = boot_params (XLF_KERNEL_64; 64-bit loaders).
  * The real-mode path makes this setup area itself the boot_params: it asks the BIOS for the
  * E820 map (int 0x15) into e820_table, enters 32-bit protected mode and takes the 32-bit path.
  * Only DS is trusted for addresses (the two CS:IP conventions differ); jumps are IP-relative.
@@ -18,6 +19,7 @@
 #define CODE32_START  0x214
 #define CMDLINE_SIZE  1023             /* BOOT_CMDLINE_MAX - 1 in boot/boot_info.h */
 #define LOADED_HIGH   0x01
+#define XLF_KERNEL_64 0x01
 
     .code16
     .section .setup, "ax"
@@ -49,7 +51,7 @@ setup_start:
     .long 0x1000                       /* kernel_alignment */
     .byte 0                            /* relocatable_kernel: no, linked at 1 MiB */
     .byte 12                           /* min_alignment (log2) */
-    .short 0                           /* xloadflags: no 64-bit entry */
+    .short XLF_KERNEL_64               /* xloadflags: linux_entry64 at code32_start + 0x200 */
     .long CMDLINE_SIZE                 /* cmdline_size: what boot_info can hold */
     .long 0                            /* hardware_subarch: a PC */
     .quad 0                            /* hardware_subarch_data */

@@ -35,6 +35,8 @@ static void print_boot_event(const struct boot_info *bi)
     json_str(&j, "cmdline", bi->cmdline);
     json_u64(&j, "tsc_khz", tsc_khz());
     json_u64(&j, "rsdp", bi->rsdp_phys);
+    if (bi->protocol == BOOT_LINUX)
+        json_u64(&j, "entry_bits", bi->entry64 ? 64 : 32);
     event_emit(&j);
     if (bi->cmdline_truncated)
         kprintf("blimp: warning: command line truncated to %u bytes\n", BOOT_CMDLINE_MAX - 1);

@@ -370,6 +370,10 @@ static void test_linux_boot_params(void **state)
     assert_int_equal(bi.regions[0].base, 0); /* sorted */
     assert_int_equal(bi.regions[3].type, MEM_RESERVED);
     assert_int_equal(bi.rsdp_phys, 0);
+    assert_false(bi.entry64);
+    assert_int_equal(boot_info_parse(LINUX64_BOOT_MAGIC, (uint64_t)(uintptr_t)zp, &bi), 0);
+    assert_true(bi.entry64); /* the same reader, the entry remembered */
+    assert_int_equal(bi.protocol, BOOT_LINUX);
 
     /* an RSDP passed in acpi_rsdp_addr (protocol 2.14) is taken */
     static _Alignas(16) unsigned char rsdp[36];
