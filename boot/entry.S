@@ -51,8 +51,10 @@ blimp_handover_end:
 
 /*
  * The Linux boot protocol's entries (build/blimp.bzImage; boot/linux_setup.S): the 32-bit one at
- * the load address (code32_start), the 64-bit one at code32_start + 0x200 (XLF_KERNEL_64:
- * GRUB on UEFI, crosvm). linker.ld puts them there, ahead of the multiboot headers.
+ * the load address (code32_start), the 64-bit one at code32_start + 0x200 (XLF_KERNEL_64: 64-bit
+ * loaders such as crosvm; GRUB 2.06 takes the 32-bit one even on UEFI). linker.ld puts them
+ * there, ahead of the multiboot headers. kmain takes the info address in 32 bits: every loader
+ * we know puts boot_params low (crosvm at 0x7000).
  */
     .section .boot.linux32, "ax"
     .code32

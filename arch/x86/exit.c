@@ -29,7 +29,7 @@ const char *exit_code_name(enum exit_code code)
     return "unknown";
 }
 
-/* Some 10-50 ms at any clock rate (the TSC may not be calibrated yet): a reset request is
+/* Some 20-100 ms at any clock rate (the TSC may not be calibrated yet): a reset request is
  * acted on by the VMM after the write returns, so give it that long before the next way. */
 static void settle(void)
 {
