@@ -1,6 +1,6 @@
 /*
- * Multiboot1, multiboot2, PVH and blimp.efi's handover (a multiboot2-format block) ->
- * struct boot_info. Loaders differ in the details that bite:
+ * Multiboot1, multiboot2, PVH, Linux boot_params and blimp.efi's handover (a multiboot2-format
+ * block) -> struct boot_info. Loaders differ in the details that bite:
  * QEMU puts the image file name in front of a multiboot1 command line; microvm's maps are
  * unsorted and end with an all-zero entry; GRUB's UEFI maps are fragmented with many types.
  */
@@ -258,6 +258,91 @@ static void parse_pvh(uint64_t info, struct boot_info *bi)
     }
 }
 
+/* Linux boot_params (Documentation/arch/x86/boot.rst, "zero page"): the fields we read. */
+#define BP_ACPI_RSDP_ADDR 0x070 /* u64, protocol 2.14 */
+#define BP_EXT_CMD_LINE   0x0c8 /* u32, the high half of cmd_line_ptr */
+#define BP_E820_ENTRIES   0x1e8 /* u8 */
+#define BP_HEADER         0x202 /* u32 "HdrS" */
+#define BP_VERSION        0x206 /* u16 */
+#define BP_CMD_LINE_PTR   0x228 /* u32 */
+#define BP_CMDLINE_SIZE   0x238 /* u32, protocol 2.06: longest line without its NUL */
+#define BP_E820_TABLE     0x2d0 /* {u64 addr, u64 size, u32 type} x 128 */
+#define BP_E820_MAX       128
+#define BP_EFI_SIGNATURE  0x1c0 /* efi_info: u32 "EL64" from a 64-bit EFI loader */
+#define BP_EFI_SYSTAB     0x1c4 /* u32, and the high half at 0x1d8 */
+#define BP_EFI_SYSTAB_HI  0x1d8
+#define EFI64_LOADER_SIG  0x34364c45            /* "EL64" */
+#define EFI_SYSTAB_SIG    0x5453595320494249ull /* "IBI SYST" */
+#define EFI_MAX_CONFIG    1024                  /* configuration table entries; OVMF has about 10 */
+
+/* GRUB on UEFI sets no acpi_rsdp_addr but passes the EFI system table (efi_info), as Linux
+ * expects: the RSDP is in its configuration table, ACPI 2.0+ preferred (UEFI 2.10, 4.6).
+ * Anything not as expected gives 0, and the kernel scans the BIOS areas as for multiboot1. */
+static uint64_t efi_rsdp(uint64_t bp)
+{
+    static const uint8_t acpi20[16] = {0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11,
+                                       0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88, 0x81};
+    static const uint8_t acpi10[16] = {0x30, 0x2d, 0x9d, 0xeb, 0x88, 0x2d, 0xd3, 0x11,
+                                       0x9a, 0x16, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d};
+    if (rd32(bp + BP_EFI_SIGNATURE) != EFI64_LOADER_SIG)
+        return 0;
+    uint64_t st = rd32(bp + BP_EFI_SYSTAB) | (uint64_t)rd32(bp + BP_EFI_SYSTAB_HI) << 32;
+    if (!st || rd64(st) != EFI_SYSTAB_SIG)
+        return 0;
+    uint64_t n = rd64(st + 104), table = rd64(st + 112), v1 = 0;
+    if (n > EFI_MAX_CONFIG || !table)
+        return 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t e = table + 24 * i, rsdp = rd64(e + 16);
+        if (!memcmp(phys(e), acpi20, 16) && rsdp && rsdp_valid(rsdp))
+            return rsdp;
+        if (!memcmp(phys(e), acpi10, 16) && rsdp && rsdp_valid(rsdp))
+            v1 = rsdp;
+    }
+    return v1;
+}
+
+/* Both 32-bit loaders (which build boot_params) and our own real-mode setup (which fills in
+ * e820_table from the BIOS) come here. The setup header is copied from build/blimp.bzImage, so
+ * a missing magic or an old version means this is not boot_params at all. */
+static int parse_linux(uint64_t bp, struct boot_info *bi)
+{
+    if (!bp)
+        return reject(bi, "Linux boot_params address is 0", 0);
+    if (rd32(bp + BP_HEADER) != LINUX_BOOT_MAGIC)
+        return reject(bi, "Linux boot_params without the HdrS setup header", BP_HEADER);
+    if ((rd32(bp + BP_VERSION) & 0xffff) < 0x0206)
+        return reject(bi, "Linux boot_params: boot protocol older than 2.06", BP_VERSION);
+    uint8_t n = *(const uint8_t *)phys(bp + BP_E820_ENTRIES);
+    if (n > BP_E820_MAX)
+        return reject(bi, "Linux boot_params: e820_entries above 128", BP_E820_ENTRIES);
+    if (n == 0)
+        return reject(bi, "Linux boot_params: no e820 memory map", BP_E820_ENTRIES);
+    uint64_t cmd = rd32(bp + BP_CMD_LINE_PTR) | (uint64_t)rd32(bp + BP_EXT_CMD_LINE) << 32;
+    if (cmd) {
+        uint32_t size = rd32(bp + BP_CMDLINE_SIZE);
+        if (size == 0 || size > (1u << 20)) /* Linux uses 2047; more is garbage */
+            return reject(bi, "Linux boot_params: cmdline_size out of range", BP_CMDLINE_SIZE);
+        if (!has_nul(cmd, cmd + size + 1))
+            return reject(bi, "Linux command line has no NUL within cmdline_size", BP_CMD_LINE_PTR);
+        set_cmdline(bi, cmd, false);
+    }
+    uint64_t rsdp = rd64(bp + BP_ACPI_RSDP_ADDR);
+    if (rsdp) {
+        if (!rsdp_valid(rsdp))
+            return reject(bi, "Linux boot_params: acpi_rsdp_addr is not an RSDP",
+                          BP_ACPI_RSDP_ADDR);
+        bi->rsdp_phys = rsdp;
+    } else {
+        bi->rsdp_phys = efi_rsdp(bp);
+    }
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t e = bp + BP_E820_TABLE + 20 * i;
+        add_region(bi, rd64(e), rd64(e + 8), rd32(e + 16));
+    }
+    return 0;
+}
+
 /* Insertion sort by base: maps are short and nearly sorted. */
 static void sort_regions(struct boot_info *bi)
 {
@@ -292,6 +377,13 @@ int boot_info_parse(uint32_t magic, uint64_t info_phys, struct boot_info *bi)
         bi->protocol = BOOT_PVH;
         parse_pvh(info_phys, bi);
         break;
+    case LINUX_BOOT_MAGIC:
+    case LINUX64_BOOT_MAGIC:
+        bi->protocol = BOOT_LINUX;
+        bi->entry64 = magic == LINUX64_BOOT_MAGIC;
+        if (parse_linux(info_phys, bi) != 0)
+            return -1;
+        break;
     default:
         return reject(bi, "unknown boot magic", 0);
     }
@@ -310,6 +402,8 @@ const char *boot_protocol_name(enum boot_protocol p)
         return "pvh";
     case BOOT_UEFI:
         return "uefi";
+    case BOOT_LINUX:
+        return "linux";
     }
     return "unknown";
 }

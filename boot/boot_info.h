@@ -14,10 +14,15 @@
 /* boot/entry.S's 64-bit entry (uefi_entry64, called by blimp.efi after ExitBootServices): the
  * info block is in multiboot2 format, built by boot/efi/main.c. "UEFI" in ASCII. */
 #define UEFI_BOOT_MAGIC 0x55454649
+/* boot/entry.S's linux_entry32 (build/blimp.bzImage's code32_start): the info is the Linux
+ * boot_params ("zero page"). "HdrS" as a little-endian u32, the setup header's magic. */
+#define LINUX_BOOT_MAGIC 0x53726448
+/* linux_entry64 (code32_start + 0x200, long mode): the same boot_params. "Hd64". */
+#define LINUX64_BOOT_MAGIC 0x34366448
 /* A multiboot2 info block larger than this is taken as garbage. */
 #define MB2_INFO_MAX (1u << 20)
 
-enum boot_protocol { BOOT_MULTIBOOT1, BOOT_MULTIBOOT2, BOOT_PVH, BOOT_UEFI };
+enum boot_protocol { BOOT_MULTIBOOT1, BOOT_MULTIBOOT2, BOOT_PVH, BOOT_UEFI, BOOT_LINUX };
 
 enum mem_type {
     MEM_RAM = 1,      /* usable */
@@ -47,8 +52,10 @@ struct boot_info {
     uint64_t rsdp_phys;
     unsigned dropped;       /* map entries dropped: zero length, or beyond BOOT_MAX_REGIONS */
     bool cmdline_truncated; /* the loader's command line did not fit */
+    bool entry64;           /* BOOT_LINUX: entered at the 64-bit entry */
     const char *error;      /* why boot_info_parse returned -1 */
-    uint64_t error_offset;  /* where in the loader's info block (multiboot2: tag offset) */
+    uint64_t error_offset;  /* where in the loader's info block (multiboot2: tag offset,
+                               Linux: the boot_params field's offset) */
 };
 
 /* Fills bi from what the loader left; returns 0, or -1 (bi->error says why) for an unknown

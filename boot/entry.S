@@ -1,6 +1,6 @@
 /*
- * The one 32-bit entry shared by the multiboot and PVH paths (and a 64-bit one for blimp.efi,
- * below). Multiboot1, multiboot2 (GRUB) and PVH
+ * The one 32-bit entry shared by the multiboot, PVH and Linux (bzImage) paths (and a 64-bit one
+ * for blimp.efi, below). Multiboot1, multiboot2 (GRUB) and PVH
  * (QEMU -kernel, Firecracker, cloud-hypervisor) all enter in 32-bit protected mode with paging off;
  * we record what we were given, identity-map the first 4 GiB with 2 MiB pages, switch to long mode
  * and call kmain(boot_magic, boot_info_phys). kmain tells the paths apart by the magic.
@@ -9,6 +9,8 @@
 #define PVH_MARKER    0x336ec578 /* hvm_start_info magic: passed to kmain as the PVH "magic" */
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 #define UEFI_MARKER   0x55454649              /* UEFI_BOOT_MAGIC in boot/boot_info.h */
+#define LINUX_MARKER  0x53726448              /* LINUX_BOOT_MAGIC ("HdrS") in boot/boot_info.h */
+#define LINUX64_MARKER 0x34366448             /* LINUX64_BOOT_MAGIC ("Hd64") */
 
     .section .multiboot2, "a"
     .balign 8
@@ -47,6 +49,31 @@ blimp_handover_end:
     .asciz "Xen"
     .long pvh_entry32
 
+/*
+ * The Linux boot protocol's entries (build/blimp.bzImage; boot/linux_setup.S): the 32-bit one at
+ * the load address (code32_start), the 64-bit one at code32_start + 0x200 (XLF_KERNEL_64: 64-bit
+ * loaders such as crosvm; GRUB 2.06 takes the 32-bit one even on UEFI). linker.ld puts them
+ * there, ahead of the multiboot headers. kmain takes the info address in 32 bits: every loader
+ * we know puts boot_params low (crosvm at 0x7000).
+ */
+    .section .boot.linux32, "ax"
+    .code32
+    .global linux_entry32
+linux_entry32:                                /* protected mode, esi = boot_params */
+    cli
+    mov %esi, %edi
+    mov $LINUX_MARKER, %esi
+    jmp common32
+
+    .section .boot.linux64, "ax"
+    .code64
+    .global linux_entry64
+linux_entry64:                                /* long mode, the loader's paging, rsi = boot_params */
+    cli
+    mov %rsi, %rbx
+    mov $LINUX64_MARKER, %r12d
+    jmp take_over64
+
     .section .boot.text, "ax"
     .code32
     .global mb_entry32
@@ -57,7 +84,7 @@ mb_entry32:                                   /* multiboot1/2: eax = magic, ebx 
     jmp common32
 
     .global pvh_entry32
-pvh_entry32:                                  /* PVH: ebx = hvm_start_info */
+pvh_entry32:                                  /* PVH: ebx = hvm_start_info; falls through */
     cli
     mov $PVH_MARKER, %esi
     mov %ebx, %edi
@@ -122,16 +149,18 @@ common32:
  * blimp.efi's entry, after ExitBootServices: long mode, the firmware's identity paging and
  * GDT, interrupts maybe on, rdi = the multiboot2-format info block (below 4 GiB). Take over
  * like the 32-bit path does: our own page tables (4 GiB identity, as above), GDT and stack,
- * then kmain(UEFI_MARKER, info).
+ * then kmain(UEFI_MARKER, info). linux_entry64 joins at take_over64 (rbx = info, r12d = magic).
  */
     .global uefi_entry64
 uefi_entry64:
     cli
     mov %rdi, %rbx
+    mov $UEFI_MARKER, %r12d
+take_over64:
     rdtsc
     mov %eax, boot_tsc(%rip)
     mov %edx, boot_tsc + 4(%rip)
-    movl $UEFI_MARKER, boot_magic(%rip)
+    mov %r12d, boot_magic(%rip)
     mov %ebx, boot_info_phys(%rip)
 
     cld                                       /* zero .bss again: cheap, and loader-proof */

@@ -407,10 +407,39 @@ static void set_defaults(struct options *o)
             kprintf("blimp: bug: the default of %s does not parse\n", option_defs[i].name);
 }
 
+/* Ours: blimp's own keys and virtio_mmio.device. Every other word is another VMM's default for
+ * Linux (kvmtool's `noapic ... console=ttyS0`, Firecracker's `reboot=k panic=1 pci=off`): not
+ * ours to judge, so it is ignored and listed once. */
+static bool is_ours(const char *word)
+{
+    return !strncmp(word, "blimp.", 6) || !strncmp(word, "virtio_mmio.", 12);
+}
+
+/* One human line and one event listing the foreign words (NUL-separated in `words`). */
+static void report_foreign(const char *words, unsigned n)
+{
+    kprintf("blimp: ignoring foreign kernel arguments:");
+    const char *w = words;
+    for (unsigned i = 0; i < n; i++, w += strlen(w) + 1)
+        kprintf(" %s", w);
+    kprintf("\n");
+    struct json j;
+    event_begin(&j, "cmdline_ignored");
+    json_open_array(&j, "words");
+    w = words;
+    for (unsigned i = 0; i < n; i++, w += strlen(w) + 1)
+        json_str(&j, NULL, w);
+    json_close(&j);
+    event_emit(&j);
+}
+
 int cmdline_parse(const char *cmdline, struct options *o)
 {
     set_defaults(o);
     int errors = 0;
+    char foreign[1024]; /* the foreign words, each NUL-terminated (boot_info's line is shorter) */
+    size_t foreign_len = 0;
+    unsigned n_foreign = 0;
     const char *p = cmdline;
     while (*p) {
         while (*p == ' ' || *p == '\t')
@@ -421,6 +450,16 @@ int cmdline_parse(const char *cmdline, struct options *o)
         size_t n = 0;
         while (p[n] && p[n] != ' ' && p[n] != '\t')
             n++;
+        if (!is_ours(p)) {
+            if (foreign_len + n + 1 <= sizeof(foreign)) {
+                memcpy(foreign + foreign_len, p, n);
+                foreign[foreign_len + n] = '\0';
+                foreign_len += n + 1;
+                n_foreign++;
+            }
+            p += n;
+            continue;
+        }
         if (n >= sizeof(word)) {
             error("(long word)", "option longer than 255 characters");
             errors++;
@@ -447,6 +486,8 @@ int cmdline_parse(const char *cmdline, struct options *o)
             errors++;
         }
     }
+    if (n_foreign)
+        report_foreign(foreign, n_foreign);
     if (errors)
         list_known();
     return errors;

@@ -14,6 +14,7 @@
 #include "kernel/selftest.h"
 #include "kernel/stress.h"
 #include "arch/x86/cpu.h"
+#include "arch/x86/acpi.h"
 #include "arch/x86/exit.h"
 #include "arch/x86/tsc.h"
 #include "boot/boot_info.h"
@@ -34,6 +35,8 @@ static void print_boot_event(const struct boot_info *bi)
     json_str(&j, "cmdline", bi->cmdline);
     json_u64(&j, "tsc_khz", tsc_khz());
     json_u64(&j, "rsdp", bi->rsdp_phys);
+    if (bi->protocol == BOOT_LINUX)
+        json_u64(&j, "entry_bits", bi->entry64 ? 64 : 32);
     event_emit(&j);
     if (bi->cmdline_truncated)
         kprintf("blimp: warning: command line truncated to %u bytes\n", BOOT_CMDLINE_MAX - 1);
@@ -99,6 +102,9 @@ void kmain(uint32_t magic, uint32_t info_phys)
         panic("boot information rejected: %s (magic 0x%x, info at 0x%x, offset %lu)",
               boot_info.error, magic, info_phys, boot_info.error_offset);
     print_boot_event(&boot_info);
+    struct acpi_s5 s5; /* read now: a multiboot2 RSDP copy is RAM mem_init hands out */
+    if (acpi_read_s5(boot_info.rsdp_phys, &s5))
+        machine_exit_use_s5(&s5);
     if (cmdline_parse(boot_info.cmdline, &options) != 0)
         machine_exit(EXIT_BAD_CMDLINE, "bad command line");
     print_memory_map(&boot_info);

@@ -1,7 +1,7 @@
 /*
- * RSDP -> XSDT/RSDT -> MADT (ACPI 6.x, 5.2.5-5.2.12). Tables are firmware data in RAM: each is
- * mapped before it is read, its length bounded and its checksum verified; a bad table is
- * skipped with a log line, never trusted.
+ * RSDP -> XSDT/RSDT -> MADT, and FADT -> DSDT's \_S5 (ACPI 6.x, 5.2.5-5.2.12, 7.4.2). Tables are
+ * firmware data in RAM: each is mapped before it is read, its length bounded and its checksum
+ * verified; a bad table is skipped with a log line, never trusted.
  */
 #include "arch/x86/acpi.h"
 #include "arch/x86/paging.h"
@@ -124,14 +124,15 @@ static void parse_madt(const uint8_t *m, uint32_t len, struct madt_info *out)
     }
 }
 
-bool acpi_read_madt(uint64_t rsdp_phys, struct madt_info *out)
+/* The first valid table with this signature and at least min_len bytes, through the XSDT
+ * (revision >= 2) or else the RSDT; its length in *len. */
+static const uint8_t *find_table(uint64_t rsdp_phys, const char *sig, uint32_t min_len,
+                                 uint32_t *len)
 {
-    *out = (struct madt_info){0};
     uint64_t rsdp = rsdp_ok(rsdp_phys) ? rsdp_phys : rsdp_scan();
     if (!rsdp)
-        return false;
+        return NULL;
     const uint8_t *r = at(rsdp);
-    /* The XSDT when there is one (revision >= 2), else the RSDT. */
     uint32_t root_len = 0;
     const uint8_t *root = NULL;
     unsigned entry = 8;
@@ -142,15 +143,91 @@ bool acpi_read_madt(uint64_t rsdp_phys, struct madt_info *out)
         entry = 4;
     }
     if (!root)
-        return false;
+        return NULL;
     for (uint32_t off = SDT_HEADER; off + entry <= root_len; off += entry) {
         uint64_t phys = entry == 8 ? rd64(root + off) : rd32(root + off);
-        uint32_t len;
-        const uint8_t *m = table(phys, "APIC", &len);
-        if (m && len >= 44) {
-            parse_madt(m, len, out);
-            return true;
-        }
+        const uint8_t *t = table(phys, sig, len);
+        if (t && *len >= min_len)
+            return t;
+    }
+    return NULL;
+}
+
+bool acpi_read_madt(uint64_t rsdp_phys, struct madt_info *out)
+{
+    *out = (struct madt_info){0};
+    uint32_t len;
+    const uint8_t *m = find_table(rsdp_phys, "APIC", 44, &len);
+    if (!m)
+        return false;
+    parse_madt(m, len, out);
+    return true;
+}
+
+/* One element of the \_S5 package: ZeroOp, OneOp or BytePrefix n (ACPI 20.2.3); *at moves on. */
+static bool aml_small_int(const uint8_t *d, uint32_t len, uint32_t *at, uint8_t *v)
+{
+    if (*at >= len)
+        return false;
+    uint8_t op = d[(*at)++];
+    if (op == 0x00 || op == 0x01) {
+        *v = op;
+        return true;
+    }
+    if (op != 0x0a || *at >= len)
+        return false;
+    *v = d[(*at)++];
+    return true;
+}
+
+/* FADT fields (ACPI 6.5, 5.2.9): byte offsets. */
+#define FADT_DSDT        40
+#define FADT_SMI_CMD     48
+#define FADT_ACPI_ENABLE 52
+#define FADT_PM1A_CNT    64
+#define FADT_PM1B_CNT    68
+#define FADT_FLAGS       112
+#define FADT_X_DSDT      140
+#define FADT_HW_REDUCED  (1u << 20)
+
+bool acpi_read_s5(uint64_t rsdp_phys, struct acpi_s5 *out)
+{
+    *out = (struct acpi_s5){0};
+    uint32_t flen, dlen;
+    const uint8_t *f = find_table(rsdp_phys, "FACP", FADT_PM1B_CNT + 4, &flen);
+    if (!f || (flen >= FADT_FLAGS + 4 && (rd32(f + FADT_FLAGS) & FADT_HW_REDUCED)))
+        return false;
+    uint32_t pm1a = rd32(f + FADT_PM1A_CNT), pm1b = rd32(f + FADT_PM1B_CNT);
+    if (!pm1a || pm1a > 0xffff || pm1b > 0xffff)
+        return false;
+    uint64_t dsdt_phys = flen >= FADT_X_DSDT + 8 ? rd64(f + FADT_X_DSDT) : 0;
+    if (!dsdt_phys)
+        dsdt_phys = rd32(f + FADT_DSDT);
+    const uint8_t *d = table(dsdt_phys, "DSDT", &dlen);
+    if (!d)
+        return false;
+    /* NameOp "_S5_" (or "\_S5_"), PackageOp, PkgLength (1-4 bytes), NumElements >= 2. */
+    for (uint32_t i = SDT_HEADER + 2; i + 4 <= dlen; i++) {
+        if (!sig_is(d + i, "_S5_", 4) ||
+            !(d[i - 1] == 0x08 || (d[i - 1] == '\\' && d[i - 2] == 0x08)))
+            continue;
+        uint32_t at = i + 4;
+        if (at + 1 >= dlen || d[at] != 0x12)
+            return false;
+        at += 2 + (d[at + 1] >> 6); /* PackageOp, PkgLength lead byte and its followers */
+        if (at >= dlen || d[at] < 2)
+            return false;
+        at++;
+        uint8_t a, b;
+        if (!aml_small_int(d, dlen, &at, &a) || !aml_small_int(d, dlen, &at, &b) || a > 7 || b > 7)
+            return false;
+        *out = (struct acpi_s5){.pm1a_cnt = (uint16_t)pm1a,
+                                .pm1b_cnt = (uint16_t)pm1b,
+                                .slp_typa = a,
+                                .slp_typb = b,
+                                .smi_cmd = (uint16_t)rd32(f + FADT_SMI_CMD),
+                                .acpi_enable = f[FADT_ACPI_ENABLE]};
+        return true;
     }
     return false;
 }

@@ -46,4 +46,18 @@ struct madt_info {
  * XSDT or RSDT, and fills *out. Returns true when a valid MADT was found. */
 bool acpi_read_madt(uint64_t rsdp_phys, struct madt_info *out);
 
+/* How to enter S5 (soft off) the ACPI way: write SLP_TYPx << 10 | SLP_EN to PM1x_CNT. */
+struct acpi_s5 {
+    uint16_t pm1a_cnt, pm1b_cnt; /* I/O ports; pm1b_cnt 0: none */
+    uint8_t slp_typa, slp_typb;  /* from the DSDT's \_S5 package */
+    uint16_t smi_cmd;            /* with acpi_enable: how to turn ACPI mode on, if needed */
+    uint8_t acpi_enable;
+};
+
+/* The FADT's PM1 control blocks and the DSDT's \_S5 object, found through the RSDP as above.
+ * False (and *out zeroed) when any of it is missing or malformed, or the machine is hardware-
+ * reduced ACPI (no PM1 blocks: microvm). The DSDT is scanned for the one AML shape firmware
+ * writes, Name (_S5, Package () { typa, typb, ... }), never interpreted. */
+bool acpi_read_s5(uint64_t rsdp_phys, struct acpi_s5 *out);
+
 #endif

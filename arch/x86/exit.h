@@ -19,8 +19,13 @@ enum exit_code {
     EXIT_DEVICE_NEEDS_RESET = 0x18, /* 49: the device needs a reset and on_reset=stop */
 };
 
-/* Prints an exit event, then leaves through isa-debug-exit; halts if that device is absent. */
+struct acpi_s5;
+
+/* Prints an exit event, then leaves through isa-debug-exit; without that device it powers the
+ * machine off (ACPI S5, when machine_exit_use_s5 was given the way) or resets it. */
 __attribute__((noreturn)) void machine_exit(enum exit_code code, const char *reason);
+/* Remember how to power off (read at boot: the ACPI tables may be reused RAM later). */
+void machine_exit_use_s5(const struct acpi_s5 *s5);
 const char *exit_code_name(enum exit_code code);
 
 #endif

@@ -45,6 +45,73 @@ static char cmdline[BOOT_CMDLINE_MAX];
 /* Damage done on purpose so a test can prove the kernel's detector fires (like blimp.inject=):
  * \blimp\inject holding "mb2_tag_size" gives the command line tag a size past the block. */
 static BOOLEAN inject_tag_size;
+/* "linux64" there instead: enter the kernel the Linux 64-bit way (code32_start + 0x200, rsi =
+ * a boot_params built here), the one loader on these machines that tests linux_entry64. */
+static BOOLEAN enter_linux64;
+
+static void put_u32(UINT8 *at, UINT32 v)
+{
+    CopyMem(at, &v, 4);
+}
+
+static void put_u64(UINT8 *at, UINT64 v)
+{
+    CopyMem(at, &v, 8);
+}
+
+/* EFI memory types after ExitBootServices as E820 types (as boot/boot_info.c reads them). */
+static UINT32 e820_type(UINT32 efi)
+{
+    switch (efi) {
+    case EfiLoaderCode:
+    case EfiLoaderData:
+    case EfiBootServicesCode:
+    case EfiBootServicesData:
+    case EfiConventionalMemory:
+        return 1;
+    case EfiACPIReclaimMemory:
+        return 3;
+    case EfiACPIMemoryNVS:
+        return 4;
+    case EfiUnusableMemory:
+        return 5;
+    default:
+        return 2;
+    }
+}
+
+/* A zero page as a Linux loader leaves it: the setup header's magic and version, the command
+ * line, the RSDP and the final EFI map as E820 (neighbours of one type merged: at most 128). */
+static void build_boot_params(UINT8 *bp, const char *cl, const UINT8 *rsdp, const UINT8 *map,
+                              UINTN map_size, UINTN dsize)
+{
+    CopyMem(bp + 0x202, "HdrS", 4);
+    bp[0x206] = 0x0c;
+    bp[0x207] = 0x02;
+    put_u32(bp + 0x228, (UINT32)(UINTN)cl);
+    put_u32(bp + 0x238, BOOT_CMDLINE_MAX - 1);
+    put_u64(bp + 0x070, (UINT64)(UINTN)rsdp);
+    UINTN n = 0;
+    UINT64 end = 0;
+    UINT32 last = 0;
+    for (UINTN off = 0; off + dsize <= map_size; off += dsize) {
+        const EFI_MEMORY_DESCRIPTOR *d = (const void *)(map + off);
+        UINT64 base = d->PhysicalStart, size = d->NumberOfPages << 12;
+        UINT32 type = e820_type(d->Type);
+        UINT8 *e = bp + 0x2d0 + 20 * (n ? n - 1 : 0);
+        if (n && type == last && base == end) {
+            put_u64(e + 8, base + size - *(UINT64 *)e);
+        } else if (n < 128) {
+            e = bp + 0x2d0 + 20 * n++;
+            put_u64(e, base);
+            put_u64(e + 8, size);
+            put_u32(e + 16, type);
+        }
+        end = base + size;
+        last = type;
+    }
+    bp[0x1e8] = (UINT8)n;
+}
 
 /* Reads at most *size bytes of `name` on our volume into buf; EFI_NOT_FOUND when absent. */
 static EFI_STATUS read_file(EFI_LOADED_IMAGE *li, CHAR16 *name, void *buf, UINTN *size)
@@ -277,7 +344,10 @@ EFI_STATUS efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *systab)
     if (read_file(li, INJECT_FILE, inject, &inject_size) == EFI_SUCCESS) {
         inject[inject_size] = 0;
         inject_tag_size = CompareMem(inject, "mb2_tag_size", 12) == 0;
-        Print(L"blimp.efi: inject: %a\n", inject_tag_size ? "mb2_tag_size" : "(unknown: none)");
+        enter_linux64 = CompareMem(inject, "linux64", 7) == 0;
+        Print(L"blimp.efi: inject: %a\n", inject_tag_size ? "mb2_tag_size"
+                                          : enter_linux64 ? "linux64"
+                                                          : "(unknown: none)");
     }
 
     /* The kernel's range, image and .bss, at its link address. */
@@ -327,6 +397,15 @@ EFI_STATUS efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *systab)
     } else {
         Print(L"blimp.efi: no ACPI RSDP in the configuration table\n");
     }
+    EFI_PHYSICAL_ADDRESS zero_page = 0xffffffff;
+    if (enter_linux64) {
+        st = BS->AllocatePages(AllocateMaxAddress, EfiLoaderData, 1, &zero_page);
+        if (EFI_ERROR(st)) {
+            Print(L"blimp.efi: error: no page below 4 GiB for boot_params: %r\n", st);
+            return fail(st);
+        }
+        SetMem((void *)(UINTN)zero_page, 4096, 0);
+    }
     EFI_MEMORY_DESCRIPTOR *map = (void *)(b + map_off + 16);
     Print(L"blimp.efi: kernel at 0x%lx, boot information at 0x%lx, exiting boot services\n",
           h->load, info);
@@ -357,6 +436,11 @@ EFI_STATUS efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *systab)
     if (inject_tag_size)
         ((UINT32 *)b)[3] = (UINT32)(off + 8); /* the first tag's size: past the end */
 
+    if (enter_linux64) {
+        UINT8 *bp = (UINT8 *)(UINTN)zero_page;
+        build_boot_params(bp, (const char *)b + 16, rsdp, (const UINT8 *)map, map_size, dsize);
+        __asm__ volatile("cli; jmp *%1" : : "S"(bp), "r"(h->load + 0x200) : "memory");
+    }
     __asm__ volatile("cli; jmp *%1" : : "D"(info), "r"(h->entry) : "memory");
     __builtin_unreachable();
 }

@@ -86,10 +86,12 @@ def test_mode_boot_ready(boot):
 
 # ------------------------------------------------------------ command line errors
 
+# Only our own keys (blimp.*, virtio_mmio.*) are judged; other words are ignored (below).
 BAD = [("blimp.mode=nonsense", "blimp.mode"),
-       ("bogus=1", "bogus"),
+       ("blimp.bogus=1", "blimp.bogus"),
        ("blimp.poison", "blimp.poison"),
-       ("blimp.poison=2", "blimp.poison")]
+       ("blimp.poison=2", "blimp.poison"),
+       ("virtio_mmio.device=junk", "virtio_mmio.device")]
 BAD_SPECS = [Spec(image, machine, "128M", opt, timeout=30.0, tag="bad:" + opt)
              for opt, _ in BAD
              for image, machine in (("pvh", "q35"), ("mb1", "microvm"))]
@@ -113,6 +115,38 @@ def test_bad_cmdline(boot):
     assert human and any(option in l for l in human), (
         "no 'blimp: error: ...' line naming %r\n%s" % (option, boot.context()))
     assert not boot.events_named("ready"), "reached ready despite a bad command line"
+
+
+# ------------------------------------------------------------ other VMMs' default words
+
+# What hosts put in front of the user's command line for Linux: kvmtool (unless --nodefaults;
+# kvmtool's x86 defaults), Firecracker and cloud-hypervisor. blimp ignores them, lists them
+# once, and runs as usual. "bogus=1" and a bare word stand for anything else not ours.
+FOREIGN = {
+    "kvmtool": "noapic noacpi pci=conf1 reboot=k panic=1 i8042.direct=1 i8042.dumbkbd=1 "
+               "i8042.nopnp=1 earlyprintk=serial i8042.noaux=1 console=ttyS0",
+    "firecracker": "console=ttyS0 reboot=k panic=1 pci=off bogus=1 quiet",
+}
+FOREIGN_SPECS = [Spec(image, machine, "128M", words + " blimp.mode=boot", timeout=30.0,
+                      tag="foreign-" + host)
+                 for host, words in FOREIGN.items()
+                 for image, machine in (("pvh", "q35"), ("mb1", "microvm"))]
+
+
+@pytest.mark.parametrize("spec", FOREIGN_SPECS, ids=ids(FOREIGN_SPECS))
+def test_foreign_words_ignored(boot):
+    guest.check_exit(boot, exitcodes.SUCCESS)
+    guest.check_boot_event(boot)
+    foreign = boot.spec.append.split()[:-1]
+    ev = boot.events_named("cmdline_ignored")
+    assert len(ev) == 1, "expected one cmdline_ignored event\n" + boot.context()
+    # the multiboot1 image may also list QEMU's image file name, which comes first
+    words = ev[0]["words"]
+    assert words[-len(foreign):] == foreign and len(words) - len(foreign) in (0, 1), ev[0]
+    human = [l for l in boot.lines if l.startswith("blimp: ignoring foreign kernel arguments: ")]
+    assert len(human) == 1 and human[0].endswith(" ".join(foreign)), boot.context()
+    assert not boot.events_named("error"), boot.context()
+    assert boot.events_named("ready"), boot.context()
 
 
 # ------------------------------------------------------------ other modes/options

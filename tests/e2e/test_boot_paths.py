@@ -9,6 +9,10 @@ blimp.irq=poll), then inflates and deflates the balloon over QMP.
     -kernel PVH (blimp.elf) and multiboot1 (blimp-mb1.elf): QEMU's own loaders
     GRUB ISO (blimp.images.iso) on SeaBIOS and on OVMF: multiboot2
     blimp.efi (blimp.images.esp, \\EFI\\BOOT\\BOOTX64.EFI) on OVMF: the UEFI handover
+    -kernel blimp.bzImage: the Linux boot protocol, through QEMU's option ROM into the
+        real-mode setup (E820 from SeaBIOS), then the 32-bit entry with boot_params
+    GRUB ISO with `linux blimp.bzImage` on SeaBIOS and OVMF: the 32-bit entry, GRUB's
+        boot_params (on OVMF the RSDP comes from the EFI system table it passes)
 
 OVMF runs under TCG only (not under this machine's /dev/kvm); a boot takes 3-5 s.
 """
@@ -28,7 +32,9 @@ PATHS = images.BOOT_PATHS
 MMIO_V2 = ["-global", "virtio-mmio.force-legacy=false"]
 MATRIX = [("pvh", "pc", []), ("pvh", "q35", []), ("mb1", "pc", []), ("mb1", "q35", []),
           ("grub-bios", "pc", []), ("grub-bios", "q35", []), ("grub-ovmf", "q35", []),
-          ("efi", "q35", []), ("efi", "pc", []),
+          ("efi", "q35", []), ("efi", "pc", []), ("bzimage", "pc", []), ("bzimage", "q35", []),
+          ("grub-linux-bios", "pc", []), ("grub-linux-bios", "q35", []),
+          ("grub-linux-ovmf", "q35", []),
           ("pvh", "microvm", []), ("pvh", "microvm", MMIO_V2), ("mb1", "microvm", []),
           ("mb1", "microvm", MMIO_V2)]
 # Command-line variants each path runs with: every word must reach the kernel unchanged.
@@ -67,9 +73,11 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
         assert len(boot) == 1, vm.context()
         assert boot[0]["protocol"] == protocol, (
             "booted via %r, expected %r\n%s" % (boot[0]["protocol"], protocol, vm.context()))
-        assert boot[0]["cmdline"] == cmdline, (
+        assert boot[0]["cmdline"] == images.cmdline_seen(path, cmdline), (
             "the command line arrived as %r, sent %r" % (boot[0]["cmdline"], cmdline))
-        if protocol in ("multiboot2", "uefi"):
+        if protocol == "linux":   # QEMU's option ROM and GRUB take the 32-bit entry
+            assert boot[0]["entry_bits"] == 32, boot[0]
+        if protocol in ("multiboot2", "uefi") or path == "grub-linux-ovmf":
             # a copy of the firmware's RSDP in the info block, signature and checksum checked
             assert boot[0].get("rsdp", 0) > 0, "no valid RSDP tag: %r" % boot[0]
         mm = vm.events("memmap")[0]
@@ -155,6 +163,25 @@ def test_malformed_multiboot2_block_is_rejected(pytestconfig, build_dir):
     assert "multiboot2 tag size out of bounds" in ev[-1]["reason"], ev[-1]
     assert "offset 8" in ev[-1]["reason"], ev[-1]
     assert not q.events("boot"), "the kernel reported a boot from a rejected block"
+
+
+def test_linux_64bit_entry(pytestconfig, build_dir, kernel_bytes):
+    """The Linux boot protocol's 64-bit entry (code32_start + 0x200, long mode, rsi =
+    boot_params; XLF_KERNEL_64): no loader here uses it, so blimp.efi enters that way on
+    request (\\blimp\\inject = linux64) with a boot_params of its own making: the E820 map
+    from the EFI map, cmd_line_ptr and acpi_rsdp_addr."""
+    cmdline = "blimp.mode=boot blimp.poison=0"
+    disk = images.esp(cmdline, efi=build_dir + "/blimp.efi", inject="linux64")
+    q = _run(pytestconfig, disk=disk, memory="1G")
+    assert q.returncode == 33, q.describe()
+    assert any("blimp.efi: inject: linux64" in l for l in q.lines), q.describe()
+    ev = q.events("boot")
+    assert len(ev) == 1 and ev[0]["protocol"] == "linux", q.describe()
+    assert ev[0]["entry_bits"] == 64 and ev[0]["cmdline"] == cmdline, ev[0]
+    assert ev[0]["rsdp"] > 0, ev[0]
+    mm = q.events("memmap")
+    guest.check_memmap_event(mm[0], "q35", 1 << 30, OVMF_RAM_SLACK)
+    guest.check_buddy_event(mm[0], q.events("buddy")[0], kernel_bytes["pvh"])
 
 
 def test_efi_without_cmdline_boots_balloon_mode(pytestconfig, build_dir):

@@ -1,7 +1,8 @@
 /*
  * arch/x86/acpi.c on the host: ACPI tables built in the fake RAM arena (physical 0 up), then
- * read back through acpi_read_madt. Every check that guards a firmware value is made to fire:
- * signatures, checksums, lengths, malformed MADT entries, and the BIOS-area RSDP scan.
+ * read back through acpi_read_madt and acpi_read_s5. Every check that guards a firmware value is
+ * made to fire: signatures, checksums, lengths, malformed MADT entries, and the BIOS-area RSDP
+ * scan.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -273,6 +274,94 @@ static void test_malformed_entry_ends_the_walk(void **state)
     assert_int_equal(m.n_overrides, 2);
 }
 
+/* ------------------------------------------------------------ FADT + DSDT -> \_S5 */
+
+#define DSDT_AT 0x14000u
+
+/* A FADT (ACPI 1.0 size) with PM1a_CNT 0x604 and the DSDT at DSDT_AT, in place of the 64-byte
+ * FACP that setup() put first in the root tables. */
+static void fadt(uint32_t pm1a, uint32_t flags)
+{
+    header(OTHER_AT, "FACP", 116);
+    put32(OTHER_AT + 40, DSDT_AT);
+    put32(OTHER_AT + 48, 0xb2); /* SMI_CMD */
+    mem(OTHER_AT)[52] = 0xf1;   /* ACPI_ENABLE */
+    put32(OTHER_AT + 64, pm1a);
+    put32(OTHER_AT + 112, flags);
+    fix_sum(OTHER_AT, 116, 9);
+}
+
+/* A DSDT whose AML body is `aml` (after some unrelated bytes that contain "_S5_" as data). */
+static void dsdt(const uint8_t *aml, uint32_t n)
+{
+    static const uint8_t noise[] = {0x10, 0x05, '_', 'S', '5', '_', 0x0d, 0x5b, 0x80};
+    uint32_t len = 36 + sizeof(noise) + n;
+    header(DSDT_AT, "DSDT", len);
+    memcpy(mem(DSDT_AT + 36), noise, sizeof(noise));
+    memcpy(mem(DSDT_AT + 36 + sizeof(noise)), aml, n);
+    fix_sum(DSDT_AT, len, 9);
+}
+
+static void test_s5_found(void **state)
+{
+    (void)state;
+    struct acpi_s5 s5;
+    fadt(0x604, 0);
+    /* Name (_S5, Package (0x04) { 0x05, One, Zero, Zero }) as QEMU-like firmware writes it */
+    static const uint8_t q[] = {0x08, '_',  'S',  '5',  '_',  0x12, 0x08,
+                                0x04, 0x0a, 0x05, 0x01, 0x00, 0x00};
+    dsdt(q, sizeof(q));
+    assert_true(acpi_read_s5(RSDP_AT, &s5));
+    assert_int_equal(s5.pm1a_cnt, 0x604);
+    assert_int_equal(s5.pm1b_cnt, 0);
+    assert_int_equal(s5.slp_typa, 5);
+    assert_int_equal(s5.slp_typb, 1);
+    assert_int_equal(s5.smi_cmd, 0xb2);
+    assert_int_equal(s5.acpi_enable, 0xf1);
+    /* the rooted name and a two-byte PkgLength */
+    static const uint8_t r[] = {0x08, '\\', '_', 'S', '5', '_', 0x12, 0x40, 0x00, 0x02, 0x00, 0x00};
+    dsdt(r, sizeof(r));
+    assert_true(acpi_read_s5(RSDP_AT, &s5));
+    assert_int_equal(s5.slp_typa, 0);
+}
+
+static void test_s5_refused(void **state)
+{
+    (void)state;
+    struct acpi_s5 s5;
+    static const uint8_t good[] = {0x08, '_',  'S',  '5',  '_',  0x12,
+                                   0x06, 0x04, 0x00, 0x00, 0x00, 0x00};
+    fadt(0x604, 1u << 20); /* HW_REDUCED_ACPI: no PM1 blocks (microvm) */
+    dsdt(good, sizeof(good));
+    assert_false(acpi_read_s5(RSDP_AT, &s5));
+    assert_int_equal(s5.pm1a_cnt, 0);
+
+    fadt(0, 0); /* no PM1a control block */
+    assert_false(acpi_read_s5(RSDP_AT, &s5));
+
+    fadt(0x604, 0);
+    assert_true(acpi_read_s5(RSDP_AT, &s5));
+    mem(DSDT_AT)[9] ^= 1; /* DSDT checksum broken */
+    assert_false(acpi_read_s5(RSDP_AT, &s5));
+
+    static const uint8_t method[] = {0x08, '_', 'S', '5', '_', 0x0a, 0x05}; /* not a package */
+    dsdt(method, sizeof(method));
+    assert_false(acpi_read_s5(RSDP_AT, &s5));
+
+    static const uint8_t cut[] = {0x08, '_',  'S',  '5', '_',
+                                  0x12, 0x06, 0x04, 0x0a}; /* at the end */
+    dsdt(cut, sizeof(cut));
+    assert_false(acpi_read_s5(RSDP_AT, &s5));
+
+    static const uint8_t big[] = {0x08, '_', 'S', '5', '_', 0x12, 0x06, 0x02, 0x0a, 0x08, 0x00};
+    dsdt(big, sizeof(big)); /* SLP_TYP is 3 bits */
+    assert_false(acpi_read_s5(RSDP_AT, &s5));
+
+    static const uint8_t ones[] = {0x08, '_', 'S', '5', '_', 0x12, 0x06, 0x02, 0xff, 0x00};
+    dsdt(ones, sizeof(ones)); /* OnesOp: not a small integer */
+    assert_false(acpi_read_s5(RSDP_AT, &s5));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -283,6 +372,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_rsdp_checks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_table_length_bounds, setup, teardown),
         cmocka_unit_test_setup_teardown(test_malformed_entry_ends_the_walk, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_s5_found, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_s5_refused, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,4 +1,5 @@
-/* boot/boot_info: the multiboot2 tag walk (GRUB and blimp.efi's handover) on built blocks. */
+/* boot/boot_info: the multiboot2 tag walk (GRUB and blimp.efi's handover) and the Linux
+ * boot_params reader (build/blimp.bzImage) on built blocks. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -316,6 +317,176 @@ static void test_malformed_blocks_rejected(void **state)
     assert_string_equal(bi.error, "unknown boot magic");
 }
 
+/* ------------------------------------------------------------ Linux boot_params */
+
+/* A zero page as QEMU's -kernel path leaves it after our real-mode setup ran: the setup header
+ * copied from blimp.bzImage, the E820 table from the BIOS, cmd_line_ptr set by the loader. */
+static _Alignas(4096) unsigned char zp[4096];
+static char lcmd[2048];
+
+static void zp_put32(size_t off, uint32_t v)
+{
+    memcpy(zp + off, &v, 4);
+}
+
+static void zp_put64(size_t off, uint64_t v)
+{
+    memcpy(zp + off, &v, 8);
+}
+
+static void zp_begin(const char *cmdline)
+{
+    memset(zp, 0, sizeof(zp));
+    memcpy(zp + 0x202, "HdrS", 4);
+    zp_put32(0x206, 0x020c);
+    zp_put32(0x238, 1023); /* cmdline_size */
+    for (unsigned i = 0; i < 4; i++) {
+        zp_put64(0x2d0 + 20 * i, E820[i][0]);
+        zp_put64(0x2d0 + 20 * i + 8, E820[i][1]);
+        zp_put32(0x2d0 + 20 * i + 16, (uint32_t)E820[i][2]);
+    }
+    zp[0x1e8] = 4;
+    memset(lcmd, 'x', sizeof(lcmd));
+    strcpy(lcmd, cmdline);
+    uint64_t p = (uint64_t)(uintptr_t)lcmd; /* a host address: the high half too */
+    zp_put32(0x228, (uint32_t)p);
+    zp_put32(0x0c8, (uint32_t)(p >> 32));
+}
+
+static int zp_parse(void)
+{
+    return boot_info_parse(LINUX_BOOT_MAGIC, (uint64_t)(uintptr_t)zp, &bi);
+}
+
+static void test_linux_boot_params(void **state)
+{
+    (void)state;
+    zp_begin("noapic blimp.mode=boot console=ttyS0");
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.protocol, BOOT_LINUX);
+    assert_string_equal(boot_protocol_name(bi.protocol), "linux");
+    assert_string_equal(bi.cmdline, "noapic blimp.mode=boot console=ttyS0");
+    assert_int_equal(bi.nregions, 4);
+    assert_int_equal(bi.regions[0].base, 0); /* sorted */
+    assert_int_equal(bi.regions[3].type, MEM_RESERVED);
+    assert_int_equal(bi.rsdp_phys, 0);
+    assert_false(bi.entry64);
+    assert_int_equal(boot_info_parse(LINUX64_BOOT_MAGIC, (uint64_t)(uintptr_t)zp, &bi), 0);
+    assert_true(bi.entry64); /* the same reader, the entry remembered */
+    assert_int_equal(bi.protocol, BOOT_LINUX);
+
+    /* an RSDP passed in acpi_rsdp_addr (protocol 2.14) is taken */
+    static _Alignas(16) unsigned char rsdp[36];
+    memset(rsdp, 0, sizeof(rsdp));
+    memcpy(rsdp, "RSD PTR ", 8);
+    unsigned char sum = 0;
+    for (int i = 0; i < 20; i++)
+        sum += rsdp[i];
+    rsdp[8] = (unsigned char)(0x100 - sum);
+    zp_put64(0x070, (uint64_t)(uintptr_t)rsdp);
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, (uint64_t)(uintptr_t)rsdp);
+
+    /* GRUB on UEFI: no acpi_rsdp_addr, the RSDP from the EFI system table's configuration
+     * table (ACPI 2.0 GUID preferred over 1.0; a bad RSDP is passed over) */
+    static _Alignas(16) unsigned char rsdp1[20], bad2[36];
+    memcpy(rsdp1, rsdp, 20);
+    memcpy(bad2, rsdp, 36);
+    bad2[8] ^= 1;
+    static const uint8_t acpi20[16] = {0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11,
+                                       0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88, 0x81};
+    static const uint8_t acpi10[16] = {0x30, 0x2d, 0x9d, 0xeb, 0x88, 0x2d, 0xd3, 0x11,
+                                       0x9a, 0x16, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d};
+    static _Alignas(8) unsigned char systab[120], config[4][24];
+    memset(systab, 0, sizeof(systab));
+    memcpy(systab, "IBI SYST", 8);
+    uint64_t n = 4, cfg = (uint64_t)(uintptr_t)config, st = (uint64_t)(uintptr_t)systab;
+    memcpy(systab + 104, &n, 8);
+    memcpy(systab + 112, &cfg, 8);
+    memset(config, 0x5a, sizeof(config)); /* entry 0: some other table */
+    const uint64_t ptrs[4] = {0x1234, (uint64_t)(uintptr_t)rsdp1, (uint64_t)(uintptr_t)bad2,
+                              (uint64_t)(uintptr_t)rsdp};
+    const uint8_t *guids[4] = {NULL, acpi10, acpi20, acpi20};
+    for (int i = 0; i < 4; i++) {
+        if (guids[i])
+            memcpy(config[i], guids[i], 16);
+        memcpy(config[i] + 16, &ptrs[i], 8);
+    }
+    zp_begin("blimp.mode=boot");
+    memcpy(zp + 0x1c0, "EL64", 4);
+    zp_put32(0x1c4, (uint32_t)st);
+    zp_put32(0x1d8, (uint32_t)(st >> 32));
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, (uint64_t)(uintptr_t)rsdp);
+    n = 3; /* without the good 2.0 entry: the 1.0 one */
+    memcpy(systab + 104, &n, 8);
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, (uint64_t)(uintptr_t)rsdp1);
+    n = 100000; /* an entry count past any firmware's: not walked */
+    memcpy(systab + 104, &n, 8);
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, 0);
+    n = 4;
+    memcpy(systab + 104, &n, 8);
+    memcpy(zp + 0x1c0, "EL32", 4); /* a 32-bit EFI loader's table: not ours to read */
+    assert_int_equal(zp_parse(), 0);
+    assert_int_equal(bi.rsdp_phys, 0);
+
+    /* no command line at all: empty */
+    zp_begin("");
+    zp_put32(0x228, 0);
+    zp_put32(0x0c8, 0);
+    assert_int_equal(zp_parse(), 0);
+    assert_string_equal(bi.cmdline, "");
+}
+
+static void expect_zp_reject(const char *why_part, uint64_t offset)
+{
+    memset(&bi, 0, sizeof(bi));
+    assert_int_equal(zp_parse(), -1);
+    assert_non_null(bi.error);
+    if (!strstr(bi.error, why_part))
+        fail_msg("rejected with \"%s\", expected \"%s\"", bi.error, why_part);
+    assert_int_equal(bi.error_offset, offset);
+}
+
+static void test_malformed_boot_params_rejected(void **state)
+{
+    (void)state;
+    zp_begin("blimp.mode=boot");
+    memcpy(zp + 0x202, "HdrT", 4);
+    expect_zp_reject("without the HdrS setup header", 0x202);
+
+    zp_begin("blimp.mode=boot");
+    zp_put32(0x206, 0x0205);
+    expect_zp_reject("older than 2.06", 0x206);
+
+    zp_begin("blimp.mode=boot");
+    zp[0x1e8] = 129; /* the table has room for 128 */
+    expect_zp_reject("e820_entries above 128", 0x1e8);
+
+    zp_begin("blimp.mode=boot");
+    zp[0x1e8] = 0; /* the BIOS answered no E820 call */
+    expect_zp_reject("no e820 memory map", 0x1e8);
+
+    zp_begin("blimp.mode=boot");
+    lcmd[strlen(lcmd)] = 'x'; /* the NUL gone: 'x' up to the buffer's end */
+    expect_zp_reject("no NUL within cmdline_size", 0x228);
+
+    zp_begin("blimp.mode=boot");
+    zp_put32(0x238, 0);
+    expect_zp_reject("cmdline_size out of range", 0x238);
+
+    zp_begin("blimp.mode=boot");
+    static unsigned char not_rsdp[36] = "RSD PTR "; /* checksum wrong */
+    zp_put64(0x070, (uint64_t)(uintptr_t)not_rsdp);
+    expect_zp_reject("acpi_rsdp_addr is not an RSDP", 0x070);
+
+    memset(&bi, 0, sizeof(bi));
+    assert_int_equal(boot_info_parse(LINUX_BOOT_MAGIC, 0, &bi), -1);
+    assert_non_null(strstr(bi.error, "address is 0"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -325,6 +496,8 @@ int main(void)
         cmocka_unit_test(test_bad_rsdp_copy_ignored),
         cmocka_unit_test(test_long_cmdline_truncated),
         cmocka_unit_test(test_malformed_blocks_rejected),
+        cmocka_unit_test(test_linux_boot_params),
+        cmocka_unit_test(test_malformed_boot_params_rejected),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -2,6 +2,7 @@
 
     from blimp import images
     iso = images.iso("blimp.mode=boot")        # GRUB (SeaBIOS and UEFI) -> blimp.elf, multiboot2
+    iso = images.iso("...", kernel="build/blimp.bzImage", command="linux")  # GRUB's `linux`
     esp = images.esp("blimp.mode=boot")        # FAT: \\EFI\\BOOT\\BOOTX64.EFI = blimp.efi,
                                                #      the command line in \\blimp\\cmdline
     esp = images.esp_shell("blimp.mode=boot")  # FAT: \\blimp.efi started by the UEFI shell's
@@ -102,8 +103,10 @@ def grub_word(w: str) -> str:
     return "'" + w + "'"
 
 
-def grub_cfg(cmdline: str, kernel_name: str = "blimp.elf") -> str:
-    """GRUB's multiboot2 command puts a backslash before every quote and backslash of the
+def grub_cfg(cmdline: str, kernel_name: str = "blimp.elf", command: str = "multiboot2") -> str:
+    """`command` is multiboot2 (blimp.elf) or linux (blimp.bzImage: the Linux boot protocol's
+    32-bit entry, GRUB's own boot_params; GRUB puts BOOT_IMAGE=<file> in front of the command
+    line, which blimp ignores as foreign). GRUB's multiboot2 command puts a backslash before every quote and backslash of the
     command line it builds (measured: z='q' arrives as z=\\'q\\'), so such a command line
     cannot reach the kernel unchanged: refused."""
     bad = sorted(set(c for c in cmdline if c in "'\"\\"))
@@ -115,27 +118,30 @@ def grub_cfg(cmdline: str, kernel_name: str = "blimp.elf") -> str:
     return ("set timeout=0\nset timeout_style=hidden\n"
             "if [ \"$grub_platform\" = pc ]; then\n"
             "  serial --unit=0 --speed=115200\n  terminal_output --append serial\nfi\n"
-            "menuentry \"blimp\" {\n  multiboot2 /boot/%s%s\n  boot\n}\n" % (kernel_name, args))
+            "menuentry \"blimp\" {\n  %s /boot/%s%s\n  boot\n}\n" % (command, kernel_name, args))
 
 
-def iso(cmdline: str = "", kernel: Optional[str] = None, out: Optional[str] = None) -> str:
+def iso(cmdline: str = "", kernel: Optional[str] = None, out: Optional[str] = None,
+        command: str = "multiboot2") -> str:
     """A hybrid GRUB ISO (BIOS El Torito + UEFI) that boots `kernel` (default
-    build/blimp.elf) through multiboot2 with `cmdline`; returns its path."""
+    build/blimp.elf) through `command` (multiboot2, or linux for blimp.bzImage) with
+    `cmdline`; returns its path."""
     kernel = kernel or os.path.join(BUILD, "blimp.elf")
     data = _read(kernel)
+    name = os.path.basename(kernel) if command == "linux" else "blimp.elf"
 
     def make(tmp: str) -> str:
         root = os.path.join(tmp, "root")
         os.makedirs(os.path.join(root, "boot", "grub"))
-        with open(os.path.join(root, "boot", "blimp.elf"), "wb") as f:
+        with open(os.path.join(root, "boot", name), "wb") as f:
             f.write(data)
         with open(os.path.join(root, "boot", "grub", "grub.cfg"), "w") as f:
-            f.write(grub_cfg(cmdline))
+            f.write(grub_cfg(cmdline, name, command))
         path = os.path.join(tmp, "blimp.iso")
         _run(["grub-mkrescue", "-o", path, root])
         return path
 
-    return _cached("iso", "iso", [data, cmdline.encode()], make, out)
+    return _cached("iso", "iso", [data, cmdline.encode(), command.encode()], make, out)
 
 
 def _fat(tmp: str, files: List[tuple]) -> str:
@@ -198,7 +204,19 @@ BOOT_PATHS = {
     "grub-bios": ("multiboot2", False, "iso"),
     "grub-ovmf": ("multiboot2", True, "iso"),
     "efi": ("uefi", True, "esp"),
+    "bzimage": ("linux", False, "append"),
+    "grub-linux-bios": ("linux", False, "iso"),
+    "grub-linux-ovmf": ("linux", True, "iso"),
 }
+#: the image QEMU's -kernel loads for each -append path
+KERNEL_IMAGES = {"pvh": "blimp.elf", "mb1": "blimp-mb1.elf", "bzimage": "blimp.bzImage"}
+
+
+def cmdline_seen(path: str, cmdline: str) -> str:
+    """The command line the kernel reports for `path` booted with `cmdline`."""
+    if path.startswith("grub-linux"):
+        return ("BOOT_IMAGE=/boot/blimp.bzImage " + cmdline).strip()
+    return cmdline
 
 
 def boot_media(path: str, cmdline: str, build_dir: str = BUILD) -> dict:
@@ -206,9 +224,12 @@ def boot_media(path: str, cmdline: str, build_dir: str = BUILD) -> dict:
     `cmdline`, making the ISO or ESP if needed."""
     _, ovmf, carrier = BOOT_PATHS[path]
     if carrier == "append":
-        image = "blimp.elf" if path == "pvh" else "blimp-mb1.elf"
-        return {"kernel": os.path.join(build_dir, image), "append": cmdline or None}
-    if carrier == "iso":
+        return {"kernel": os.path.join(build_dir, KERNEL_IMAGES[path]),
+                "append": cmdline or None}
+    if carrier == "iso" and path.startswith("grub-linux"):
+        media = {"cdrom": iso(cmdline, kernel=os.path.join(build_dir, "blimp.bzImage"),
+                              command="linux")}
+    elif carrier == "iso":
         media = {"cdrom": iso(cmdline, kernel=os.path.join(build_dir, "blimp.elf"))}
     else:
         media = {"disk": esp(cmdline, efi=os.path.join(build_dir, "blimp.efi"))}
@@ -221,11 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("kind", choices=("iso", "esp", "esp-shell"))
     p.add_argument("--cmdline", default="")
     p.add_argument("--kernel", help="blimp.elf for an ISO, blimp.efi for an ESP")
+    p.add_argument("--command", choices=("multiboot2", "linux"), default="multiboot2",
+                   help="ISO: GRUB's command (linux: give --kernel build/blimp.bzImage)")
     p.add_argument("--out", help="write here (default: the cache, path printed)")
     a = p.parse_args(argv)
     try:
         if a.kind == "iso":
-            path = iso(a.cmdline, a.kernel, a.out)
+            path = iso(a.cmdline, a.kernel, a.out, command=a.command)
         elif a.kind == "esp":
             path = esp(a.cmdline, a.kernel, a.out)
         else:

@@ -67,12 +67,14 @@ def add_qemu_options(p: argparse.ArgumentParser, machine_default: str = "q35",
                    help="extra raw QEMU argument (repeatable; use --qemu-arg=-foo)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="kill QEMU after this many seconds (default 60)")
-    p.add_argument("--boot", choices=("kernel", "grub-bios", "grub-ovmf", "efi"),
+    p.add_argument("--boot", choices=("kernel", "grub-bios", "grub-ovmf", "efi", "bzimage",
+                                      "grub-linux-bios", "grub-linux-ovmf"),
                    default="kernel",
                    help="kernel: QEMU -kernel (default); grub-bios / grub-ovmf: a GRUB ISO "
                         "(multiboot2) on SeaBIOS / OVMF; efi: blimp.efi from a FAT disk on "
-                        "OVMF (OVMF: TCG only). The ISO or disk carries --append, made for it "
-                        "under build/images/")
+                        "OVMF (OVMF: TCG only); bzimage: QEMU -kernel blimp.bzImage (the Linux "
+                        "boot protocol); grub-linux-*: GRUB's linux command with blimp.bzImage. "
+                        "The ISO or disk carries --append, made for it under build/images/")
 
 
 def add_balloon_guest_options(p: argparse.ArgumentParser, memory: str, accel: str) -> None:

@@ -194,14 +194,15 @@ class Qemu:
                  qemu: str = QEMU_BINARY, keep_tmp: bool = False,
                  iothread: Optional[str] = None, incoming: Optional[str] = None,
                  cdrom: Optional[str] = None, disk: Optional[str] = None,
-                 ovmf: bool = False) -> None:
+                 ovmf: bool = False, debug_exit: bool = True) -> None:
         """`iothread` adds ``-object iothread,id=<it>`` (for devices that need one, such
         as the balloon with free-page-hint=on); `incoming` makes this QEMU a migration
         destination (``-incoming <it>``, e.g. "defer"; see migration_destination()).
         Firmware boots instead of ``-kernel`` (kernel=None, no append: the command line is
         inside the media; see blimp.images): `cdrom` an ISO, `disk` a raw image (a FAT ESP;
         attached with snapshot=on, so the file never changes), `ovmf` UEFI firmware instead
-        of SeaBIOS (OVMF)."""
+        of SeaBIOS (OVMF). `debug_exit=False` leaves out isa-debug-exit, as hosts other
+        than ours do: the guest then ends by resetting the machine (-no-reboot: QEMU exits 0)."""
         if machine not in MACHINES:
             raise ValueError("machine must be one of %s, not %r" % (MACHINES, machine))
         if kernel is None and not (cdrom or disk):
@@ -235,6 +236,7 @@ class Qemu:
         self.cdrom = cdrom
         self.disk = disk
         self.ovmf = ovmf
+        self.debug_exit = debug_exit
 
         self.tmpdir: Optional[str] = None
         self.qmp_path: Optional[str] = None
@@ -272,8 +274,8 @@ class Qemu:
                 "-machine", machine,
                 "-accel", self.accel,
                 "-m", self.memory,
-                "-no-reboot", "-nodefaults", "-display", "none",
-                "-device", DEBUG_EXIT_DEVICE,
+                "-no-reboot", "-nodefaults", "-display", "none"] + (
+                ["-device", DEBUG_EXIT_DEVICE] if self.debug_exit else []) + [
                 "-chardev", "stdio,id=con0,signal=off",
                 "-serial", "chardev:con0"]
         if self.accel == "kvm":
@@ -652,7 +654,8 @@ class Qemu:
                     timeout=self.timeout if timeout is None else timeout, echo=echo,
                     serial_log=serial_log, serial_log_append=True, qemu=self.qemu,
                     keep_tmp=self.keep_tmp, iothread=self.iothread, incoming="defer",
-                    cdrom=self.cdrom, disk=self.disk, ovmf=self.ovmf)
+                    cdrom=self.cdrom, disk=self.disk, ovmf=self.ovmf,
+                    debug_exit=self.debug_exit)
 
     def accept_migration(self, timeout: float = 10.0) -> str:
         """On a started ``incoming="defer"`` QEMU: listen for the migration stream on a
