@@ -1,5 +1,5 @@
 """`./blimp conform` end to end: the conformance runner (tools/blimp/conform.py) against
-blimp's conformance mode (kernel/conform.c) through real QEMU 7.2 and the reference host.
+blimp's conformance mode (kernel/conform/) through real QEMU 7.2 and the reference host.
 
 * the quick matrix passes, and its JUnit XML has one suite per configuration with the
   counts of the guest's TAP;
