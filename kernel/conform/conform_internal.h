@@ -78,6 +78,8 @@ __attribute__((noreturn)) void conform_finish(void);
 
 #define AREA_ORDER   12 /* the isolated pages: every odd page of 16 MiB */
 #define RECORD_SLACK 64 /* isolated pages left for the driver's block records */
+#define MAX_AREAS    2
+#define PFN_4G       (1ull << (32 - PAGE_SHIFT)) /* the first page above 4 GiB */
 
 struct chain {
     uint64_t head, pages;
@@ -162,9 +164,12 @@ struct conform_state {
     enum phase phase;
     uint64_t phase_ns;
     uint64_t offered;
-    /* isolated pages */
-    uint64_t area; /* first pfn of the 2^area_order block, BUDDY_NONE when none */
-    unsigned area_order;
+    /* isolated pages: a block below 4 GiB, and one above when RAM extends there */
+    struct area {
+        uint64_t pfn; /* first pfn of the 2^order block */
+        unsigned order;
+    } areas[MAX_AREAS];
+    unsigned n_areas;
     uint64_t isolated; /* odd pages freed for the balloon */
     uint32_t target;
     struct chain fill; /* everything else, patterned */

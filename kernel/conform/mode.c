@@ -15,7 +15,6 @@ void conform_mode_run(const struct options *opts, uint64_t rsdp_phys)
 {
     conform.opts = opts;
     conform.host = opts->conform.host;
-    conform.area = BUDDY_NONE;
     conform.fill.head = BUDDY_NONE;
     conform.timeout_ns = opts->conform.timeout_ns;
     agent_set_answer_handler(conform_on_answer, NULL);
