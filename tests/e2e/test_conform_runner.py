@@ -3,6 +3,7 @@ event stream in the shape docs/conformance.md gives, a fake host, and the JUnit 
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -257,6 +258,34 @@ def test_matrix_names_and_quick():
     c = {c.name: c for c in full}["pc-modern-all-decline-all"]
     assert "blimp.balloon.stats=0" in c.guest_append() and "disable-legacy=on" in \
         c.all_device_opts()
+
+
+def test_high_memory_configurations():
+    """RAM above 4 GiB: 6G twins in the full matrix, one in the quick matrix, --memory for
+    one configuration or a whole matrix, and `target` computed from the configuration's RAM."""
+    full = {c.name: c for c in conform.matrix("full")}
+    high = [c for c in full.values() if conform.parse_memory(c.memory) > 4 << 30]
+    assert {c.name for c in high} == {h[0] + "-" + conform.HIGH_RAM
+                                      for h in conform.HIGH_MEMORY}
+    assert all(conform.config_timeout(c, 100) > 100 for c in high)
+    assert conform.config_timeout(full["q35-modern-all"], 100) == 100
+    assert any(c.quick and c.machine == "q35" and c.transport == "modern" for c in high)
+    assert all(c.memory == conform.RAM for c in full.values() if c not in high)
+    ns = argparse.Namespace(machine="q35", transport=None, device_opts=None, append=None,
+                            memory="6G", only=None, matrix="quick")
+    (one,) = conform.select(ns)
+    assert one.name == "q35-modern-6G" and one.memory == "6G"
+    ns.machine = None
+    quick = conform.select(ns)
+    assert all(c.memory == "6G" for c in quick)
+    assert "q35-modern-min-6G" in [c.name for c in quick]          # not renamed twice
+    assert "pc-legacy-all-6G" in [c.name for c in quick]
+    assert any(c.host == conform.HOST_REFERENCE for c in high)
+    host = FakeHost()
+    host.ram_bytes = 6 << 30
+    Responder(host).handle({"event": "conform_request", "seq": 1, "action": "target",
+                            "pages": 4032})
+    assert host.calls == [("balloon", (6 << 30) - 4032 * 4096)]
 
 
 def _broken_migration(completed):

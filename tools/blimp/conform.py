@@ -5,8 +5,8 @@
     python3 -m blimp conform --machine pc --transport legacy --device-opts deflate-on-oom=on
     python3 -m blimp conform --list
 
-Each configuration boots the guest with ``blimp.mode=conform blimp.conform.host=1`` (128 MiB,
-the agent on COM2, the balloon as ``balloon0``), reads its serial console live, answers every
+Each configuration boots the guest with ``blimp.mode=conform blimp.conform.host=1`` (128 MiB
+unless the configuration or --memory says otherwise, the agent on COM2, the balloon as ``balloon0``), reads its serial console live, answers every
 ``conform_request`` (target, rss, stats_interval, stats_read, migrate) with an ``ack``/``nack``
 line on the agent channel, collects the TAP and the ``conform_check`` events and waits for the
 guest to exit.  A configuration passes if the guest exits 0x10, or exits 0x11 and every
@@ -20,6 +20,7 @@ tests/e2e/test_conform_runner.py feeds it a fake event stream.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import os
@@ -39,9 +40,13 @@ from .qemu import ACCELS, MACHINES, QEMU_BINARY, parse_memory, qemu_version
 from .session import SESSION_ERRORS, BalloonSession
 from .units import PAGE
 
-#: the guest's RAM: the runner needs it for `target` (QMP balloon value = RAM - pages * 4096)
+#: the guest's RAM unless a configuration (or --memory) says otherwise: the runner needs it for
+#: `target` (QMP balloon value = RAM - pages * 4096)
 RAM = "128M"
 RAM_BYTES = parse_memory(RAM)
+#: RAM of the high-memory configurations: q35 puts RAM beyond 2 GiB (pc: 3.5 GiB) at 4 GiB, so
+#: the guest places isolated pages above 4 GiB too, and their 32-bit aliases are pages it watches
+HIGH_RAM = "6G"
 #: hard deadline of one configuration, boot to exit (migration included)
 CONFIG_TIMEOUT = 120.0
 #: the guest options every configuration gets
@@ -116,6 +121,7 @@ class Config:
     extra_args: Tuple[str, ...] = ()
     quick: bool = False                   # part of the quick matrix
     description: str = ""
+    memory: str = RAM                     # guest RAM (-m)
 
     @property
     def expected_transport(self) -> str:
@@ -131,10 +137,27 @@ class Config:
         return list(TRANSPORTS[self.transport][1]) + list(self.extra_args)
 
 
-#: the quick matrix: one per transport family and feature set, a decline and the reference
-#: host's extension (about 20 s here with -j 1)
+#: the quick matrix: one per transport family and feature set, a decline, the reference
+#: host's extension and RAM above 4 GiB
 QUICK = ("pc-legacy-all", "q35-modern-all", "q35-transitional-legacy-min", "microvm-mmio-v2-all",
-         "pc-modern-all-decline-all", "ref-q35-modern-chunks")
+         "pc-modern-all-decline-all", "ref-q35-modern-chunks", "q35-modern-min-6G")
+
+#: the feature set of the high-memory configurations that report free pages: `all` without free
+#: page hinting (a live migration of 6 GiB under TCG, beside reports of 6 GiB, outlasts the
+#: session's wait for the agent on the destination)
+NOHINT = ("deflate-on-oom=on", "free-page-reporting=on", "page-poison=on", "free-page-hint=off")
+
+#: the high-memory configurations, HIGH_RAM each: name (without -6G), machine, transport,
+#: device options, guest options, host
+HIGH_MEMORY: Tuple[Tuple[str, str, str, Tuple[str, ...], Tuple[str, ...], str], ...] = (
+    ("q35-modern-min", "q35", "modern", FEATURE_SETS["min"][0], (), HOST_STOCK),
+    ("q35-modern-nohint", "q35", "modern", NOHINT, ("blimp.poison=1",), HOST_STOCK),
+    ("pc-legacy-min", "pc", "legacy", FEATURE_SETS["min"][0], (), HOST_STOCK),
+    ("ref-q35-modern-chunks-min", "q35", "modern", FEATURE_SETS["min"][0] + (refhost.CHUNKS,),
+     (), HOST_REFERENCE),
+)
+#: a configuration's hard deadline is --timeout times this when its RAM is above 4 GiB
+HIGH_TIMEOUT_SCALE = 2.5
 
 
 def full_matrix() -> List[Config]:
@@ -168,7 +191,18 @@ def full_matrix() -> List[Config]:
             free_page_hint=hint, host=HOST_REFERENCE, append=guest_all,
             description="reference host, q35, modern, features all, x-chunks=%s"
                         % ("on" if chunks else "off"))
+    for base, machine, transport, dev, guest, host in HIGH_MEMORY:
+        add("%s-%s" % (base, HIGH_RAM), machine=machine, transport=transport, device_opts=dev,
+            append=guest, host=host, memory=HIGH_RAM,
+            description="%s%s, %s, device %s, RAM %s (above 4 GiB)" % (
+                "reference host, " if host == HOST_REFERENCE else "", machine, transport,
+                ",".join(dev), HIGH_RAM))
     return out
+
+
+def config_timeout(cfg: Config, timeout: float) -> float:
+    """The hard deadline of one configuration: `timeout`, longer for RAM above 4 GiB."""
+    return timeout * (HIGH_TIMEOUT_SCALE if parse_memory(cfg.memory) > 4 << 30 else 1.0)
 
 
 def matrix(kind: str) -> List[Config]:
@@ -723,7 +757,7 @@ def run_config(cfg: Config, *, kernel: str = DEFAULT_KERNEL, accel: str = "auto"
     res.tap_path = os.path.join(out_dir, cfg.name + ".tap")
     t0 = time.monotonic()
     binary = qemu or cfg.qemu or QEMU_BINARY
-    session = BalloonSession(kernel, machine=cfg.machine, memory=RAM, accel=accel,
+    session = BalloonSession(kernel, machine=cfg.machine, memory=cfg.memory, accel=accel,
                              append=cfg.guest_append(), balloon_opts=cfg.all_device_opts(),
                              timeout=timeout + 30, boot_timeout=30.0,
                              serial_log=res.serial_path, context_lines=20,
@@ -820,7 +854,7 @@ def junit_xml(results: Sequence[Result]) -> ET.ElementTree:
         suite.set("time", "%.3f" % r.seconds)
         total_time += r.seconds
         props = ET.SubElement(suite, "properties")
-        for k, v in (("host", r.host), ("machine", r.config.machine),
+        for k, v in (("host", r.host), ("machine", r.config.machine), ("memory", r.config.memory),
                      ("transport", r.config.transport),
                      ("device", ",".join(r.config.all_device_opts())
                       + (",free-page-hint=on" if r.config.free_page_hint else "")),
@@ -905,9 +939,11 @@ def single_config(args: argparse.Namespace) -> Config:
     hint = "free-page-hint=on" in opts
     if hint:
         opts = tuple(o for o in opts if o != "free-page-hint=on")
-    name = "%s-%s%s" % (machine, transport, "-custom" if opts or append else "")
+    memory = args.memory or RAM
+    name = "%s-%s%s%s" % (machine, transport, "-custom" if opts or append else "",
+                          "" if memory == RAM else "-" + memory)
     return Config(name=name, machine=machine, transport=transport, device_opts=opts,
-                  free_page_hint=hint, append=append,
+                  free_page_hint=hint, append=append, memory=memory,
                   description="given on the command line")
 
 
@@ -928,6 +964,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-opts", default=None, metavar="K=V,...",
                    help="balloon device properties (free-page-hint=on adds the iothread)")
     p.add_argument("--append", default=None, help="further guest options")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="guest RAM, e.g. 6G (default %s; with --matrix/--only: every "
+                        "configuration gets it instead of its own)" % RAM)
     p.add_argument("--matrix", choices=("quick", "full"), default="quick")
     p.add_argument("--only", default=None, metavar="NAME,...",
                    help="only these configurations of the full matrix (shell patterns)")
@@ -951,8 +990,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def select(args: argparse.Namespace) -> List[Config]:
+    if args.memory is not None:
+        parse_memory(args.memory)        # a bad size stops here, not in every configuration
     if args.machine or args.transport or args.device_opts or args.append:
         return [single_config(args)]
+    configs = _select_matrix(args)
+    if args.memory is not None:
+        configs = [c if c.memory == args.memory else dataclasses.replace(
+            c, memory=args.memory, name="%s-%s" % (c.name, args.memory)) for c in configs]
+    return configs
+
+
+def _select_matrix(args: argparse.Namespace) -> List[Config]:
     if args.only:
         full = full_matrix()
         out = []
@@ -982,7 +1031,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             ref_qemu = "/nonexistent/reference-qemu"
     print("blimp conform: %d configuration(s), %s, RAM %s, kernel %s%s" % (
-        len(configs), qemu_version(args.qemu or QEMU_BINARY), RAM,
+        len(configs), qemu_version(args.qemu or QEMU_BINARY),
+        "/".join(sorted({c.memory for c in configs}, key=parse_memory)),
         os.path.relpath(args.kernel), ", fault " + args.fault if args.fault else ""),
         flush=True)
     lock = threading.Lock()
@@ -993,7 +1043,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             qemu, host = args.qemu, stock_host
         r = run_config(cfg, kernel=args.kernel, accel=args.accel, qemu=qemu, host=host,
-                       out_dir=args.tap_dir, timeout=args.timeout, fault=args.fault)
+                       out_dir=args.tap_dir, timeout=config_timeout(cfg, args.timeout),
+                       fault=args.fault)
         with lock:
             print(r.line(), flush=True)
             ev = latency.last_event(r.serial)
