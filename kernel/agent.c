@@ -405,6 +405,10 @@ static void cmd_state(void)
     json_u64(&j, "uptime_ns", w.uptime_ns);
     json_u64(&j, "device", w.device_irqs);
     json_u64(&j, "spurious", w.spurious);
+    json_u64(&j, "late", w.late);
+    json_u64(&j, "looks", w.looks);
+    json_u64(&j, "missed", w.missed);
+    json_u64(&j, "raised_while_masked", w.raised_while_masked);
     json_u64(&j, "agent", w.agent_irqs);
     json_u64(&j, "timer", w.timer_irqs);
     json_u64(&j, "lapic_spurious", w.lapic_spurious);
@@ -436,6 +440,22 @@ static void cmd_spurious(char **argv, unsigned argc)
     struct json j;
     reply_begin(&j, "spurious", true);
     json_u64(&j, "sent", sent);
+    send_line(&j);
+}
+
+/* lose-irq: mask the device's interrupt line behind the loop's back; the bounded look must find
+ * the next event the device raises, count it as missed and route the line again. */
+static void cmd_lose_irq(void)
+{
+    if (!balloon_mode_lose_irq()) {
+        reply_error("lose-irq", "the balloon has no IOAPIC line (polling, or MSI-X)");
+        return;
+    }
+    struct wait_stats w;
+    balloon_mode_wait_stats(&w);
+    struct json j;
+    reply_begin(&j, "lose-irq", true);
+    json_u64(&j, "missed", w.missed);
     send_line(&j);
 }
 
@@ -550,6 +570,8 @@ static void execute(char *cmd)
         cmd_spurious(argv, argc);
     } else if (!strcmp(argv[0], "latency")) {
         cmd_latency();
+    } else if (!strcmp(argv[0], "lose-irq")) {
+        cmd_lose_irq();
     } else if (!strcmp(argv[0], "reset-device")) {
         cmd_reset_device();
     } else if (!strcmp(argv[0], "quit")) {

@@ -1,10 +1,12 @@
 /*
  * Balloon mode's event loop. With interrupts (blimp.irq=auto and a usable line) the CPU sleeps
  * in `sti; hlt` until the device interrupts (its handler reads the ISR, which acknowledges it and
- * drops a level line, and keeps the bits), the agent's UART receives a byte, or the LAPIC timer
- * reaches the balloon's next deadline; everything else runs with interrupts off, so handlers
- * never race the loop. Polling (blimp.irq=poll, or no line) re-reads the ISR and the config
- * every millisecond and never sleeps. docs/design.md, "Interrupts".
+ * drops a level line, and keeps the bits), the agent's UART receives a byte, the LAPIC timer
+ * reaches the balloon's next deadline, or LOOK_NS have passed: then the loop looks at the device
+ * itself, so a lost interrupt costs at most that long and is counted (irq_missed), never a
+ * hang. Everything else runs with interrupts off, so handlers never race the loop. Polling
+ * (blimp.irq=poll, or no line) re-reads the ISR and the config every millisecond and never
+ * sleeps. docs/design.md, "Interrupts".
  */
 #include "kernel/balloon_mode.h"
 #include "arch/x86/exit.h"
@@ -20,6 +22,12 @@
 
 #define DEVICE_POLL_NS (1000ull * 1000)      /* polling: re-read the ISR and num_pages every ms */
 #define AGENT_POLL_NS  (10ull * 1000 * 1000) /* the agent without its interrupt */
+/* The longest the loop trusts interrupts alone: then it looks at the device (ISR, or with
+ * MSI-X the used rings and the config). 10 looks a second: one or two exits each. */
+#define LOOK_NS (100ull * 1000 * 1000)
+/* How long an interrupt the device raised may take to reach us once interrupts are on. Under
+ * TCG the IOAPIC delivers as the device raises; an in-kernel irqchip may lag a little. */
+#define IRQ_ARRIVAL_NS (1000ull * 1000)
 #define COM2_ISA_IRQ   3
 
 static struct virtio_transport transport;
@@ -27,17 +35,23 @@ static struct balloon balloon;
 
 static volatile unsigned pending; /* VIRTIO_ISR_* bits the handlers saw, taken by the loop */
 static struct wait_stats ws = {.mode = "poll"};
-static int device_vector = -1;
+static int device_vector = -1; /* the IOAPIC line's vector (INTx, virtio-mmio); -1: none */
 static bool agent_irq_routed;
+static volatile uint64_t deliveries; /* device-vector interrupts taken, whatever they found */
+static volatile bool loop_read_isr;  /* the loop just read the ISR itself (see take_isr) */
 
 /* INTx: read (and so acknowledge) the ISR. 0 means the interrupt was not this device's: a
- * shared line, or a stray delivery. */
+ * shared line, or a stray delivery, unless the loop had just read the ISR itself. */
 static void device_irq(void *ctx)
 {
     (void)ctx;
+    deliveries++;
     uint8_t isr = transport.ops->read_isr(&transport);
     if (isr == 0) {
-        ws.spurious++;
+        if (loop_read_isr)
+            ws.late++;
+        else
+            ws.spurious++;
         return;
     }
     ws.device_irqs++;
@@ -48,6 +62,7 @@ static void device_irq(void *ctx)
 static void msix_config_irq(void *ctx)
 {
     (void)ctx;
+    deliveries++;
     ws.device_irqs++;
     pending |= VIRTIO_ISR_CONFIG;
 }
@@ -55,8 +70,93 @@ static void msix_config_irq(void *ctx)
 static void msix_queue_irq(void *ctx)
 {
     (void)ctx;
+    deliveries++;
     ws.device_irqs++;
     pending |= VIRTIO_ISR_QUEUE;
+}
+
+/* Interrupts on until one from the device arrives or IRQ_ARRIVAL_NS pass: true if one came. */
+static bool irq_arrives(void)
+{
+    uint64_t before = deliveries, start = platform_now_ns();
+    do
+        cpu_irq_window();
+    while (deliveries == before && platform_now_ns() - start < IRQ_ARRIVAL_NS);
+    return deliveries != before;
+}
+
+/* The loop reads (and so acknowledges) the ISR itself. An interrupt already on its way then
+ * finds it 0: it is let in at once and counted as late, not spurious. *arrived says whether one
+ * came (only looked for when the ISR had bits). */
+static uint8_t take_isr(bool *arrived)
+{
+    uint8_t isr = transport.ops->read_isr(&transport);
+    *arrived = false;
+    if (isr) {
+        loop_read_isr = true;
+        *arrived = irq_arrives();
+        loop_read_isr = false;
+    }
+    return isr;
+}
+
+/* Unmask the device's IOAPIC input and take what it raised while it could not interrupt us.
+ * QEMU's IOAPIC drops a level raised on a pin that is masked in edge mode (the reset state) and
+ * records no wire level: unmasking alone would deliver nothing, and since only the handler
+ * reads the ISR, the line would stay high and no later event would ever interrupt (the freeze
+ * of docs/design.md "Interrupts"). So the ISR is read before unmasking (the line falls) and
+ * after (what came in between). */
+static void unmask_device_line(void)
+{
+    bool arrived;
+    uint8_t isr = take_isr(&arrived);
+    irq_route_gsi(ws.gsi, ws.level, ws.active_low, (unsigned)device_vector);
+    isr |= take_isr(&arrived);
+    if (isr)
+        ws.raised_while_masked++;
+    pending |= isr;
+}
+
+static void emit_irq_missed(unsigned work)
+{
+    const char *what = !(work & BALLOON_EV_QUEUE)    ? "a config change"
+                       : !(work & BALLOON_EV_CONFIG) ? "used buffers"
+                                                     : "a config change and used buffers";
+    kprintf("balloon: interrupt missed: the device had %s that no interrupt announced (%lu so "
+            "far)\n",
+            what, (unsigned long)ws.missed);
+    struct json j;
+    event_begin(&j, "irq_missed");
+    json_str(&j, "mode", ws.mode);
+    json_bool(&j, "config", work & BALLOON_EV_CONFIG);
+    json_bool(&j, "queue", work & BALLOON_EV_QUEUE);
+    json_u64(&j, "count", ws.missed);
+    json_u64(&j, "looks", ws.looks);
+    event_emit(&j);
+}
+
+/* The bounded look: does the device hold work that no interrupt announced? With an IOAPIC line
+ * the ISR says (reading it also drops a line stuck high); with MSI-X the used rings and the
+ * config. Work that an interrupt then still does not announce within IRQ_ARRIVAL_NS was missed:
+ * counted, reported, and the line routed again. Returns the events for balloon_poll. */
+static unsigned look_at_device(void)
+{
+    ws.looks++;
+    bool arrived;
+    unsigned work;
+    if (device_vector >= 0) {
+        work = take_isr(&arrived);
+    } else {
+        work = balloon_unseen_events(&balloon);
+        arrived = work && irq_arrives();
+    }
+    if (!work || arrived)
+        return work;
+    ws.missed++;
+    emit_irq_missed(work);
+    if (device_vector >= 0)
+        irq_route_gsi(ws.gsi, ws.level, ws.active_low, (unsigned)device_vector);
+    return work | BALLOON_EV_CONFIG;
 }
 
 /* COM2 received data (edge): the loop drains the UART, which drops the line for the next edge. */
@@ -103,6 +203,14 @@ unsigned balloon_mode_inject_spurious(unsigned n)
     return n;
 }
 
+bool balloon_mode_lose_irq(void)
+{
+    if (device_vector < 0)
+        return false;
+    irq_mask_gsi(ws.gsi);
+    return true;
+}
+
 int balloon_mode_reset_device(void)
 {
     return balloon_reset_device(&balloon);
@@ -124,6 +232,8 @@ static void emit_wait_event(const char *reason, bool irqs_on)
             json_bool(&j, "active_low", ws.active_low);
         }
         json_bool(&j, "agent_irq", agent_irq_routed);
+        json_u64(&j, "raised_before_routing", ws.raised_while_masked);
+        json_u64(&j, "look_ms", LOOK_NS / 1000000);
         struct irq_stats is;
         irq_get_stats(&is);
         json_u64(&j, "ioapics", is.n_ioapics);
@@ -184,8 +294,8 @@ static bool setup_interrupts(const char **reason)
     bool level = irq->level, low = irq->active_low;
     if (irq->isa)
         irq_isa_to_gsi(irq->gsi, &gsi, &level, &low);
-    int v = irq_alloc_vector(device_irq, NULL);
-    if (v < 0 || irq_route_gsi(gsi, level, low, (unsigned)v) != 0) {
+    int v = irq_has_gsi(gsi) ? irq_alloc_vector(device_irq, NULL) : -1;
+    if (v < 0) {
         *reason = "no IOAPIC input for the device's GSI";
         return false;
     }
@@ -194,6 +304,7 @@ static bool setup_interrupts(const char **reason)
     ws.gsi = gsi;
     ws.level = level;
     ws.active_low = low;
+    unmask_device_line(); /* the device may have raised its line long ago: take that first */
     route_agent();
     return true;
 }
@@ -229,6 +340,7 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
             machine_exit(EXIT_PROTOCOL_ERROR, st.violation);
         machine_exit(EXIT_NO_DEVICE, "balloon device could not be brought up");
     }
+    balloon_hold(&cfg, HOLD_DRIVER_OK);
     bool agent = agent_init(&balloon);
     const char *reason = "blimp.irq=poll";
     bool irqs = false;
@@ -237,10 +349,11 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
     else if (opts->irq == IRQ_AUTO)
         irqs = setup_interrupts(&reason);
     emit_wait_event(irqs ? NULL : reason, irqs);
-    /* Whatever the device raised before its line was routed: look once at everything. */
-    pending = BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
+    balloon_hold(&cfg, HOLD_ROUTED);
+    /* Whatever the device did before its interrupt could reach us: look once at everything. */
+    pending |= BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
     balloon_get_status(&balloon, &st);
-    uint64_t last_poll = 0, last_agent = 0;
+    uint64_t last_poll = 0, last_agent = 0, last_look = platform_now_ns();
     uint8_t last_isr = 0;
     bool line_masked = false;
     for (;;) {
@@ -255,9 +368,16 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
             if (hint_poll)
                 irq_mask_gsi(ws.gsi);
             else
-                irq_route_gsi(ws.gsi, ws.level, ws.active_low, (unsigned)device_vector);
+                unmask_device_line();
             line_masked = hint_poll;
             pending |= BALLOON_EV_CONFIG | BALLOON_EV_QUEUE;
+        }
+        /* The bounded look, when nothing announced itself since the last round (work an
+         * interrupt announced is not "missed"). Polling looks every ms anyway. */
+        if (irqs && !line_masked && now - last_look >= LOOK_NS) {
+            last_look = now;
+            if (!pending)
+                pending |= look_at_device();
         }
         if (irqs) {
             events = pending; /* interrupts are off: no handler runs until the next sleep */
@@ -296,6 +416,8 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
             deadline = hook_at;
         if (line_masked && last_poll + DEVICE_POLL_NS < deadline)
             deadline = last_poll + DEVICE_POLL_NS;
+        if (!line_masked && last_look + LOOK_NS < deadline)
+            deadline = last_look + LOOK_NS; /* no sleep without a bound */
         if (agent && !agent_irq_routed) {
             if (now - last_agent >= AGENT_POLL_NS)
                 last_agent = now;

@@ -36,7 +36,14 @@ struct wait_stats {
     bool level, active_low;
     uint64_t device_irqs; /* device interrupts with ISR bits set */
     uint64_t spurious;    /* device-vector interrupts that found the ISR 0 (shared/stray) */
-    uint64_t agent_irqs;  /* COM2 receive interrupts */
+    uint64_t late; /* device interrupts whose ISR the loop had already read (routing, looks) */
+    /* The bounded look (every LOOK_NS while interrupts are relied on): looks made, and those
+     * that found device work no interrupt announced or delivered (each an irq_missed event). */
+    uint64_t looks, missed;
+    /* The ISR the loop read right after routing or unmasking the line: what the device raised
+     * while it could not interrupt us (QEMU's IOAPIC drops a level raised on a masked pin). */
+    uint64_t raised_while_masked;
+    uint64_t agent_irqs; /* COM2 receive interrupts */
     uint64_t timer_irqs, lapic_spurious;
     uint64_t sleeps; /* times the loop halted */
     /* Polling: ISR reads with the configuration-change bit set, and such reads that directly
@@ -50,6 +57,11 @@ void balloon_mode_wait_stats(struct wait_stats *out);
  * `spurious` command): each must be counted as spurious and change nothing else. Returns how
  * many were sent (0 when the device has no vector). */
 unsigned balloon_mode_inject_spurious(unsigned n);
+/* Lose the device's interrupts on purpose (the agent's `lose-irq`): its IOAPIC input is masked
+ * behind the loop's back, as a host or interrupt controller that drops them would. The bounded
+ * look must find the work, count it as missed and route the line again. False when the device
+ * has no IOAPIC line (polling, MSI-X). */
+bool balloon_mode_lose_irq(void);
 /* Emit the balloon_latency event (docs/serial-output.md): the per-buffer latency histograms of
  * inflate, deflate and report buffers since boot. For any mode running on balloon mode's loop
  * to call at its end (stress mode does, just before stress_done); a mode with its own

@@ -15,6 +15,7 @@ enum opt_type {
     OPT_U64,
     OPT_MS_NS, /* milliseconds within [min, max], stored as uint64_t nanoseconds */
     OPT_MMIO,  /* virtio_mmio.device=<size>@<base>:<irq>; may repeat */
+    OPT_HOLD,  /* blimp.test.hold=<step>:<ms>[,<step>:<ms>...] into balloon.hold_ms */
 };
 
 struct option_def {
@@ -185,6 +186,11 @@ static const struct option_def option_defs[] = {
      "queue numbering after deflateq: auto (as the queue sizes show) | negotiated | fixed "
      "(stats 2, hint 3, reporting 4: crosvm before 2025)",
      0, 0, queues_names},
+    {"blimp.test.hold", OPT_HOLD, OPT(balloon.hold_ms), "none",
+     "tests: hold bring-up steps open, <step>:<ms>[,...] with step negotiate (features read, "
+     "FEATURES_OK not written) | driver_ok (DRIVER_OK set, interrupt not routed) | routed "
+     "(interrupt routed, loop not started), ms 1..60000 (a hold event marks each)",
+     1, 60000, NULL},
     {"virtio_mmio.device", OPT_MMIO, OPT(virtio_mmio), NULL,
      "<size>@<base>:<irq>[:<id>], a virtio-mmio device (as Linux spells it); may repeat", 0, 0,
      NULL},
@@ -231,6 +237,17 @@ static void format_value(const struct option_def *d, const struct options *o, ch
         return;
     case OPT_MMIO:
         strlcpy(buf, "none", size);
+        return;
+    case OPT_HOLD:
+        strlcpy(buf, "none", size);
+        for (unsigned i = 0, n = 0; i < BALLOON_HOLDS; i++) {
+            uint32_t ms = ((const uint32_t *)field)[i];
+            if (ms) {
+                size_t len = n ? strlen(buf) : 0;
+                ksnprintf(buf + len, size - len, "%s%s:%u", n++ ? "," : "", balloon_hold_names[i],
+                          ms);
+            }
+        }
         return;
     }
 }
@@ -280,6 +297,47 @@ static bool apply_mmio(struct options *o, const char *word, const char *value)
     return true;
 }
 
+/* "none", or <step>:<ms> entries separated by commas; a step named twice keeps the last. */
+static bool apply_hold(const struct option_def *d, uint32_t *hold_ms, const char *word,
+                       const char *value)
+{
+    for (unsigned i = 0; i < BALLOON_HOLDS; i++)
+        hold_ms[i] = 0;
+    if (!strcmp(value, "none"))
+        return true;
+    char why[200];
+    const char *p = value;
+    for (;;) {
+        const char *colon = strchr(p, ':'), *comma = strchr(p, ',');
+        size_t entry = comma ? (size_t)(comma - p) : strlen(p);
+        unsigned step = BALLOON_HOLDS;
+        for (unsigned i = 0; colon && colon < p + entry && i < BALLOON_HOLDS; i++)
+            if (strlen(balloon_hold_names[i]) == (size_t)(colon - p) &&
+                !memcmp(p, balloon_hold_names[i], (size_t)(colon - p)))
+                step = i;
+        char num[24];
+        size_t nlen = colon ? entry - (size_t)(colon + 1 - p) : 0;
+        uint64_t ms;
+        if (step == BALLOON_HOLDS || nlen == 0 || nlen >= sizeof(num)) {
+            ksnprintf(why, sizeof(why), "bad entry '%.*s' (%s)", (int)entry, p, d->help);
+            error(word, why);
+            return false;
+        }
+        memcpy(num, colon + 1, nlen);
+        num[nlen] = '\0';
+        if (!parse_u64(num, &ms) || ms < d->min || ms > d->max) {
+            ksnprintf(why, sizeof(why), "bad hold time '%s' for %s (ms %lu..%lu)", num,
+                      balloon_hold_names[step], d->min, d->max);
+            error(word, why);
+            return false;
+        }
+        hold_ms[step] = (uint32_t)ms;
+        if (!comma)
+            return true;
+        p = comma + 1;
+    }
+}
+
 static bool apply(const struct option_def *d, struct options *o, const char *word,
                   const char *value)
 {
@@ -325,6 +383,8 @@ static bool apply(const struct option_def *d, struct options *o, const char *wor
         return true;
     case OPT_MMIO:
         return apply_mmio(o, word, value);
+    case OPT_HOLD:
+        return apply_hold(d, (uint32_t *)field, word, value);
     }
     return false;
 }

@@ -63,6 +63,30 @@ void balloon_default_config(struct balloon_config *cfg)
     };
 }
 
+const char *const balloon_hold_names[BALLOON_HOLDS + 1] = {
+    [HOLD_NEGOTIATE] = "negotiate",
+    [HOLD_DRIVER_OK] = "driver_ok",
+    [HOLD_ROUTED] = "routed",
+    NULL,
+};
+
+void balloon_hold(const struct balloon_config *cfg, enum balloon_hold step)
+{
+    uint32_t ms = cfg->hold_ms[step];
+    if (!ms)
+        return;
+    platform_log("balloon: holding step %s for %u ms (blimp.test.hold)", balloon_hold_names[step],
+                 ms);
+    struct json j;
+    event_begin(&j, "hold");
+    json_str(&j, "step", balloon_hold_names[step]);
+    json_u64(&j, "ms", ms);
+    event_emit(&j);
+    uint64_t until = platform_now_ns() + (uint64_t)ms * 1000000;
+    while (platform_now_ns() < until)
+        barrier(); /* a busy wait: nothing to do but look at the clock */
+}
+
 bool balloon_negotiated(const struct balloon *b, unsigned bit)
 {
     return (b->features >> bit) & 1;
@@ -433,6 +457,8 @@ static int negotiate(struct balloon *b, bool again)
         return -1;
     }
     b->offered = offered;
+    if (!again)
+        balloon_hold(&b->cfg, HOLD_NEGOTIATE);
     b->features = wanted_features(b);
     if (!t->legacy && !balloon_negotiated(b, VIRTIO_F_VERSION_1)) {
         violation(b, "modern interface without VIRTIO_F_VERSION_1");
@@ -1732,6 +1758,22 @@ static void update_target(struct balloon *b)
 }
 
 static void poll_once(struct balloon *b, unsigned events);
+
+unsigned balloon_unseen_events(struct balloon *b)
+{
+    if (b->state != BALLOON_RUNNING && b->state != BALLOON_STALLED)
+        return 0;
+    unsigned ev = 0;
+    /* The free page queue is left out: it raises no interrupts (see setup), it is polled. */
+    if (vq_has_used(&b->inflate_vq) || vq_has_used(&b->deflate_vq) ||
+        (b->has_stats && vq_has_used(&b->stats_vq)) ||
+        (b->has_reporting && vq_has_used(&b->report_vq)))
+        ev |= BALLOON_EV_QUEUE;
+    if (read_num_pages(b) != b->device_target ||
+        (b->has_hint_vq && read_config32(b, BALLOON_CFG_HINT_CMD) != b->hint_cmd_seen))
+        ev |= BALLOON_EV_CONFIG;
+    return ev;
+}
 
 void balloon_poll(struct balloon *b, unsigned events)
 {

@@ -72,6 +72,12 @@ enum balloon_queues {
     BALLOON_QUEUES_FIXED,      /* stats 2, hint 3, reporting 4 whatever is offered (old crosvm) */
 };
 
+/* Bring-up steps a test can hold open (blimp.test.hold), so that a host's action lands exactly
+ * there: features read but FEATURES_OK not yet written; DRIVER_OK set but no interrupt routed;
+ * the interrupt routed but the loop not yet started. */
+enum balloon_hold { HOLD_NEGOTIATE, HOLD_DRIVER_OK, HOLD_ROUTED, BALLOON_HOLDS };
+extern const char *const balloon_hold_names[BALLOON_HOLDS + 1];
+
 struct balloon_config {
     uint32_t pfns_per_buffer; /* PFNs per inflate/deflate buffer (Firecracker/CH accept <= 256) */
     uint32_t buffers;         /* buffers in flight at once (QEMU accepts many) */
@@ -101,6 +107,7 @@ struct balloon_config {
     uint32_t report_delay_ms;        /* quiet time after a free-memory change before a pass */
     uint64_t report_budget_pages;    /* a pass stops once it reported this much (0: no limit) */
     uint64_t report_threshold_pages; /* start a pass only with this much unreported memory */
+    uint32_t hold_ms[BALLOON_HOLDS]; /* tests only: busy-wait this long at each step (0: not) */
 };
 
 /* One range of a chunked buffer (docs/chunked-inflate.md); little-endian, as x86 is. */
@@ -278,6 +285,14 @@ int balloon_init(struct balloon *b, struct virtio_transport *t, struct buddy *mm
 #define BALLOON_EV_CONFIG VIRTIO_ISR_CONFIG
 /* One non-blocking round: collect acknowledgements, follow the target, answer stats requests. */
 void balloon_poll(struct balloon *b, unsigned events);
+/* What the device did that the driver has not seen yet, as BALLOON_EV_* bits: used buffers on a
+ * queue that raises interrupts, or num_pages / the hint command id changed since last read (one
+ * config read each). For a loop that asks whether an interrupt went missing (MSI-X has no ISR to
+ * read); it changes nothing. */
+unsigned balloon_unseen_events(struct balloon *b);
+/* blimp.test.hold: when cfg holds `step` open, print the hold event and busy-wait (interrupts as
+ * they are: off in the kernel) for that many ms. */
+void balloon_hold(const struct balloon_config *cfg, enum balloon_hold step);
 /* When balloon_poll must run next even if the device says nothing (platform_now_ns time):
  * the earliest ack deadline of a buffer or report in flight (stall detection), the end of
  * the reporting delay, free page hinting in progress (its queue raises no interrupts), or

@@ -236,6 +236,11 @@ static inline unsigned vq_num_free(const struct virtqueue *vq)
 {
     return vq->num_free;
 }
+/* The device has used buffers the driver has not collected (reads the untrusted used index). */
+static inline bool vq_has_used(const struct virtqueue *vq)
+{
+    return !vq->broken && *(const volatile uint16_t *)&vq->used->idx != vq->last_used;
+}
 static inline uint32_t vq_len_deviations(const struct virtqueue *vq)
 {
     return vq->len_deviations;

@@ -249,6 +249,12 @@ static const struct ioapic *ioapic_for(unsigned gsi, unsigned *pin)
     return NULL;
 }
 
+bool irq_has_gsi(unsigned gsi)
+{
+    unsigned pin;
+    return ioapic_for(gsi, &pin) != NULL;
+}
+
 int irq_route_gsi(unsigned gsi, bool level, bool active_low, unsigned vector)
 {
     unsigned pin;
@@ -266,7 +272,8 @@ void irq_mask_gsi(unsigned gsi)
     unsigned pin;
     const struct ioapic *io = ioapic_for(gsi, &pin);
     if (io)
-        ioapic_write(io, IOAPIC_REDTBL + 2 * pin, RTE_MASKED);
+        ioapic_write(io, IOAPIC_REDTBL + 2 * pin,
+                     ioapic_read(io, IOAPIC_REDTBL + 2 * pin) | RTE_MASKED);
 }
 
 void irq_msi_message(unsigned vector, uint64_t *addr, uint32_t *data)

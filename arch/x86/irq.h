@@ -35,9 +35,14 @@ int irq_alloc_vector(irq_fn fn, void *ctx);
 /* The GSI and trigger an ISA IRQ (a PCI interrupt line, a legacy device's IRQ) arrives on: the
  * MADT's interrupt source override for it, else the same number with the caller's defaults. */
 void irq_isa_to_gsi(unsigned isa_irq, unsigned *gsi, bool *level, bool *active_low);
+/* Whether an IOAPIC serves this GSI. */
+bool irq_has_gsi(unsigned gsi);
 /* Program the IOAPIC input for gsi to deliver vector to this CPU, unmasked. 0, or -1 when no
  * IOAPIC serves that GSI. */
 int irq_route_gsi(unsigned gsi, bool level, bool active_low, unsigned vector);
+/* Mask the input, keeping its vector, trigger and polarity: a level-triggered input then still
+ * records a line that goes up while masked and delivers it when unmasked (an edge-mode masked
+ * input, the reset state, drops it). */
 void irq_mask_gsi(unsigned gsi);
 
 /* MSI/MSI-X message for vector on this CPU (fixed delivery, edge). */
