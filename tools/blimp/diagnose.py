@@ -38,7 +38,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 from . import guestlog
 
