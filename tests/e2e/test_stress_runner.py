@@ -166,7 +166,10 @@ def test_live_migrations_with_hinting_on_reference_host(images, pytestconfig, tm
     for g in rep["guests"]:
         done = g["done"]
         assert g["ok"] and done is not None, (g, out)
-        assert done["free_pages_after"] == done["free_pages_before"], done
+        # the balloon may hold pages when the storm starts (the runner acts at once)
+        assert done["balloon_pages_after"] == 0, done
+        assert (done["free_pages_after"]
+                == done["free_pages_before"] + done["balloon_pages_before"]), done
         assert len(g["migrations"]) >= 1, g
         hint_rounds += len(_serial_events(serial, g["index"], "balloon_hint_start"))
     assert hint_rounds >= 1, out
