@@ -211,3 +211,17 @@ def test_qemu_ended(balloon_vm):
         assert d.case == "ended", d.report()
         assert d.verdict.startswith("QEMU ended: guest exit 0x10"), d.verdict
         assert '"exit"' in (d.last_event or ""), d.report()
+
+
+def test_conform_timeout_is_diagnosed(images, pytestconfig, tmp_path):
+    """The conformance runner's hard per-configuration timeout says why the guest went
+    quiet: here it spins in its bring-up with interrupts off (blimp.test.hold)."""
+    from blimp import conform
+    cfg = conform.Config(name="q35-modern-hold", machine="q35", transport="modern",
+                         append=("blimp.test.hold=driver_ok:30000",))
+    res = conform.run_config(cfg, kernel=images["pvh"], accel=pytestconfig.getoption("accel"),
+                             out_dir=str(tmp_path), timeout=4.0)
+    assert res.status == conform.FAIL, res.reasons
+    assert res.reasons[0] == "no exit within 4 s (hard per-configuration timeout)", res.reasons
+    assert res.reasons[1].startswith("diagnosis: guest spinning at RIP 0x"), res.reasons
+    assert "RFLAGS.IF=0" in res.reasons[1] and '"step":"driver_ok"' in res.reasons[1], res.reasons
