@@ -1402,6 +1402,10 @@ static __attribute__((noreturn)) void finish(void)
     json_u64(&j, "failed", failed);
     json_u64(&j, "skipped", skipped);
     json_str(&j, "transport", run.t->name);
+    struct wait_stats w;
+    balloon_mode_wait_stats(&w);
+    json_str(&j, "irq_mode", w.mode);
+    json_u64(&j, "irq_missed", w.missed);
     json_u64(&j, "offered", st.offered);
     json_u64(&j, "features", st.features);
     json_open_object(&j, "verdicts");

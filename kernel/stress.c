@@ -208,6 +208,10 @@ __attribute__((noreturn)) static void done(const struct balloon_status *st)
     json_u64(&j, "balloon_pages_after", balloon_after);
     json_u64(&j, "balloon_actual", st->actual);
     json_bool(&j, "settled", at_rest(st));
+    struct wait_stats w;
+    balloon_mode_wait_stats(&w);
+    json_str(&j, "irq_mode", w.mode);
+    json_u64(&j, "irq_missed", w.missed);
     event_emit(&j);
     if (after != before) {
         kprintf("stress: FAILED: seed %lu: %ld pages leaked (free + balloon + agent pages: %lu "

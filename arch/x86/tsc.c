@@ -4,14 +4,18 @@
  * commands. Channel 2 is the textbook choice, but its output is read through port 0x61, which
  * belongs to the PC speaker device that microvm does not have. A missing PIT shows up as a
  * counter that never moves; then we fall back to CPUID leaf 0x15/0x16, or a 2 GHz guess, and say
- * so.
+ * so. The rate is the median of CALIBRATE_WINDOWS short windows: under load on our hosts a
+ * window now and then measures the TSC many times too fast (the host's TSC, which TCG passes
+ * through, jumps when QEMU's vCPU thread moves between host CPUs; 2 boots in 200 beside CPU hogs
+ * measured 6x and 37x), and every timeout would then run that much slower.
  */
 #include "arch/x86/tsc.h"
 #include "arch/x86/io.h"
 #include "lib/printf.h"
 
-#define PIT_HZ          1193182u
-#define CALIBRATE_TICKS 3580u /* about 3 ms */
+#define PIT_HZ            1193182u
+#define CALIBRATE_TICKS   1193u /* 1 ms: one PIT tick is 0.08 % of it */
+#define CALIBRATE_WINDOWS 5
 
 static uint64_t khz;
 
@@ -23,7 +27,8 @@ static uint16_t pit0_read(void)
     return (uint16_t)(lo | hi << 8);
 }
 
-static uint64_t pit_measure_khz(void)
+/* One window of CALIBRATE_TICKS; 0 when the PIT does not count. */
+static uint64_t pit_measure_once(void)
 {
     outb(0x43, 0x30); /* channel 0, lobyte/hibyte, mode 0 (counts down once from 0xffff) */
     outb(0x40, 0xff);
@@ -39,6 +44,27 @@ static uint64_t pit_measure_khz(void)
         }
     }
     return 0;
+}
+
+/* The median of CALIBRATE_WINDOWS windows: a window or two the host disturbed do not count. */
+static uint64_t pit_measure_khz(void)
+{
+    uint64_t k[CALIBRATE_WINDOWS];
+    for (unsigned i = 0; i < CALIBRATE_WINDOWS; i++) {
+        k[i] = pit_measure_once();
+        if (k[i] == 0)
+            return 0;
+        for (unsigned j = i; j > 0 && k[j - 1] > k[j]; j--) { /* insertion sort */
+            uint64_t t = k[j];
+            k[j] = k[j - 1];
+            k[j - 1] = t;
+        }
+    }
+    uint64_t median = k[CALIBRATE_WINDOWS / 2];
+    if (k[CALIBRATE_WINDOWS - 1] - k[0] > median / 10)
+        kprintf("blimp: TSC calibration windows disagree (%lu..%lu kHz): using the median\n",
+                (unsigned long)k[0], (unsigned long)k[CALIBRATE_WINDOWS - 1]);
+    return median;
 }
 
 static uint64_t cpuid_khz(void)

@@ -593,6 +593,31 @@ static void test_init_starts_toward_preset_target(void **state)
     env_free(e);
 }
 
+static void test_unseen_events(void **state)
+{
+    (void)state;
+    /* What a loop asks when no interrupt came: does the device hold work the driver has not
+     * seen? A target the driver has not read, then used buffers it has not collected. */
+    struct env *e = env_up(false, MODERN);
+    assert_int_equal(balloon_unseen_events(&e->b), 0);
+    fake_balloon_set_target(&e->fb, 300);
+    assert_int_equal(balloon_unseen_events(&e->b), BALLOON_EV_CONFIG);
+    e->fb.hold[FB_INFLATE] = true;
+    balloon_poll(&e->b, BALLOON_EV_CONFIG); /* reads the target, sends buffers the device holds */
+    assert_int_equal(balloon_unseen_events(&e->b), 0);
+    assert_true(fake_balloon_answer(&e->fb, FB_INFLATE, 1) == 1);
+    assert_int_equal(balloon_unseen_events(&e->b), BALLOON_EV_QUEUE);
+    fake_balloon_set_target(&e->fb, 200);
+    assert_int_equal(balloon_unseen_events(&e->b), BALLOON_EV_QUEUE | BALLOON_EV_CONFIG);
+    e->fb.hold[FB_INFLATE] = false;
+    fake_balloon_answer(&e->fb, FB_INFLATE, 1000);
+    settle(e);
+    assert_int_equal(balloon_unseen_events(&e->b), 0);
+    assert_int_equal(e->b.actual, 200);
+    assert_clean(e);
+    env_free(e);
+}
+
 /* ---- Inflate / deflate ---------------------------------------------------------------------- */
 
 static void round_trip(struct env *e)
@@ -3039,6 +3064,7 @@ int main(void)
         cmocka_unit_test(test_init_features_refused),
         cmocka_unit_test(test_init_implied_queue_missing),
         cmocka_unit_test(test_init_starts_toward_preset_target),
+        cmocka_unit_test(test_unseen_events),
         cmocka_unit_test(test_inflate_deflate_round_trip),
         cmocka_unit_test(test_round_trip_qemu72_small_buffers),
         cmocka_unit_test(test_odd_pfns_per_buffer_keeps_block_lists_aligned),

@@ -4,15 +4,19 @@ For each machine (default pc and q35) and each blimp.irq mode (auto = interrupts
 boot a guest with a virtio balloon, let it settle, then read the agent's `state` twice
 over an idle window (default 8 s): the device accesses a hypervisor has to trap ("exits",
 counted by the guest's transport: config reads, ISR reads, notifies, status/queue
-registers) and the interrupts the guest took, per second. Polling re-reads
+registers) and the interrupts the guest took, per second, and the CPU time QEMU used
+meanwhile (percent of one core: what the idle guest really costs). Polling re-reads
 the ISR and the config every millisecond; with interrupts an idle guest sleeps in hlt and
-should touch the device not at all.
+touches the device only for its bounded look (one ISR read every 100 ms: a lost interrupt
+costs at most that long). The floor: an idle guest with interrupts costs at most 5 % of a
+core (`IDLE_CPU_FLOOR`), checked in the same run as the polling control.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -22,7 +26,16 @@ from .session import SESSION_ERRORS, BalloonSession, describe_failure
 
 COLUMNS = [("config_reads", "config rd/s"), ("isr_reads", "ISR rd/s"),
            ("notifies", "notify/s"), ("status", "status/s"), ("irq_device", "dev irq/s"),
-           ("irq_timer", "timer irq/s")]
+           ("irq_timer", "timer irq/s"), ("irq_looks", "looks/s"), ("cpu_pct", "QEMU CPU %")]
+#: the most an idle guest waiting on interrupts may cost, in percent of one core
+IDLE_CPU_FLOOR = 5.0
+
+
+def qemu_cpu_seconds(pid: int) -> float:
+    """User + system CPU time QEMU has used so far (/proc/<pid>/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +57,9 @@ def measure(session: BalloonSession, window: float) -> dict:
     t0 = time.monotonic()
     a = session.state()
     t1 = time.monotonic()
+    cpu0 = qemu_cpu_seconds(session.qemu.pid)
     time.sleep(window)
+    cpu1 = qemu_cpu_seconds(session.qemu.pid)
     t2 = time.monotonic()
     b = session.state()
     t3 = time.monotonic()
@@ -52,8 +67,9 @@ def measure(session: BalloonSession, window: float) -> dict:
     # stall when the host's steps back (QEMU keeps it monotonic), inflating guest-time rates.
     dt = (t2 + t3) / 2 - (t0 + t1) / 2
     rates = {k: (b["exits"][k] - a["exits"][k]) / dt for k in b["exits"]}
-    for k in ("device", "spurious", "timer", "sleeps", "agent"):
-        rates["irq_" + k] = (b["irq"][k] - a["irq"][k]) / dt
+    for k in ("device", "spurious", "timer", "sleeps", "agent", "looks", "missed"):
+        rates["irq_" + k] = (b["irq"].get(k, 0) - a["irq"].get(k, 0)) / dt
+    rates["cpu_pct"] = 100.0 * (cpu1 - cpu0) / window
     rates["guest_s"] = (b["irq"]["uptime_ns"] - a["irq"]["uptime_ns"]) / 1e9
     rates["host_s"] = dt
     rates["mode"] = b["irq"]["mode"]
@@ -90,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print("%-5s %-10s %-6s" % (r["machine"], r["option"], r["mode"]) + "".join(
             " %12.1f" % r[k] for k, _ in COLUMNS))
+    for r in results:
+        if r["mode"] != "poll":
+            ok = r["cpu_pct"] <= IDLE_CPU_FLOOR
+            failed += not ok
+            print("%s %s: idle with interrupts costs %.1f %% of a core (floor %.0f %%): %s"
+                  % (r["machine"], r["option"], r["cpu_pct"], IDLE_CPU_FLOOR,
+                     "ok" if ok else "OVER"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

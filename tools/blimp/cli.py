@@ -11,6 +11,7 @@
     python3 -m blimp bench-exits [--machines pc,q35] [--modes auto,poll] [--window 8]
     python3 -m blimp stress [--vms 2] [--seed 1] [--ops N | --seconds 20] [--storm all]
     python3 -m blimp conform [--matrix quick|full] [--machine M --transport T ...] [-j N]
+    python3 -m blimp soak [--runs 200] [-j 2] [--hogs N] [--seed 1] [--irq auto|poll]
 
 (with tools/ on PYTHONPATH; ./blimp does that).  `run` streams the guest's serial
 console (COM1) to stdout and exits with: 0 guest success (0x10); the guest code
@@ -31,7 +32,7 @@ from typing import List, Optional
 
 from . import (balloon_targets, bench_backed, bench_balloon, bench_boot, bench_chunks,
                bench_exits, bench_migration, bench_reporting, conform, demo, exitcodes, fuzz,
-               stress_runner)
+               soak, stress_runner)
 from .options import add_qemu_options, qemu_from_args
 from .qemu import QemuError
 
@@ -97,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 SUBCOMMANDS = [add_run, bench_boot.add_parser, demo.add_parser, balloon_targets.add_parser,
                bench_balloon.add_parser, bench_chunks.add_parser, bench_backed.add_parser,
                bench_migration.add_parser, bench_reporting.add_parser, bench_exits.add_parser,
-               fuzz.add_parser, stress_runner.add_parser, conform.add_parser]
+               fuzz.add_parser, stress_runner.add_parser, conform.add_parser, soak.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
