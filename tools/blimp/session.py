@@ -130,7 +130,12 @@ class BalloonSession:
         `free_page_hint` offers FREE_PAGE_HINT (with the iothread QEMU needs for it).
         `start_mode` is one of START_MODES; `start_target` a balloon size in bytes asked
         for (QMP balloon) as soon as QMP connects, before the guest runs when paused.
-        Further keywords (smp, machine_opts, extra_args, ...) go to Qemu."""
+        Further keywords (smp, machine_opts, extra_args, ...) go to Qemu; Qemu's own
+        `paused=True`, as callers passed it before start modes, means start_mode="paused"."""
+        if qemu_options.pop("paused", False):
+            if start_mode not in ("ready", "paused"):
+                raise ValueError("paused=True contradicts start_mode=%r" % start_mode)
+            start_mode = "paused"
         if start_mode not in START_MODES:
             raise ValueError("start_mode must be one of %s, not %r" % (START_MODES, start_mode))
         opts = list(balloon_opts)
