@@ -91,6 +91,15 @@ def kernel_bytes(images):
     return {k: guest.image_footprint(p) for k, p in images.items()}
 
 
+#: how balloon_vm sessions start unless a test says otherwise: as real hosts do, without
+#: waiting for the guest.  Session.start() returns once QMP and the agent's socket are
+#: connected, so a test's first QMP action races the guest's bring-up (its driver, its
+#: interrupt set-up); what the guest said at bring-up (features, transport, the agent's
+#: readiness) is waited for on first use.  A test that must see bring-up first passes
+#: start_mode="ready" and says why.
+DEFAULT_START_MODE = "immediate"
+
+
 @pytest.fixture
 def balloon_vm(pytestconfig, images, request, tmp_path_factory):
     """Factory of blimp.session.BalloonSession runs (pvh image unless image="mb1", balloon +
@@ -98,13 +107,15 @@ def balloon_vm(pytestconfig, images, request, tmp_path_factory):
     ``with balloon_vm(machine="pc", balloon_opts=[...], append="...") as vm:``.
     What it adds for pytest: the accelerator and timeout scale of the command line,
     every run's serial log in pytest's temp dir, a longer serial tail in failure
-    messages, and every QEMU closed at the end of the test even if the test forgot."""
+    messages, every QEMU closed at the end of the test even if the test forgot, and a
+    host-first start (DEFAULT_START_MODE; start_mode= and start_target= as the session's)."""
     made = []
     log_dir = tmp_path_factory.mktemp("balloon")
     scale = pytestconfig.getoption("timeout_scale")
 
     def make(machine="q35", memory="1G", balloon_opts=(), append="",
-             timeout=120.0, kernel="pvh", **qemu_options) -> BalloonSession:
+             timeout=120.0, kernel="pvh", start_mode=DEFAULT_START_MODE, start_target=None,
+             **qemu_options) -> BalloonSession:
         """kernel: an image name of guest.IMAGES, a path, or None for a firmware boot from
         qemu_options' cdrom= or disk= (see blimp.images)."""
         name = "%s-%d.log" % (request.node.name, len(made))
@@ -114,7 +125,8 @@ def balloon_vm(pytestconfig, images, request, tmp_path_factory):
                                  accel=pytestconfig.getoption("accel"),
                                  timeout=timeout * scale, boot_timeout=30.0 * scale,
                                  serial_log=os.path.join(str(log_dir), log_name),
-                                 context_lines=40, **qemu_options)
+                                 context_lines=40, start_mode=start_mode,
+                                 start_target=start_target, **qemu_options)
         made.append(session)
         return session
 

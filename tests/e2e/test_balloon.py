@@ -239,6 +239,37 @@ def test_deflate_on_oom(balloon_vm, case):
         vm.quit()
 
 
+# ------------------------------------------------------------ host first
+
+HOST_FIRST = [("q35-modern", "q35", []), ("pc-legacy-dev", "pc", ["disable-modern=on"]),
+              ("microvm-mmio", "microvm", [])]
+
+
+@pytest.mark.parametrize("start_mode", ["paused", "immediate"])
+@pytest.mark.parametrize("name,machine,dev_opts", HOST_FIRST, ids=[c[0] for c in HOST_FIRST])
+def test_target_before_the_guest_runs(balloon_vm, name, machine, dev_opts, start_mode):
+    """Hosts do not wait for the guest.  "paused" is libvirt's start: QEMU -S, the target
+    set over QMP, then cont; "immediate" sets it while the guest is still bringing up its
+    driver and interrupts.  Either way the guest reaches the target (query-balloon and its
+    balloon_reached agree), then follows the next one, and deflating gives every page
+    back."""
+    early = 192 * MiB
+    with balloon_vm(machine=machine, memory="512M", balloon_opts=dev_opts,
+                    start_mode=start_mode, start_target=early) as vm:
+        if start_mode == "paused":
+            vm.cont()
+        r = vm.wait_balloon(early, timeout=30)
+        assert r.reached is not None and r.reached["actual_pages"] == early // PAGE, r
+        st = vm.check_balloon(early)
+        assert st["balloon"]["target_pages"] == early // PAGE
+        vm.resize(64 * MiB, timeout=30)
+        vm.check_balloon(64 * MiB)
+        vm.resize(0, timeout=30)
+        vm.check_balloon(0)
+        vm.check_no_violation()
+        vm.quit()
+
+
 # ------------------------------------------------------------ impossible target
 
 @pytest.mark.parametrize("machine,dev_opts", [("q35", []), ("pc", ["disable-modern=on"])],

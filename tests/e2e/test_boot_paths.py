@@ -67,8 +67,10 @@ def test_boot_path_balloon_roundtrip(balloon_vm, build_dir, kernel_bytes, path, 
                                      variant):
     cmdline, waits = CMDLINES[variant]
     protocol, ovmf, _ = PATHS[path]
+    # "ready": the test reads what the guest printed at bring-up (boot, memmap, buddy) as
+    # soon as the session starts, so it needs the guest to have got that far first
     with balloon_vm(machine=machine, memory=MEMORY, timeout=180.0, extra_args=list(extra),
-                    **images.boot_media(path, cmdline, build_dir)) as vm:
+                    start_mode="ready", **images.boot_media(path, cmdline, build_dir)) as vm:
         boot = vm.events("boot")
         assert len(boot) == 1, vm.context()
         assert boot[0]["protocol"] == protocol, (

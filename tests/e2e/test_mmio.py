@@ -38,6 +38,7 @@ CASES = [
 
 
 def _device_event(vm) -> dict:
+    vm.wait_event("virtio_device", timeout=30)      # a host-first start returns before it
     evs = vm.events("virtio_device")
     assert len(evs) == 1, "expected one virtio_device event, got %r\n%s" % (evs, vm.context())
     return evs[0]

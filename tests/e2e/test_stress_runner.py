@@ -61,9 +61,12 @@ def test_two_guests_every_storm(images, pytestconfig, tmp_path):
         done = g["done"]
         assert g["ok"] and not g["failures"] and g["failure"] is None, (g, out)
         assert done is not None and done["seed"] == 21 + g["index"], g
-        # the host's last target is 0: free pages after == before, literally
-        assert done["free_pages_after"] == done["free_pages_before"], done
-        assert done["balloon_pages_after"] == done["balloon_pages_before"] == 0, done
+        # the host's last target is 0: the balloon ends empty, and free pages after are
+        # those before plus what the balloon held then (the runner's first storm races the
+        # guest's bring-up, so the balloon may already hold pages when the storm starts)
+        assert done["balloon_pages_after"] == 0, done
+        assert (done["free_pages_after"]
+                == done["free_pages_before"] + done["balloon_pages_before"]), done
         assert done["settled"] is True, done
         assert done["pages_verified"] > 0 and done["ops_per_s"] > 0, done
         acts = g["actions"]
@@ -163,7 +166,10 @@ def test_live_migrations_with_hinting_on_reference_host(images, pytestconfig, tm
     for g in rep["guests"]:
         done = g["done"]
         assert g["ok"] and done is not None, (g, out)
-        assert done["free_pages_after"] == done["free_pages_before"], done
+        # the balloon may hold pages when the storm starts (the runner acts at once)
+        assert done["balloon_pages_after"] == 0, done
+        assert (done["free_pages_after"]
+                == done["free_pages_before"] + done["balloon_pages_before"]), done
         assert len(g["migrations"]) >= 1, g
         hint_rounds += len(_serial_events(serial, g["index"], "balloon_hint_start"))
     assert hint_rounds >= 1, out

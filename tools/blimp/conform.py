@@ -779,13 +779,17 @@ def run_config(cfg: Config, *, kernel: str = DEFAULT_KERNEL, accel: str = "auto"
 
         _, timed_out = pump(lines, responder, t0 + timeout)
         if timed_out:
+            d = session.diagnose()     # before close(): why the guest went quiet
             res.reasons.append("no exit within %.0f s (hard per-configuration timeout)"
                                % timeout)
+            res.reasons.append(d.report())
         else:
             session.qemu.wait(timeout=10)
             res.outcome = session.qemu.outcome
     except SESSION_ERRORS as e:
         res.reasons.append("runner: %s" % (getattr(e, "reason", None) or str(e)).splitlines()[0])
+        if getattr(e, "diagnosis", None) is not None:      # the session gave up on the guest
+            res.reasons.append("\n".join(["diagnosis facts:"] + e.diagnosis.facts))
     except Exception as e:        # a runner bug must not lose the other configurations
         res.reasons.append("runner error: %r" % (e,))
     finally:

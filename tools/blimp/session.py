@@ -14,8 +14,23 @@
 
 demo, balloon, bench-balloon and the e2e tests all drive the guest through this class.
 Every failure is a SessionError whose message carries the context (QEMU's state and
-stderr, the serial tail, the agent transcript) captured when it happened.  Leaving the
-``with`` block always ends QEMU (by PID).
+stderr, the serial tail, the agent transcript) captured when it happened; when the session
+gives up on a silent guest (a target, an event or an agent reply that never came) it also
+carries blimp.diagnose's verdict of why.  Leaving the ``with`` block always ends QEMU (by
+PID).
+
+Hosts do not wait for the guest: libvirt starts QEMU with -S, sets the balloon target over
+QMP and then `cont`s, and a host may move the target while the guest's driver is still
+coming up.  `start_mode` picks how much start() waits (START_MODES); `start_target` sets a
+target right after QMP connects, before the guest has done anything:
+
+    with BalloonSession(kernel, start_mode="paused", start_target=256 * MiB) as s:
+        s.cont()                               # libvirt's start: target first, then run
+        s.wait_balloon(256 * MiB)              # query-balloon and balloon_reached agree
+        s.check("ping")                        # waits for the agent's ready line first
+
+What the guest says at bring-up (`features`, `accepted`, `transport`, the agent's
+readiness) is then waited for on first use.
 """
 
 from __future__ import annotations
@@ -25,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import exitcodes, guestlog
-from .agent import Agent, AgentConnectionError, AgentError
-from .balloon import DEFAULT_POLL_S, Balloon, BalloonTimeout
-from .qemu import HINT_IOTHREAD, Qemu, QemuError, free_page_hint_opts
+from .agent import Agent, AgentConnectionError, AgentError, AgentTimeout
+from .balloon import DEFAULT_POLL_S, Balloon, BalloonAborted, BalloonTimeout
+from .diagnose import Diagnosis, diagnose
+from .qemu import HINT_IOTHREAD, Qemu, QemuError, SerialTimeout, free_page_hint_opts
 from .qmp import QMPConnectionError, QMPError, QMPTimeout
 from .units import GiB, PAGE, mib, page_round
 
@@ -40,16 +56,24 @@ REACHED_EVENT_TIMEOUT_S = 10.0
 MIGRATION_BANDWIDTH = 10 * GiB
 #: query-migrate states after which nothing more happens
 MIGRATION_END_STATES = ("completed", "failed", "cancelled")
+#: how start() begins.  "ready": return once the guest's balloon driver is up (its
+#: balloon_features event) and its agent answers.  "immediate": return as soon as QEMU runs
+#: and QMP and the agent's socket are connected, awaiting nothing the guest says, so the
+#: first QMP action races the guest's bring-up.  "paused": QEMU starts with -S and start()
+#: returns with the VM paused and QMP connected (cont() runs it), as libvirt does.
+START_MODES = ("ready", "immediate", "paused")
 
 
 class SessionError(Exception):
     """A step of a balloon session failed: `reason` says which, `context` what QEMU,
     the guest and the agent showed at that moment."""
 
-    def __init__(self, reason: str, context: str = "") -> None:
+    def __init__(self, reason: str, context: str = "",
+                 diagnosis: Optional[Diagnosis] = None) -> None:
         super().__init__(reason + ("\n" + context if context else ""))
         self.reason = reason
         self.context = context
+        self.diagnosis = diagnosis      # why the guest was silent, when the session gave up
 
 
 #: what a session step can raise; callers that report any failure catch these
@@ -98,26 +122,40 @@ class BalloonSession:
                  accel: str = "auto", append: str = "", balloon_opts: Sequence[str] = (),
                  timeout: float = 120.0, boot_timeout: float = 30.0,
                  serial_log: Optional[str] = None, context_lines: int = 15,
-                 free_page_hint: bool = False, **qemu_options: Any) -> None:
+                 free_page_hint: bool = False, start_mode: str = "ready",
+                 start_target: Optional[int] = None, **qemu_options: Any) -> None:
         """`timeout` is QEMU's hard deadline, `boot_timeout` how long the guest may take
         to bring up its balloon driver and agent, `serial_log` a file for the raw
         console, `context_lines` the serial tail that failure messages show,
         `free_page_hint` offers FREE_PAGE_HINT (with the iothread QEMU needs for it).
-        Further keywords (smp, machine_opts, extra_args, ...) go to Qemu."""
+        `start_mode` is one of START_MODES; `start_target` a balloon size in bytes asked
+        for (QMP balloon) as soon as QMP connects, before the guest runs when paused.
+        Further keywords (smp, machine_opts, extra_args, ...) go to Qemu; Qemu's own
+        `paused=True`, as callers passed it before start modes, means start_mode="paused"."""
+        if qemu_options.pop("paused", False):
+            if start_mode not in ("ready", "paused"):
+                raise ValueError("paused=True contradicts start_mode=%r" % start_mode)
+            start_mode = "paused"
+        if start_mode not in START_MODES:
+            raise ValueError("start_mode must be one of %s, not %r" % (START_MODES, start_mode))
         opts = list(balloon_opts)
         if free_page_hint:
             opts += free_page_hint_opts()
             qemu_options.setdefault("iothread", HINT_IOTHREAD)
         self.qemu = Qemu(kernel, machine=machine, memory=memory, accel=accel,
                          append=append or None, balloon=True, balloon_opts=opts,
-                         agent=True, timeout=timeout, serial_log=serial_log, **qemu_options)
+                         agent=True, timeout=timeout, serial_log=serial_log,
+                         paused=start_mode == "paused", **qemu_options)
         self.ram = self.qemu.memory_bytes
         self.boot_timeout = boot_timeout
         self.serial_log = serial_log
         self.context_lines = context_lines
-        self.agent: Optional[Agent] = None
+        self.start_mode = start_mode
+        self.start_target = start_target
+        self.paused = False             # started paused and not cont()ed yet
+        self.agent: Optional[Agent] = None      # connected; see _ready_agent()
         self._balloon: Optional[Balloon] = None
-        self.features: dict = {}        # the driver's balloon_features event
+        self._features: Optional[dict] = None  # the driver's balloon_features event
         # serial lines of the QEMUs the guest has migrated away from: session line numbers
         # (mark, since) run on through the destination's lines
         self._earlier_lines: List[str] = []
@@ -126,24 +164,45 @@ class BalloonSession:
     # ------------------------------------------------------------ lifetime
 
     def start(self, wait_ready: bool = True) -> BalloonSession:
-        """Boot; return once the balloon driver is up and the agent answers.  Without
-        `wait_ready` return as soon as QMP and the agent's socket are connected, waiting
-        for nothing the guest says (a mode that is not balloon mode: conform)."""
+        """Boot, connect QMP and the agent's socket, ask for `start_target` if given, and
+        return as `start_mode` says: "ready" once the balloon driver is up and the agent
+        answers, "immediate" at once, "paused" at once with the VM not yet run.  Without
+        `wait_ready` a "ready" session starts as "immediate" (a mode that is not balloon
+        mode: conform waits for nothing the guest says)."""
         self.qemu.start()
         try:
             # connect first: what the guest sends on COM2 before that is lost
-            agent = self.qemu.agent_client(timeout=self.boot_timeout, ready=False)
-            if wait_ready:
-                self.features = self.qemu.wait_event("balloon_features",
-                                                     timeout=self.boot_timeout)
-                agent = self.qemu.agent_client(timeout=self.boot_timeout)
-            self.agent = agent
+            self.agent = self.qemu.agent_client(timeout=self.boot_timeout, ready=False)
             self._balloon = Balloon.of(self.qemu)
-        except SESSION_ERRORS as e:
-            failure = self.failure("the guest did not come up: %s" % _reason(e))
+            self.paused = self.start_mode == "paused"
+            if self.start_target is not None:
+                self._balloon.set_size(self.start_target)
+            if wait_ready and self.start_mode == "ready":
+                self.wait_ready()
+        except SESSION_ERRORS + (ValueError,) as e:
+            reason = "the guest did not come up: %s" % _reason(e)
+            if isinstance(e, SessionError):
+                failure = SessionError(reason, e.context, e.diagnosis)
+            else:
+                failure = self.failure(reason)
             self.close()
             raise failure from None
         return self
+
+    def wait_ready(self) -> BalloonSession:
+        """Wait until the balloon driver is up (its balloon_features event) and the agent
+        answers: what a "ready" start does before returning, for the other modes."""
+        self._features_event()
+        self._ready_agent()
+        return self
+
+    def cont(self) -> None:
+        """Run a VM started with start_mode="paused" (QMP cont): the guest boots now."""
+        try:
+            self.qemu.qmp().execute("cont")
+        except (QMPError, QMPTimeout, QMPConnectionError, QemuError) as e:
+            raise self.failure("cont: %s" % e) from None
+        self.paused = False
 
     def close(self) -> None:
         """End QEMU if it still runs, close the clients and remove the temp dir."""
@@ -166,6 +225,28 @@ class BalloonSession:
             raise self.failure("the session is not started")
         return self._balloon
 
+    def _still_paused(self) -> bool:
+        """Started paused and not run since (a cont over raw QMP counts too): nothing the
+        guest would say can come."""
+        if self.paused:
+            try:
+                self.paused = not self.qemu.qmp().execute("query-status").get("running")
+            except SESSION_ERRORS:
+                pass
+        return self.paused
+
+    @property
+    def features(self) -> dict:
+        """The driver's balloon_features event (waited for on first use)."""
+        return self._features_event()
+
+    def _features_event(self) -> dict:
+        if self._features is None:
+            if self._still_paused():
+                raise self.failure("balloon_features: the VM is paused (cont() it first)")
+            self._features = self.wait_event("balloon_features", timeout=self.boot_timeout)
+        return self._features
+
     @property
     def accepted(self) -> int:
         """The feature bits the driver accepted."""
@@ -180,6 +261,18 @@ class BalloonSession:
     def failure(self, reason: str) -> SessionError:
         """A SessionError for `reason` with the context as of now (raise it)."""
         return SessionError(reason, self.context())
+
+    def gave_up(self, reason: str) -> SessionError:
+        """A SessionError for a guest that went silent (raise it): the reason ends with
+        blimp.diagnose's verdict of why, and the context starts with its facts.  Takes
+        about a second (two samples of the vCPU and the device)."""
+        d = self.diagnose()
+        return SessionError("%s; %s" % (reason, d.verdict), d.report() + "\n" + self.context(),
+                            d)
+
+    def diagnose(self) -> Diagnosis:
+        """Why the guest is silent now (blimp.diagnose; never raises)."""
+        return diagnose(self.qemu, lines=self.lines)
 
     def context(self, lines: Optional[int] = None) -> str:
         """QEMU's command line, state and stderr, the serial tail and the agent's
@@ -255,6 +348,8 @@ class BalloonSession:
         try:
             return self.qemu.wait_event(name, predicate, timeout=timeout,
                                         start=max(0, since - len(self._earlier_lines)))
+        except SerialTimeout as e:
+            raise self.gave_up(str(e)) from None
         except QemuError as e:
             raise self.failure(str(e)) from None
 
@@ -266,13 +361,32 @@ class BalloonSession:
     # ------------------------------------------------------------ agent
 
     def cmd(self, line: str, timeout: float = 60.0) -> dict:
-        """Send one agent command line; its JSON reply (``ok`` may be false)."""
-        if self.agent is None:
-            raise self.failure("agent %r: the session is not started" % line)
+        """Send one agent command line; its JSON reply (``ok`` may be false).  Sent only
+        once the agent has said it is ready (see _ready_agent)."""
+        agent = self._ready_agent("agent %r" % line)
         try:
-            return self.agent.cmd(line, timeout)
+            return agent.cmd(line, timeout)
+        except AgentTimeout as e:
+            raise self.gave_up("agent %r: %s" % (line, e)) from None
         except AgentError as e:
             raise self.failure("agent %r: %s" % (line, e)) from None
+
+    def _ready_agent(self, what: str = "agent") -> Agent:
+        """The agent, once it has said it listens (agent_ready, or a ping answered):
+        bytes sent to the guest's UART before its agent drains it can be lost, so a
+        host-first session waits for that here, on first use, not in start()."""
+        if self.agent is None:
+            raise self.failure("%s: the session is not started" % what)
+        if not self.agent.ready:
+            if self._still_paused():
+                raise self.failure("%s: the VM is paused (cont() it first)" % what)
+            try:
+                self.agent.wait_ready(self.boot_timeout)
+            except AgentTimeout as e:
+                raise self.gave_up("%s: %s" % (what, e)) from None
+            except AgentError as e:
+                raise self.failure("%s: %s" % (what, e)) from None
+        return self.agent
 
     def check(self, line: str, timeout: float = 60.0) -> dict:
         """cmd(), but a reply without ``ok: true`` is a failure."""
@@ -343,15 +457,44 @@ class BalloonSession:
         try:
             # timed from just before the QMP command
             seconds = balloon.resize(size, timeout, poll, abort=abort)
-        except (BalloonTimeout, QMPError, QMPTimeout, QMPConnectionError, ValueError) as e:
+        except BalloonAborted as e:
+            raise self.failure(str(e)) from None
+        except (BalloonTimeout, QMPTimeout) as e:
+            raise self.gave_up(str(e)) from None
+        except (QMPError, QMPConnectionError, ValueError) as e:
             raise self.failure(str(e)) from None
         reached = None
         if size != previous:     # an unchanged target gives the guest nothing to report
-            pages = size // PAGE
-            reached = self.wait_event("balloon_reached",
-                                      lambda ev: ev.get("actual_pages") == pages,
-                                      timeout=REACHED_EVENT_TIMEOUT_S, since=since)
+            reached = self._reached(size, since)
         return Resize(size, previous, seconds, balloon.polls, reached)
+
+    def wait_balloon(self, balloon_bytes: int, timeout: float = 60.0,
+                     poll: float = DEFAULT_POLL_S, since: int = 0,
+                     stop_if_exhausted: bool = True) -> Resize:
+        """Wait, without asking for anything, until query-balloon shows a balloon of
+        `balloon_bytes` and the guest has logged balloon_reached for that many pages
+        (from serial line `since` on): for a target someone set before (start_target,
+        a raw QMP balloon).  The guest logs reaching every target it is given, its first
+        one at boot included.  `previous` in the result is the size at the first poll."""
+        balloon = self.balloon
+        size = page_round(balloon_bytes)
+        abort = self._exhausted_since(since) if stop_if_exhausted else None
+        try:
+            previous = balloon.size()
+            seconds = balloon.wait_size(size, timeout, poll, abort=abort)
+        except BalloonAborted as e:
+            raise self.failure(str(e)) from None
+        except (BalloonTimeout, QMPTimeout) as e:
+            raise self.gave_up(str(e)) from None
+        except (QMPError, QMPConnectionError, ValueError) as e:
+            raise self.failure(str(e)) from None
+        return Resize(size, previous, seconds, balloon.polls, self._reached(size, since))
+
+    def _reached(self, size: int, since: int) -> dict:
+        """The guest's balloon_reached event for a balloon of `size` bytes."""
+        pages = size // PAGE
+        return self.wait_event("balloon_reached", lambda ev: ev.get("actual_pages") == pages,
+                               timeout=REACHED_EVENT_TIMEOUT_S, since=since)
 
     def check_balloon(self, balloon_bytes: int) -> dict:
         """query-balloon, the guest's state and the target all say `balloon_bytes`, and

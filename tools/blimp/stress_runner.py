@@ -17,6 +17,12 @@ in turn from --storm:
   oom       a target of nearly all RAM: the guest's own allocations then run it out of
             memory and the balloon deflates on OOM
 
+The start: like a real host, the runner does not wait for the guest.  Each session starts
+"immediate" (BalloonSession start_mode): QMP and the agent's socket connected, nothing the
+guest says awaited, and the first storm begins at once, racing the guest's bring-up (its
+driver, its interrupt set-up, the start of its own storm).  Agent commands wait for the
+agent's ready line on first use.
+
 The end (quiescence): every guest is started with a long ``blimp.stress.settle_ms``, so once
 its operations are done it waits for the balloon to be at rest (no buffer or hint round in
 flight, actual == target).  The host watches the guest's stress_progress events and starts
@@ -207,9 +213,9 @@ class GuestRun(threading.Thread):
             if self.ended or not self.session.running():
                 return
             if time.monotonic() >= deadline:
-                raise StormFailure("balloon of %d MiB not reached in %.0f s (query-balloon %d "
-                                   "MiB)" % (size >> 20, timeout,
-                                             self.session.balloon.size() >> 20))
+                raise self.session.gave_up(
+                    "balloon of %d MiB not reached in %.0f s (query-balloon %d MiB)"
+                    % (size >> 20, timeout, self.session.balloon.size() >> 20))
             time.sleep(0.02)
 
     def wait_event(self, name: str, since: int, timeout: float = ACTION_TIMEOUT_S) -> dict:
@@ -222,7 +228,7 @@ class GuestRun(threading.Thread):
             if self.ended or not self.session.running():
                 return {}
             if time.monotonic() >= deadline:
-                raise StormFailure("no %s event within %.0f s" % (name, timeout))
+                raise self.session.gave_up("no %s event within %.0f s" % (name, timeout))
             time.sleep(0.02)
 
     # ------------------------------------------------------------ storms
@@ -296,16 +302,19 @@ class GuestRun(threading.Thread):
             a.kernel, machine=a.machine, memory=a.memory, accel="tcg", append=self.append(),
             balloon_opts=["deflate-on-oom=on"], free_page_hint=hint,
             timeout=(a.seconds or 60) + END_TIMEOUT_S + 300, boot_timeout=60, qemu=a.qemu,
-            context_lines=30, serial_log=(os.path.join(a.serial_dir, "vm%d.log" % self.index)
-                                          if a.serial_dir else None))
+            context_lines=30, start_mode="immediate",
+            serial_log=(os.path.join(a.serial_dir, "vm%d.log" % self.index)
+                        if a.serial_dir else None))
         try:
             with self.session:
+                # no waiting for the guest's stress_start (nor its driver or interrupts):
+                # the first storm races its bring-up, as a real host's first target would
                 self.phase = "running"
-                self.session.wait_event("stress_start", timeout=60)
                 self.storm_loop()
                 self.phase = "ending"
                 self.finish()
-                self.r.context = self.session.context(40)
+                if not self.r.context:          # finish() keeps a timeout's diagnosis
+                    self.r.context = self.session.context(40)
         except SESSION_ERRORS + (StormFailure,) as e:
             reason, context = describe_failure(self.session, e)
             self.scan()
@@ -380,8 +389,10 @@ class GuestRun(threading.Thread):
             self.scan()
             time.sleep(0.1)
         if s.running():
-            self.fail("timeout: the guest did not end within %.0f s of the host's last storm"
-                      % (END_TIMEOUT_S + (self.args.seconds or 0)))
+            d = s.diagnose()
+            self.fail("timeout: the guest did not end within %.0f s of the host's last storm; %s"
+                      % (END_TIMEOUT_S + (self.args.seconds or 0), d.verdict))
+            self.r.context = d.report() + "\n" + s.context(40)
             s.close()
         s.qemu.wait(timeout=10)
         self.scan()
