@@ -2,7 +2,7 @@
  * Balloon mode's event loop. With interrupts (blimp.irq=auto and a usable line) the CPU sleeps
  * in `sti; hlt` until the device interrupts (its handler reads the ISR, which acknowledges it and
  * drops a level line, and keeps the bits), the agent's UART receives a byte, the LAPIC timer
- * reaches the balloon's next deadline, or LOOK_NS have passed: then the loop looks at the device
+ * reaches the balloon's next deadline, or look_ns have passed: then the loop looks at the device
  * itself, so a lost interrupt costs at most that long and is counted (irq_missed), never a
  * hang. Everything else runs with interrupts off, so handlers never race the loop. Polling
  * (blimp.irq=poll, or no line) re-reads the ISR and the config every millisecond and never
@@ -22,9 +22,10 @@
 
 #define DEVICE_POLL_NS (1000ull * 1000)      /* polling: re-read the ISR and num_pages every ms */
 #define AGENT_POLL_NS  (10ull * 1000 * 1000) /* the agent without its interrupt */
-/* The longest the loop trusts interrupts alone: then it looks at the device (ISR, or with
- * MSI-X the used rings and the config). 10 looks a second: one or two exits each. */
-#define LOOK_NS (100ull * 1000 * 1000)
+/* The longest the loop trusts interrupts alone (blimp.irq.look_ms, 100 by default): then it
+ * looks at the device (ISR, or with MSI-X the used rings and the config). 10 looks a second:
+ * one or two exits each. 0 never looks (tests: a lost interrupt then hangs, to be diagnosed). */
+static uint64_t look_ns;
 /* How long an interrupt the device raised may take to reach us once interrupts are on. Under
  * TCG the IOAPIC delivers as the device raises; an in-kernel irqchip may lag a little. */
 #define IRQ_ARRIVAL_NS (1000ull * 1000)
@@ -233,7 +234,7 @@ static void emit_wait_event(const char *reason, bool irqs_on)
         }
         json_bool(&j, "agent_irq", agent_irq_routed);
         json_u64(&j, "raised_before_routing", ws.raised_while_masked);
-        json_u64(&j, "look_ms", LOOK_NS / 1000000);
+        json_u64(&j, "look_ms", look_ns / 1000000);
         struct irq_stats is;
         irq_get_stats(&is);
         json_u64(&j, "ioapics", is.n_ioapics);
@@ -313,6 +314,7 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
                       const struct balloon_mode_hook *hook)
 {
     /* First, so that the interrupt hardware is reported even when there is no device. */
+    look_ns = opts->irq_look_ns;
     bool irq_hw = opts->irq == IRQ_AUTO && !(hook && hook->poll_only) && irq_init(rsdp_phys);
     if (find_balloon(opts, &transport) != 0) {
         kprintf("blimp: error: no usable virtio balloon device found "
@@ -374,7 +376,7 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
         }
         /* The bounded look, when nothing announced itself since the last round (work an
          * interrupt announced is not "missed"). Polling looks every ms anyway. */
-        if (irqs && !line_masked && now - last_look >= LOOK_NS) {
+        if (irqs && !line_masked && look_ns && now - last_look >= look_ns) {
             last_look = now;
             if (!pending)
                 pending |= look_at_device();
@@ -416,8 +418,8 @@ void balloon_mode_run(const struct options *opts, uint64_t rsdp_phys,
             deadline = hook_at;
         if (line_masked && last_poll + DEVICE_POLL_NS < deadline)
             deadline = last_poll + DEVICE_POLL_NS;
-        if (!line_masked && last_look + LOOK_NS < deadline)
-            deadline = last_look + LOOK_NS; /* no sleep without a bound */
+        if (!line_masked && look_ns && last_look + look_ns < deadline)
+            deadline = last_look + look_ns; /* no sleep without a bound */
         if (agent && !agent_irq_routed) {
             if (now - last_agent >= AGENT_POLL_NS)
                 last_agent = now;

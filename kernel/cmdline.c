@@ -141,6 +141,11 @@ static const struct option_def option_defs[] = {
      "auto: sleep until a device interrupt, the agent or a deadline (polling when the device has "
      "no usable line) | poll: poll the device every ms",
      0, 0, irq_names},
+    {"blimp.irq.look_ms", OPT_MS_NS, OPT(irq_look_ns), "100",
+     "with interrupts, ms between the guest's own looks at the device (a lost interrupt costs at "
+     "most this; each one found is an irq_missed event), 1..10000; 0 (tests only): never look, "
+     "so a lost interrupt hangs the guest as it did before the look existed",
+     0, 10000, NULL},
     {"blimp.balloon.pfns", OPT_U32, OPT(balloon.pfns_per_buffer), NULL,
      "PFNs per inflate/deflate buffer, 1..65536", 1, 65536, NULL},
     {"blimp.balloon.buffers", OPT_U32, OPT(balloon.buffers), NULL,

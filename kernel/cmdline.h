@@ -70,6 +70,7 @@ struct options {
     enum fault_inject inject;
     enum virtio_choice virtio;
     enum irq_choice irq;
+    uint64_t irq_look_ns;          /* the bounded look's interval; 0 (tests only): never look */
     struct balloon_config balloon; /* the driver's own settings, filled by blimp.balloon.* */
     struct stress_options stress;
     struct conform_options conform;

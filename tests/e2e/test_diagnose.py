@@ -177,6 +177,25 @@ def test_spinning_with_interrupts_off(balloon_vm):
         assert e.context.startswith("diagnosis: guest spinning"), e.context
 
 
+def test_real_lost_wakeup(balloon_vm):
+    """A real lost wake-up: the guest's own look is turned off (blimp.irq.look_ms=0, tests
+    only) and its line masked behind its back (agent lose-irq), so the target's config
+    interrupt never arrives and the guest sleeps on with the device's ISR set. The session's
+    timeout must say exactly that (this is the freeze every early target caused before the
+    fix, captured in diagnose_samples/)."""
+    with balloon_vm(memory="256M", append="blimp.irq.look_ms=0") as vm:
+        assert vm.wait_event("irq", timeout=30)["look_ms"] == 0
+        assert vm.check("lose-irq")["missed"] == 0
+        vm.balloon.set_size(64 * MiB)
+        with pytest.raises(SessionError) as err:
+            vm.wait_balloon(64 * MiB, timeout=2.0)
+        e = err.value
+        assert e.diagnosis is not None and e.diagnosis.case == "lost-wakeup", e
+        assert "guest halted with interrupts on while the device has an interrupt pending " \
+               "(ISR 0x" in e.reason and e.reason.endswith("): lost wake-up"), e.reason
+        vm.quit()
+
+
 def test_asleep_waiting_for_the_host(balloon_vm):
     """An event that never comes from an idle guest: asleep, nothing pending."""
     with balloon_vm(memory="256M") as vm:
