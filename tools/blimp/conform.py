@@ -690,6 +690,10 @@ def evaluate(res: Result, table: Sequence[Deviation] = ()) -> Result:
                 reasons.append("exit 0x10 with %d not ok points" % failed)
             if out.code == exitcodes.TEST_FAILURES and not failed:
                 reasons.append("exit 0x11 without a not ok point")
+    missed = (res.summary_event or {}).get("irq_missed", 0)
+    if missed:
+        reasons.append("the guest found %d device event(s) no interrupt announced (irq_missed)"
+                       % missed)
     if res.transport_seen is not None and res.transport_seen != res.config.expected_transport:
         reasons.append("the guest used %s, the configuration is %s (%s)" % (
             res.transport_seen, res.config.transport, res.config.expected_transport))

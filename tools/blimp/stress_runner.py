@@ -171,6 +171,11 @@ class GuestRun(threading.Thread):
                 self.r.hint_rounds += 1
             elif name in PROBLEM_EVENTS:
                 self.fail("protocol problem: %s" % ev)
+            elif name == "irq_missed":
+                # the guest recovered within its 100 ms look, but a host that drops
+                # interrupts is a finding, never a pass
+                self.fail("lost interrupt: the guest found device work no interrupt announced "
+                          "(%s)" % ev)
         self.pos = len(lines)
 
     def fail(self, what: str) -> None:
