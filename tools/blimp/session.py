@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from . import exitcodes, guestlog
 from .agent import Agent, AgentConnectionError, AgentError, AgentTimeout
@@ -46,6 +46,8 @@ from .diagnose import Diagnosis, diagnose
 from .qemu import HINT_IOTHREAD, Qemu, QemuError, SerialTimeout, free_page_hint_opts
 from .qmp import QMPConnectionError, QMPError, QMPTimeout
 from .units import GiB, PAGE, mib, page_round
+
+T = TypeVar("T")
 
 #: events that mean the host or the device misbehaved
 PROBLEM_EVENTS = ("violation", "balloon_stalled", "device_needs_reset")
@@ -454,15 +456,8 @@ class BalloonSession:
         since = self.mark()
         abort = self._exhausted_since(since) if stop_if_exhausted else None
         size = page_round(balloon_bytes)
-        try:
-            # timed from just before the QMP command
-            seconds = balloon.resize(size, timeout, poll, abort=abort)
-        except BalloonAborted as e:
-            raise self.failure(str(e)) from None
-        except (BalloonTimeout, QMPTimeout) as e:
-            raise self.gave_up(str(e)) from None
-        except (QMPError, QMPConnectionError, ValueError) as e:
-            raise self.failure(str(e)) from None
+        # timed from just before the QMP command
+        seconds = self._balloon_wait(lambda: balloon.resize(size, timeout, poll, abort=abort))
         reached = None
         if size != previous:     # an unchanged target gives the guest nothing to report
             reached = self._reached(size, since)
@@ -479,16 +474,20 @@ class BalloonSession:
         balloon = self.balloon
         size = page_round(balloon_bytes)
         abort = self._exhausted_since(since) if stop_if_exhausted else None
+        previous = self._balloon_wait(balloon.size)
+        seconds = self._balloon_wait(lambda: balloon.wait_size(size, timeout, poll, abort=abort))
+        return Resize(size, previous, seconds, balloon.polls, self._reached(size, since))
+
+    def _balloon_wait(self, step: Callable[[], T]) -> T:
+        """A QMP balloon step; its errors as session failures, a timeout diagnosed."""
         try:
-            previous = balloon.size()
-            seconds = balloon.wait_size(size, timeout, poll, abort=abort)
+            return step()
         except BalloonAborted as e:
             raise self.failure(str(e)) from None
         except (BalloonTimeout, QMPTimeout) as e:
             raise self.gave_up(str(e)) from None
         except (QMPError, QMPConnectionError, ValueError) as e:
             raise self.failure(str(e)) from None
-        return Resize(size, previous, seconds, balloon.polls, self._reached(size, since))
 
     def _reached(self, size: int, since: int) -> dict:
         """The guest's balloon_reached event for a balloon of `size` bytes."""
