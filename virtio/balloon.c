@@ -310,7 +310,7 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
     if (!indirect || max_indirect > size)
         max_indirect = indirect ? size : 0;
     void *mem;
-    uint32_t deviations = 0, first_len = 0, first_id = 0;
+    uint32_t deviations = 0, first_len = 0, first_id = 0, first_out = 0;
     if (again) {
         if (size != vq->size) {
             platform_log("balloon: queue %u (%s) has size %u after the reset, %u before", index,
@@ -322,6 +322,7 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
         deviations = vq->len_deviations;
         first_len = vq->first_dev_len;
         first_id = vq->first_dev_id;
+        first_out = vq->first_dev_out_len;
     } else {
         mem = alloc_zeroed(b->mm, vq_mem_bytes(size, legacy, max_indirect));
         if (!mem) {
@@ -334,6 +335,7 @@ static int setup_queue(struct balloon *b, struct virtqueue *vq, const char *name
     vq->len_deviations = deviations;
     vq->first_dev_len = first_len;
     vq->first_dev_id = first_id;
+    vq->first_dev_out_len = first_out;
     vq_set_strict_len(vq, b->cfg.strict);
     struct vq_addrs a;
     vq_addrs(vq, &a);
@@ -1461,16 +1463,18 @@ static void report_deviations(struct balloon *b)
         if (!present || !vq->len_deviations || (b->dev_reported & 1u << q))
             continue;
         b->dev_reported |= 1u << q;
-        platform_log("balloon: %s[%u] deviates: used len %u on a buffer the device only reads "
-                     "(QEMU before 7.0 reported the bytes it read); counted, not fatal "
-                     "(blimp.balloon.strict=1 makes it fatal)",
-                     vq->name, vq->index, vq->first_dev_len);
+        const char *observed = vq_len_observed(vq->first_dev_len, vq->first_dev_out_len);
+        platform_log("balloon: %s[%u] deviates: used len %u on a %u-byte buffer the device only "
+                     "reads: %s; counted, not fatal (blimp.balloon.strict=1 makes it fatal)",
+                     vq->name, vq->index, vq->first_dev_len, vq->first_dev_out_len, observed);
         struct json j;
         event_begin(&j, "device_deviation");
         json_str(&j, "queue", vq->name);
         json_u64(&j, "index", vq->index);
         json_str(&j, "what", "used_len_on_read_only_buffer");
         json_u64(&j, "len", vq->first_dev_len);
+        json_u64(&j, "buffer_bytes", vq->first_dev_out_len);
+        json_str(&j, "observed", observed);
         json_u64(&j, "count", vq->len_deviations);
         event_emit(&j);
     }

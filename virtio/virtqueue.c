@@ -114,6 +114,15 @@ static void msg_putu(struct msgbuf *m, uint64_t v)
         msg_putc(m, tmp[--n]);
 }
 
+/* A deviating used length against the buffer's readable bytes: 0 the bytes read, 1 the number
+ * of 4-byte entries read (a PFN count), 2 anything else. */
+static unsigned len_kind(uint32_t len, uint32_t out_len)
+{
+    if (len == out_len)
+        return 0;
+    return out_len % 4 == 0 && len == out_len / 4 ? 1 : 2;
+}
+
 /* fmt takes %u (next of args) only; the queue's name and index are prepended. */
 static void vq_break(struct virtqueue *vq, const char *fmt, const uint64_t *args)
 {
@@ -259,6 +268,7 @@ int vq_add(struct virtqueue *vq, const struct vq_seg *segs, unsigned n_out, unsi
     vq->num_free = (uint16_t)(vq->num_free - ndesc);
     vq->slots[head].token = token;
     vq->slots[head].in_len = (uint32_t)in_len;
+    vq->slots[head].out_len = (uint32_t)(total - in_len);
     vq->slots[head].ndesc = (uint16_t)ndesc;
 
     vq->avail->ring[vq->avail_idx & (vq->size - 1)] = head;
@@ -308,6 +318,7 @@ static void free_chain(struct virtqueue *vq, uint16_t head)
     s->ndesc = 0;
     s->token = NULL;
     s->in_len = 0;
+    s->out_len = 0;
 }
 
 void *vq_get_used(struct virtqueue *vq, uint32_t *len)
@@ -355,20 +366,32 @@ void *vq_get_used(struct virtqueue *vq, uint32_t *len)
                      (const uint64_t[]){ulen, id, s->in_len});
             return NULL;
         }
+        if (ulen > s->out_len) {
+            vq_break(vq, "used len %u for id %u exceeds the whole %u-byte buffer (read-only)",
+                     (const uint64_t[]){ulen, id, s->out_len});
+            return NULL;
+        }
         if (vq->strict_len) {
-            vq_break(vq,
-                     "used len %u for id %u on a buffer with no device-writable bytes (a deviation "
-                     "QEMU before 7.0 made; fatal in strict mode)",
-                     (const uint64_t[]){ulen, id});
+            /* vq_break formats %u only: one message per kind of value */
+            static const char *const strict_msg[] = {
+                "used len %u for id %u on a buffer with no device-writable bytes: the bytes read "
+                "(a deviation; fatal in strict mode)",
+                "used len %u for id %u on a buffer with no device-writable bytes: the 4-byte "
+                "entries read, a PFN count (a deviation; fatal in strict mode)",
+                "used len %u for id %u on a buffer with no device-writable bytes: another value "
+                "(a deviation; fatal in strict mode)",
+            };
+            vq_break(vq, strict_msg[len_kind(ulen, s->out_len)], (const uint64_t[]){ulen, id});
             return NULL;
         }
         if (vq->len_deviations++ == 0) {
             vq->first_dev_len = ulen;
             vq->first_dev_id = id;
-            platform_log("virtqueue %s[%u]: used len %u for id %u on a buffer with no "
-                         "device-writable bytes: a deviation (QEMU before 7.0), counted and "
-                         "read as 0",
-                         vq->name ? vq->name : "?", vq->index, ulen, id);
+            vq->first_dev_out_len = s->out_len;
+            platform_log("virtqueue %s[%u]: used len %u for id %u on a %u-byte buffer with no "
+                         "device-writable bytes: %s; a deviation, counted and read as 0",
+                         vq->name ? vq->name : "?", vq->index, ulen, id, s->out_len,
+                         vq_len_observed(ulen, s->out_len));
         }
         ulen = 0;
     }
@@ -441,6 +464,13 @@ bool vq_enable_interrupts(struct virtqueue *vq)
     /* Re-enabling must be visible before we check for entries that slipped in meanwhile. */
     mb();
     return !vq->broken && READ_ONCE16(&vq->used->idx) != vq->last_used;
+}
+
+const char *vq_len_observed(uint32_t len, uint32_t out_len)
+{
+    static const char *const names[] = {"the bytes read", "the 4-byte entries read (a PFN count)",
+                                        "another value"};
+    return names[len_kind(len, out_len)];
 }
 
 void vq_set_strict_len(struct virtqueue *vq, bool strict)

@@ -89,10 +89,11 @@ struct vq_seg {
  * the chain links we follow are never the ones the device could have scribbled on.
  */
 struct vq_slot {
-    void *token;     /* head of a buffer in flight: the caller's token; otherwise NULL */
-    uint32_t in_len; /* head: total device-writable bytes of the buffer */
-    uint16_t next;   /* free list link, or the next descriptor of an in-flight chain */
-    uint16_t ndesc;  /* 0 free, VQ_SLOT_BODY non-head in flight, else head: descriptors used */
+    void *token;      /* head of a buffer in flight: the caller's token; otherwise NULL */
+    uint32_t in_len;  /* head: total device-writable bytes of the buffer */
+    uint32_t out_len; /* head: total device-readable bytes of the buffer */
+    uint16_t next;    /* free list link, or the next descriptor of an in-flight chain */
+    uint16_t ndesc;   /* 0 free, VQ_SLOT_BODY non-head in flight, else head: descriptors used */
 };
 #define VQ_SLOT_BODY 0xffffu
 
@@ -124,10 +125,12 @@ struct virtqueue {
     uint16_t last_used; /* next used entry to consume */
     uint32_t num_added; /* entries published since the last vq_kick_prepare */
     uint32_t in_flight; /* buffers published and not yet used */
-    /* Used-length deviations: a non-zero used length on a buffer with no device-writable bytes
-     * (QEMU before 7.0 reported the bytes it read). Counted and clamped to 0, not fatal. */
+    /* Used-length deviations: a non-zero used length, at most the buffer's size, on a buffer
+     * with no device-writable bytes (QEMU before 7.0 reported the bytes it read, kvmtool the
+     * number of PFNs). Counted and clamped to 0, not fatal. */
     uint32_t len_deviations;
     uint32_t first_dev_len, first_dev_id; /* the first one, for the report */
+    uint32_t first_dev_out_len;           /* that buffer's readable bytes (vq_len_observed) */
     uint16_t detach_cursor;               /* vq_detach_unused scan position */
     char violation[VQ_MSG_MAX];           /* "" until broken */
 };
@@ -193,13 +196,17 @@ bool vq_enable_interrupts(struct virtqueue *vq);
 
 /*
  * Used lengths. A length beyond a buffer's device-writable bytes is a violation (the queue
- * breaks) when the buffer has writable bytes: the device claims to have written past them. On a
- * buffer with no writable bytes at all it is a *deviation*: QEMU before 7.0 reported the bytes it
- * read on the balloon's queues, harmless since nothing is read back. A deviation is counted
+ * breaks) when the buffer has writable bytes: the device claims to have written past them; and
+ * so is a length beyond the whole buffer. On a buffer with no writable bytes at all, a length
+ * within its size is a *deviation*: QEMU before 7.0 reported the bytes it read, kvmtool reports
+ * the number of PFNs, harmless since nothing is read back. A deviation is counted
  * (vq_len_deviations), logged once per queue and treated as length 0; with strict set it breaks
  * the queue like a violation. Default: not strict.
  */
 void vq_set_strict_len(struct virtqueue *vq, bool strict);
+/* What a deviating used length says, against the buffer's readable bytes: "the bytes read",
+ * "the 4-byte entries read (a PFN count)" or "another value". Says what was seen, not who. */
+const char *vq_len_observed(uint32_t len, uint32_t out_len);
 
 /* "conforms", "deviates" (used-length deviations seen) or "violated" (the queue is broken). */
 const char *vq_len_verdict(const struct virtqueue *vq);

@@ -267,8 +267,9 @@ static void raw_readonly(struct raw *r)
     if (!intact)
         verdict(D20, V_VIOLATION, "the device wrote into a device-readable inflate buffer");
     else if (vq_len_deviations(&r->vq))
-        verdict(D20, V_VIOLATION, "used len %u on a read-only inflate buffer (want 0)",
-                r->vq.first_dev_len);
+        verdict(D20, V_VIOLATION, "used len %u on a read-only %u-byte inflate buffer: %s (want 0)",
+                r->vq.first_dev_len, r->vq.first_dev_out_len,
+                vq_len_observed(r->vq.first_dev_len, r->vq.first_dev_out_len));
     else
         verdict(D20, V_CONFORMS, "3 inflate buffers read back as written, used len 0");
 }

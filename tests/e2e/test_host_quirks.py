@@ -38,6 +38,7 @@ def test_old_qemu_used_lengths_are_deviations(balloon_vm, reference_qemu):
         assert sorted(e["queue"] for e in devs) == ["deflateq", "inflateq", "statsq"], devs
         infl = [e for e in devs if e["queue"] == "inflateq"][0]
         assert infl["len"] > 0 and infl["len"] % 4 == 0, infl    # the PFN bytes QEMU read
+        assert infl["len"] == infl["buffer_bytes"] and infl["observed"] == "the bytes read", infl
         vm.verify(pages=HELD // PAGE)
         vm.resize(0)
         vm.check_balloon(0)

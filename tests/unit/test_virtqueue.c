@@ -965,6 +965,35 @@ static void test_used_len_too_large(void **state)
 
 /* A used length on a buffer with no writable bytes is a deviation (QEMU < 7.0), counted and read
  * as 0, on modern and legacy queues alike; one past a writable part still breaks the queue. */
+
+/* What a deviating used length is said to be: what was seen against the buffer, not a host. */
+static void test_used_len_observed(void **state)
+{
+    (void)state;
+    assert_string_equal(vq_len_observed(1024, 1024), "the bytes read");
+    assert_string_equal(vq_len_observed(256, 1024), "the 4-byte entries read (a PFN count)");
+    assert_string_equal(vq_len_observed(7, 1024), "another value");
+    assert_string_equal(vq_len_observed(2, 10), "another value"); /* 10 is no whole PFN count */
+}
+
+/* A used length beyond the whole of a read-only buffer is no deviation: the ring is violated. */
+static void test_used_len_beyond_buffer(void **state)
+{
+    (void)state;
+    struct qenv e;
+    fake_log_echo(false);
+    qenv_setup(&e, 16, false, 0, false, false);
+    assert_int_equal(add1(&e, BUF_ADDR(0), 1024, tok(0)), VQ_OK);
+    assert_int_equal(fake_vq_pop_all(&e.dev), 1);
+    fake_vq_complete(&e.dev, 0, 1025);
+    assert_null(vq_get_used(&e.vq, NULL));
+    assert_true(vq_is_broken(&e.vq));
+    assert_non_null(strstr(vq_violation(&e.vq), "exceeds the whole 1024-byte buffer"));
+    assert_int_equal(vq_len_deviations(&e.vq), 0);
+    qenv_teardown(&e);
+    fake_log_reset();
+    fake_log_echo(true);
+}
 static void test_used_len_deviation(void **state)
 {
     (void)state;
@@ -991,9 +1020,11 @@ static void test_used_len_deviation(void **state)
         assert_false(vq_is_broken(&e.vq));
         assert_int_equal(vq_len_deviations(&e.vq), 2);
         assert_int_equal(e.vq.first_dev_len, 1024);
+        assert_int_equal(e.vq.first_dev_out_len, 1024);
         assert_string_equal(vq_len_verdict(&e.vq), "deviates");
         assert_int_equal(fake_log_count(), 1); /* reported once per queue */
         assert_true(fake_log_contains("a deviation"));
+        assert_true(fake_log_contains("the bytes read"));
         /* Past a writable part: harmful, a violation, deviations or not. */
         assert_int_equal(vq_add(&e.vq, s, 1, 1, tok(3)), VQ_OK);
         assert_int_equal(fake_vq_pop(&e.dev), 1);
@@ -1574,6 +1605,8 @@ int main(void)
         cmocka_unit_test(test_duplicate_completion),
         cmocka_unit_test(test_used_len_too_large),
         cmocka_unit_test(test_used_len_deviation),
+        cmocka_unit_test(test_used_len_observed),
+        cmocka_unit_test(test_used_len_beyond_buffer),
         cmocka_unit_test(test_inject_bad_next),
         cmocka_unit_test(test_used_idx_jump),
         cmocka_unit_test(test_wait_used),
