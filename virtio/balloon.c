@@ -382,6 +382,9 @@ unsigned balloon_fill_stats(const struct balloon *b, uint8_t *out)
     for (unsigned i = 0; i < BALLOON_NUM_STATS; i++) {
         unsigned k = b->cfg.stats_probe ? BALLOON_NUM_STATS - 1 - i : i;
         put_stat(out, n++, s[k].tag, s[k].val);
+        for (unsigned x = 0; b->cfg.stats_probe && x < 2; x++) /* unknown tags among known */
+            put_stat(out, n++, (uint16_t)(BALLOON_STATS_PROBE_TAG_BASE + 2 * i + x),
+                     0xfedcba9876543210ull ^ (2 * i + x));
     }
     return n * STATS_ENTRY_SIZE;
 }

@@ -40,6 +40,11 @@
 #define BALLOON_MAX_CHUNKS      256 /* per buffer: the most a chunked device must accept */
 #define BALLOON_NUM_STATS       10
 #define BALLOON_STATS_PROBE_TAG 0x7fff /* stats_probe: a tag no spec version defines */
+/* stats_probe also puts this many more unknown tags (0x7f00, 0x7f01, ...), two after each known
+ * entry: 31 entries in all, more than any device knows (kvmtool copies the guest's buffer into
+ * a 10-entry array with the guest's length). */
+#define BALLOON_STATS_PROBE_EXTRA    (2 * BALLOON_NUM_STATS)
+#define BALLOON_STATS_PROBE_TAG_BASE 0x7f00
 
 /* Free page reporting: blocks per report chain (Linux's PAGE_REPORTING_CAPACITY; QEMU's
  * reporting queue has 32 entries) and report chains in flight at once. */

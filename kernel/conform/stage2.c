@@ -319,9 +319,12 @@ static void ph_stats_wait(const struct balloon_status *st, uint64_t now)
         return;
     if (st->stats_updates >= conform.stats0 + 2) {
         verdict(D6, V_CONFORMS,
-                "the device kept polling stats (%lu updates) with an entry "
-                "of unknown tag 0x%x in every buffer",
-                st->stats_updates - conform.stats0, BALLOON_STATS_PROBE_TAG);
+                "the device kept polling stats (%lu updates) with %u entries of unknown tags "
+                "(0x%x, 0x%x..0x%x) among the %u known in every buffer, %u in all",
+                st->stats_updates - conform.stats0, 1 + BALLOON_STATS_PROBE_EXTRA,
+                BALLOON_STATS_PROBE_TAG, BALLOON_STATS_PROBE_TAG_BASE,
+                BALLOON_STATS_PROBE_TAG_BASE + BALLOON_STATS_PROBE_EXTRA - 1, BALLOON_NUM_STATS,
+                1 + BALLOON_NUM_STATS + BALLOON_STATS_PROBE_EXTRA);
         request("stats_read", NULL, 0);
         go(P_STATS_READ);
     } else if (phase_timed_out(now)) {

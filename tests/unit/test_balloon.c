@@ -1740,24 +1740,29 @@ static void test_stats_declined(void **state)
     env_free(e);
 }
 
-/* The stats probe: entries in reverse tag order plus one unknown tag, the same every time. */
+/* The stats probe: entries in reverse tag order, unknown tags first and among them, more entries
+ * than any device knows, the same every time. */
 static void test_stats_probe_order_and_unknown_tag(void **state)
 {
     (void)state;
     struct env *e = env_new(false, MODERN, QSIZE);
     e->cfg.stats_probe = true;
     assert_int_equal(env_start(e), 0);
-    assert_int_equal(e->fb.n_stats, BALLOON_NUM_STATS + 1);
+    unsigned total = 1 + BALLOON_NUM_STATS + BALLOON_STATS_PROBE_EXTRA;
+    assert_int_equal(e->fb.n_stats, total);
     assert_int_equal(e->fb.stat_tag[0], BALLOON_STATS_PROBE_TAG);
-    for (unsigned i = 1; i <= BALLOON_NUM_STATS; i++)
-        assert_int_equal(e->fb.stat_tag[i], BALLOON_NUM_STATS - i);
+    for (unsigned i = 0; i < BALLOON_NUM_STATS; i++) { /* known, reversed, 2 unknown after each */
+        assert_int_equal(e->fb.stat_tag[1 + 3 * i], BALLOON_NUM_STATS - 1 - i);
+        assert_int_equal(e->fb.stat_tag[2 + 3 * i], BALLOON_STATS_PROBE_TAG_BASE + 2 * i);
+        assert_int_equal(e->fb.stat_tag[3 + 3 * i], BALLOON_STATS_PROBE_TAG_BASE + 2 * i + 1);
+    }
     uint64_t v;
     assert_true(fake_balloon_stat(&e->fb, 5, &v)); /* MEMTOT, as without the probe */
     assert_int_equal(v, e->mm.total_pages * PAGE_SIZE);
     assert_true(fake_balloon_request_stats(&e->fb));
     balloon_poll(&e->b, 0);
     assert_int_equal(e->b.stats_updates, 1);
-    assert_int_equal(e->fb.n_stats, BALLOON_NUM_STATS + 1); /* the model checks the same set */
+    assert_int_equal(e->fb.n_stats, total); /* the model checks the same set */
     assert_clean(e);
     env_free(e);
 }
