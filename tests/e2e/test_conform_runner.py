@@ -167,6 +167,16 @@ def result(lines, status=0x21, host="qemu-7.2"):
     return res
 
 
+def test_lost_interrupt_fails_the_configuration():
+    """A guest that reports device work no interrupt announced (irq_missed in its summary)
+    fails the configuration even when every point passed."""
+    lines = transcript()
+    lines[-1] = lines[-1].replace('"skipped":1}', '"skipped":1,"irq_mode":"intx","irq_missed":2}')
+    r = conform.evaluate(result(lines))
+    assert r.status == conform.FAIL, r.reasons
+    assert any("2 device event(s) no interrupt announced (irq_missed)" in x for x in r.reasons)
+
+
 def test_points_joined_with_yaml_and_events():
     points, plan, summary = conform.parse_points(transcript(failing=True))
     assert plan == 3 and summary == (3, 1, 1)

@@ -174,3 +174,20 @@ def test_live_migrations_with_hinting_on_reference_host(images, pytestconfig, tm
         hint_rounds += len(_serial_events(serial, g["index"], "balloon_hint_start"))
     assert hint_rounds >= 1, out
 
+
+
+def test_lost_interrupt_fails_the_guest():
+    """A guest that reports device work no interrupt announced (irq_missed) has recovered by
+    itself, but the host dropped an interrupt: the runner fails that guest, saying so."""
+    import argparse
+    import types
+    from blimp import stress_runner
+    args = argparse.Namespace(seed=1, memory="256M")
+    run = stress_runner.GuestRun(0, args, [], stress_runner.Log())
+    run.session = types.SimpleNamespace(lines=[
+        '{"event":"stress_progress","ops":10}',
+        '{"event":"irq_missed","mode":"intx","config":true,"queue":false,"count":1,"looks":3}'])
+    run.scan()
+    assert len(run.r.failures) == 1 and run.r.failures[0].startswith("lost interrupt"), \
+        run.r.failures
+    assert run.r.progress == {"event": "stress_progress", "ops": 10}
